@@ -1,0 +1,121 @@
+//! `hostile`: misbehaves on request, to prove the host's limits hold.
+//!
+//! The topic names the behaviour; the payload is its argument:
+//!
+//! | topic            | does                                                        |
+//! |------------------|-------------------------------------------------------------|
+//! | `ok`             | returns `ok`                                                |
+//! | `loop`           | spins forever (fuel or the deadline must stop it)           |
+//! | `spin`           | a deterministic compute loop of `payload` rounds, then `ok` |
+//! | `memory-bomb`    | allocates 1 MiB blocks until refused                        |
+//! | `stack-overflow` | unbounded recursion                                         |
+//! | `trap`           | executes `unreachable`                                      |
+//! | `panic`          | panics with a message                                       |
+//! | `log-flood`      | writes `payload` MiB (default 16) to stdout and stderr      |
+//! | `read-file`      | reads the host file named by the payload                    |
+//! | `open-socket`    | opens a TCP connection to the address in the payload        |
+//! | `sleep`          | sleeps `payload` milliseconds in a host call                |
+//! | `retry`/`reject` | returns that handler error with the payload as message      |
+
+wasmgate_guest::bindings!("mqtt-app");
+
+use exports::wasmgate::edge::mqtt_handler::Guest;
+use std::hint::black_box;
+use std::io::Write;
+use wasmgate::edge::mqtt_types::Message;
+use wasmgate::edge::types::{HandlerError, Invocation};
+
+struct Hostile;
+
+fn arg(msg: &Message) -> String {
+    String::from_utf8_lossy(&msg.payload).into_owned()
+}
+
+#[allow(unconditional_recursion)] // the point of this behaviour
+fn recurse(depth: u64, pad: [u8; 64]) -> u64 {
+    let mut local = pad;
+    local[(depth % 64) as usize] = depth as u8;
+    black_box(&mut local);
+    recurse(depth + 1, local) + local[0] as u64
+}
+
+impl Guest for Hostile {
+    fn handle_message(_ctx: Invocation, msg: Message) -> Result<(), HandlerError> {
+        match msg.topic.as_str() {
+            "ok" => Ok(()),
+            "loop" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = black_box(x.wrapping_add(1));
+                }
+            }
+            "spin" => {
+                let rounds: u64 = arg(&msg).trim().parse().unwrap_or(1_000_000);
+                let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+                for i in 0..rounds {
+                    h ^= i;
+                    h = h.wrapping_mul(0x0100_0000_01b3);
+                }
+                println!("spin rounds={rounds} hash={h:016x}");
+                Ok(())
+            }
+            "memory-bomb" => {
+                let mut blocks: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    let mut block = vec![0u8; 1 << 20];
+                    block[0] = blocks.len() as u8;
+                    blocks.push(black_box(block));
+                }
+            }
+            "stack-overflow" => {
+                let n = recurse(0, [1; 64]);
+                println!("unreachable: {n}");
+                Ok(())
+            }
+            "trap" => {
+                #[cfg(target_family = "wasm")]
+                core::arch::wasm32::unreachable();
+                #[cfg(not(target_family = "wasm"))]
+                std::process::abort();
+            }
+            "panic" => panic!("hostile guest panics on purpose"),
+            "log-flood" => {
+                let mib: usize = arg(&msg).trim().parse().unwrap_or(16);
+                let line = [b'x'; 1023];
+                let mut out = std::io::stdout().lock();
+                let mut err = std::io::stderr().lock();
+                for _ in 0..mib * 1024 {
+                    let _ = out.write_all(&line);
+                    let _ = out.write_all(b"\n");
+                    let _ = err.write_all(&line);
+                    let _ = err.write_all(b"\n");
+                }
+                Ok(())
+            }
+            "read-file" => match std::fs::read(arg(&msg)) {
+                Ok(bytes) => {
+                    println!("read {} bytes", bytes.len());
+                    Ok(())
+                }
+                Err(e) => Err(HandlerError::Reject(format!("read-file denied: {e}"))),
+            },
+            "open-socket" => match std::net::TcpStream::connect(arg(&msg)) {
+                Ok(_) => {
+                    println!("connected");
+                    Ok(())
+                }
+                Err(e) => Err(HandlerError::Reject(format!("open-socket denied: {e}"))),
+            },
+            "sleep" => {
+                let ms: u64 = arg(&msg).trim().parse().unwrap_or(60_000);
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                Ok(())
+            }
+            "retry" => Err(HandlerError::Retry(arg(&msg))),
+            "reject" => Err(HandlerError::Reject(arg(&msg))),
+            other => Err(HandlerError::Reject(format!("unknown behaviour {other:?}"))),
+        }
+    }
+}
+
+export!(Hostile);

@@ -1,0 +1,572 @@
+//! The `wasmgate` command line: `check`, `invoke` and `up`.
+//!
+//! Exit codes: 0 success; 1 the invocation ran but did not succeed (`invoke`);
+//! 2 bad input (manifest, component, flags, files) or a failed build.
+
+use crate::component::{Cache, Handler};
+use crate::engine::{AllocatorChoice, EngineOptions};
+use crate::gateway::{self, Gateway, Runtime};
+use crate::invoke::{
+    Admission, Event, HttpRequest, Invocable, InvocationContext, MqttMessage, TimerTick,
+};
+use crate::limits::{HumanDuration, Limits, Size};
+use crate::manifest::Manifest;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// A WebAssembly component host for edge triggers.
+#[derive(Debug, Parser)]
+#[command(name = "wasmgate", version, about)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, global = true, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a manifest and its components; print each trigger with its component.
+    Check(CheckArgs),
+    /// Run one invocation of a component and print its outcome as JSON.
+    Invoke(Box<InvokeArgs>),
+    /// Load a manifest and run its triggers until SIGINT or SIGTERM.
+    Up(UpArgs),
+}
+
+/// `wasmgate check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The manifest.
+    #[arg(short = 'f', long = "file", default_value = "wasmgate.toml")]
+    pub file: PathBuf,
+}
+
+/// `wasmgate up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// The manifest.
+    #[arg(short = 'f', long = "file", default_value = "wasmgate.toml")]
+    pub file: PathBuf,
+    /// Run each component's `build` command first.
+    #[arg(long)]
+    pub build: bool,
+    /// Instance allocator.
+    #[arg(long, value_enum, default_value_t = AllocatorChoice::Auto)]
+    pub allocator: AllocatorChoice,
+}
+
+/// `wasmgate invoke`.
+#[derive(Debug, Args)]
+pub struct InvokeArgs {
+    /// A component name from the manifest, or a path to a `.wasm` component.
+    pub target: String,
+    /// The manifest (when TARGET is a component name).
+    #[arg(short = 'f', long = "file", default_value = "wasmgate.toml")]
+    pub file: PathBuf,
+
+    /// Deliver an MQTT message on this topic to `handle-message`.
+    #[arg(long, value_name = "TOPIC", conflicts_with_all = ["timer", "http_path"], help_heading = "Event")]
+    pub mqtt_topic: Option<String>,
+    /// Deliver a timer tick to `on-tick`.
+    #[arg(long, conflicts_with = "http_path", help_heading = "Event")]
+    pub timer: bool,
+    /// Send an HTTP request for this path (and query) to `wasi:http/incoming-handler`.
+    #[arg(long, value_name = "PATH", help_heading = "Event")]
+    pub http_path: Option<String>,
+
+    /// MQTT payload (text).
+    #[arg(long, conflicts_with = "payload_file", help_heading = "MQTT")]
+    pub payload: Option<String>,
+    /// MQTT payload read from a file (binary is fine).
+    #[arg(long, value_name = "FILE", help_heading = "MQTT")]
+    pub payload_file: Option<PathBuf>,
+    /// MQTT QoS (0, 1 or 2).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2), help_heading = "MQTT")]
+    pub qos: u8,
+    /// Set the retain flag.
+    #[arg(long, help_heading = "MQTT")]
+    pub retain: bool,
+    /// MQTT 5 content type.
+    #[arg(long, help_heading = "MQTT")]
+    pub content_type: Option<String>,
+    /// MQTT 5 response topic (the guest may always publish to it).
+    #[arg(long, help_heading = "MQTT")]
+    pub response_topic: Option<String>,
+    /// MQTT 5 correlation data (text).
+    #[arg(long, help_heading = "MQTT")]
+    pub correlation_data: Option<String>,
+    /// MQTT 5 user property, `KEY=VALUE`; repeatable.
+    #[arg(long = "user-property", value_name = "KEY=VALUE", value_parser = parse_key_value, help_heading = "MQTT")]
+    pub user_properties: Vec<(String, String)>,
+
+    /// Schedule text the tick carries.
+    #[arg(long, default_value = "invoke", help_heading = "Timer")]
+    pub schedule: String,
+    /// Missed-tick count the tick carries.
+    #[arg(long, default_value_t = 0, help_heading = "Timer")]
+    pub missed: u32,
+
+    /// HTTP method.
+    #[arg(long, default_value = "GET", help_heading = "HTTP")]
+    pub method: String,
+    /// HTTP header, `NAME: VALUE`; repeatable.
+    #[arg(long = "header", value_name = "NAME: VALUE", value_parser = parse_header, help_heading = "HTTP")]
+    pub headers: Vec<(String, String)>,
+    /// HTTP request body (text).
+    #[arg(long, conflicts_with = "body_file", help_heading = "HTTP")]
+    pub body: Option<String>,
+    /// HTTP request body read from a file.
+    #[arg(long, value_name = "FILE", help_heading = "HTTP")]
+    pub body_file: Option<PathBuf>,
+    /// HTTP authority (host).
+    #[arg(long, default_value = "localhost", help_heading = "HTTP")]
+    pub host: String,
+
+    /// Fuel budget (overrides the manifest).
+    #[arg(long, help_heading = "Limits")]
+    pub fuel: Option<u64>,
+    /// Memory cap, e.g. `16MiB` (overrides the manifest).
+    #[arg(long, value_parser = Size::parse, help_heading = "Limits")]
+    pub memory: Option<Size>,
+    /// Timeout, e.g. `2s` (overrides the manifest).
+    #[arg(long, value_parser = HumanDuration::parse, help_heading = "Limits")]
+    pub timeout: Option<HumanDuration>,
+    /// For a bare `.wasm`: a topic filter it may publish to; repeatable.
+    #[arg(long, value_name = "FILTER", help_heading = "Grants (bare .wasm)")]
+    pub allow_publish: Vec<String>,
+    /// For a bare `.wasm`: a host it may send HTTP requests to; repeatable.
+    #[arg(long, value_name = "HOST", help_heading = "Grants (bare .wasm)")]
+    pub allow_outbound_http: Vec<String>,
+
+    /// Invocation id (default: a fresh one).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Attempt number the guest sees.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub attempt: u32,
+    /// Directory of precompiled components for a bare `.wasm` (default:
+    /// `$WASMGATE_CACHE_DIR`, `$XDG_CACHE_HOME/wasmgate` or `~/.cache/wasmgate`).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Instance allocator.
+    #[arg(long, value_enum, default_value_t = AllocatorChoice::Auto)]
+    pub allocator: AllocatorChoice,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once(':')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{s:?} is not `NAME: VALUE`"))
+}
+
+/// A failure reported to the user with exit code 2.
+#[derive(Debug)]
+struct Fatal(String);
+
+impl<E: std::fmt::Display> From<E> for Fatal {
+    fn from(e: E) -> Self {
+        Fatal(e.to_string())
+    }
+}
+
+/// Parses the command line, runs it, and returns the exit code.
+pub fn main() -> ExitCode {
+    let started = Instant::now();
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Up(_) => "info",
+        _ => "warn",
+    };
+    init_tracing(cli.log_format, default_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Check(args) => check(args),
+            Command::Invoke(args) => invoke(*args).await,
+            Command::Up(args) => up(args, started).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(Fatal(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WASMGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn check(args: CheckArgs) -> Result<ExitCode, Fatal> {
+    let manifest = Manifest::load(&args.file)?;
+    let gateway = Gateway::load(manifest, EngineOptions::default())?;
+    let m = &gateway.manifest;
+    println!(
+        "manifest {} (gateway {:?})",
+        m.path.display(),
+        m.gateway.name
+    );
+    for (name, config) in &m.components {
+        let limits = gateway.components[name].limits;
+        let (exports, imports) = &gateway.compiled[name];
+        println!(
+            "component {name}: {} [fuel {}, memory {}, timeout {}, concurrency {}]",
+            m.resolve(config.source.get_ref()).display(),
+            limits.fuel,
+            Size(limits.memory),
+            humantime::format_duration(limits.timeout),
+            limits.concurrency
+        );
+        println!(
+            "  exports: {}",
+            if exports.is_empty() {
+                "-".into()
+            } else {
+                exports.join(", ")
+            }
+        );
+        println!(
+            "  imports: {}",
+            if imports.is_empty() {
+                "-".into()
+            } else {
+                imports.join(", ")
+            }
+        );
+    }
+    let t = &m.triggers;
+    for (i, x) in t.http.iter().enumerate() {
+        let path = x
+            .path
+            .as_ref()
+            .map_or("/*".to_string(), |p| p.get_ref().clone());
+        let methods: Vec<&str> = x.methods.iter().map(|m| m.get_ref().as_str()).collect();
+        let methods = if methods.is_empty() {
+            "ANY".to_string()
+        } else {
+            methods.join(",")
+        };
+        println!(
+            "trigger.http[{i}] {methods} {path} -> {}",
+            x.component.get_ref()
+        );
+    }
+    for (i, x) in t.mqtt.iter().enumerate() {
+        println!(
+            "trigger.mqtt[{i}] {} qos {} -> {}",
+            x.topic.get_ref(),
+            x.qos.get_ref(),
+            x.component.get_ref()
+        );
+    }
+    for (i, x) in t.timer.iter().enumerate() {
+        let tz = x.timezone.as_ref().map_or("UTC", |z| z.get_ref().as_str());
+        println!(
+            "trigger.timer[{i}] {} ({tz}) -> {}",
+            x.schedule_text(),
+            x.component.get_ref()
+        );
+    }
+    println!(
+        "ok: {} component(s), {} trigger(s)",
+        m.components.len(),
+        t.http.len() + t.mqtt.len() + t.timer.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn is_wasm_path(target: &str) -> bool {
+    target.ends_with(".wasm") || target.contains('/') || Path::new(target).is_file()
+}
+
+async fn invoke(args: InvokeArgs) -> Result<ExitCode, Fatal> {
+    let options = EngineOptions {
+        allocator: args.allocator,
+        ..EngineOptions::default()
+    };
+    // Build the event first: a missing payload file fails before any compiling.
+    let event = build_event(&args)?;
+    let invocable = if is_wasm_path(&args.target) {
+        let path = PathBuf::from(&args.target);
+        let cache = match &args.cache_dir {
+            Some(dir) => Cache::new(Some(dir.clone())),
+            None => Cache::user_default(),
+        };
+        let runtime = Runtime::new(options, cache)?;
+        let compiled = runtime.compile(&path)?;
+        let mut limits = Limits::default();
+        apply_limit_flags(&args, &mut limits)?;
+        let mut acl = Vec::new();
+        for f in &args.allow_publish {
+            acl.push(
+                crate::topic::TopicFilter::parse(f)
+                    .map_err(|e| Fatal(format!("--allow-publish: {e}")))?,
+            );
+        }
+        let name = path
+            .file_stem()
+            .map_or("component".into(), |s| s.to_string_lossy().into_owned());
+        require_handler(&name, &compiled.exports, event.handler())?;
+        let fuel = runtime.engine().fuel();
+        (
+            Invocable::new(
+                name,
+                compiled.pre,
+                limits,
+                acl,
+                args.allow_outbound_http.clone(),
+                fuel,
+            ),
+            runtime,
+        )
+    } else {
+        let manifest = Manifest::load(&args.file)?;
+        if !manifest.components.contains_key(&args.target) {
+            let known: Vec<&str> = manifest.components.keys().map(String::as_str).collect();
+            return Err(Fatal(format!(
+                "{}: no component named {:?} (known: {}); to run a file, give its path ending in .wasm",
+                manifest.path.display(),
+                args.target,
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        }
+        let cache = Cache::new(Some(manifest.state_dir().join("precompiled")));
+        let runtime = Runtime::new(options, cache)?;
+        let compiled = gateway::load_component(&manifest, &runtime, &args.target)?;
+        require_handler(&args.target, &compiled.exports, event.handler())?;
+        let mut invocable = gateway::invocable(&manifest, &runtime, &args.target, compiled);
+        let mut limits = invocable.limits;
+        apply_limit_flags(&args, &mut limits)?;
+        invocable.limits = limits;
+        (invocable, runtime)
+    };
+    let (invocable, _runtime) = invocable;
+    let mut ctx = InvocationContext::new("invoke");
+    if let Some(id) = &args.id {
+        ctx.id = id.clone();
+    }
+    ctx.attempt = args.attempt;
+    let outcome = invocable.invoke(event, ctx, Admission::Wait).await;
+    let json = serde_json::to_string_pretty(&outcome).expect("outcome serializes");
+    // A closed stdout (e.g. `| head`) must not turn into a panic.
+    let _ = writeln!(std::io::stdout().lock(), "{json}");
+    Ok(if outcome.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn require_handler(name: &str, exports: &[String], handler: Handler) -> Result<(), Fatal> {
+    if exports
+        .iter()
+        .any(|e| e.split('@').next() == Some(handler.interface()))
+    {
+        return Ok(());
+    }
+    Err(Fatal(format!(
+        "component {name:?} does not export {} (it exports: {}); build it for the {} world",
+        handler.interface(),
+        if exports.is_empty() {
+            "nothing".to_string()
+        } else {
+            exports.join(", ")
+        },
+        handler.world()
+    )))
+}
+
+fn apply_limit_flags(args: &InvokeArgs, limits: &mut Limits) -> Result<(), Fatal> {
+    if let Some(f) = args.fuel {
+        limits.fuel = f;
+    }
+    if let Some(m) = args.memory {
+        limits.memory = m.0;
+    }
+    if let Some(t) = args.timeout {
+        limits.timeout = t.0;
+    }
+    limits.validate().map_err(|e| Fatal(format!("limits: {e}")))
+}
+
+fn read_file(flag: &str, path: &Path) -> Result<Vec<u8>, Fatal> {
+    std::fs::read(path).map_err(|e| Fatal(format!("{flag} {}: {e}", path.display())))
+}
+
+fn build_event(args: &InvokeArgs) -> Result<Event, Fatal> {
+    if let Some(topic) = &args.mqtt_topic {
+        crate::topic::validate_name(topic).map_err(|e| Fatal(format!("--mqtt-topic: {e}")))?;
+        let payload = match (&args.payload, &args.payload_file) {
+            (Some(p), _) => p.clone().into_bytes(),
+            (None, Some(path)) => read_file("--payload-file", path)?,
+            (None, None) => Vec::new(),
+        };
+        return Ok(Event::Mqtt(MqttMessage {
+            topic: topic.clone(),
+            payload,
+            qos: args.qos,
+            retain: args.retain,
+            content_type: args.content_type.clone(),
+            response_topic: args.response_topic.clone(),
+            correlation_data: args.correlation_data.clone().map(String::into_bytes),
+            user_properties: args.user_properties.clone(),
+        }));
+    }
+    if args.timer {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        return Ok(Event::Timer(TimerTick {
+            schedule: args.schedule.clone(),
+            scheduled_at_ms: now,
+            fired_at_ms: now,
+            missed: args.missed,
+        }));
+    }
+    if let Some(path) = &args.http_path {
+        if !path.starts_with('/') {
+            return Err(Fatal(format!("--http-path {path:?} must start with '/'")));
+        }
+        let body = match (&args.body, &args.body_file) {
+            (Some(b), _) => b.clone().into_bytes(),
+            (None, Some(p)) => read_file("--body-file", p)?,
+            (None, None) => Vec::new(),
+        };
+        return Ok(Event::Http(HttpRequest {
+            method: args.method.clone(),
+            path: path.clone(),
+            authority: args.host.clone(),
+            headers: args.headers.clone(),
+            body,
+        }));
+    }
+    Err(Fatal(
+        "say which event to deliver: --mqtt-topic TOPIC [--payload ...], --timer, or --http-path PATH".into(),
+    ))
+}
+
+async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
+    let manifest = Manifest::load(&args.file)?;
+    if args.build {
+        run_builds(&manifest).await?;
+    }
+    let options = EngineOptions {
+        allocator: args.allocator,
+        ..EngineOptions::default()
+    };
+    let gateway = Gateway::load(manifest, options)?;
+    let m = &gateway.manifest;
+    for (i, t) in m.triggers.http.iter().enumerate() {
+        tracing::warn!(trigger = %format!("trigger.http[{i}]"), component = %t.component.get_ref(), "the HTTP trigger is not part of this build yet; this route is not served");
+    }
+    for (i, t) in m.triggers.mqtt.iter().enumerate() {
+        tracing::warn!(trigger = %format!("trigger.mqtt[{i}]"), component = %t.component.get_ref(), "the MQTT trigger is not part of this build yet; this subscription is not made");
+    }
+    for (i, t) in m.triggers.timer.iter().enumerate() {
+        tracing::warn!(trigger = %format!("trigger.timer[{i}]"), component = %t.component.get_ref(), "the timer trigger is not part of this build yet; this schedule does not fire");
+    }
+    tracing::info!(
+        gateway = %m.gateway.name,
+        components = gateway.components.len(),
+        startup_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1000.0),
+        "ready"
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down: no triggers are running, nothing to drain");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs each distinct `build` command once, in the manifest's directory.
+async fn run_builds(manifest: &Manifest) -> Result<(), Fatal> {
+    let mut done: Vec<&str> = Vec::new();
+    for (name, config) in &manifest.components {
+        let Some(cmd) = config.build.as_deref() else {
+            continue;
+        };
+        if done.contains(&cmd) {
+            continue;
+        }
+        done.push(cmd);
+        tracing::info!(component = %name, command = %cmd, "building");
+        let status = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(&manifest.base_dir)
+            .stdout(std::process::Stdio::inherit())
+            .status()
+            .await
+            .map_err(|e| Fatal(format!("component.{name}.build: cannot run `{cmd}`: {e}")))?;
+        if !status.success() {
+            return Err(Fatal(format!(
+                "component.{name}.build: `{cmd}` failed ({status})"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM. A second signal while shutting down exits at once.
+async fn shutdown_signal() {
+    wait_for_signal().await;
+    tokio::spawn(async {
+        wait_for_signal().await;
+        eprintln!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,929 @@
+//! One invocation: a fresh `Store` and instance under the component's limits,
+//! and exactly one [`Outcome`], whatever the guest does.
+//!
+//! The limits and how each is enforced:
+//!
+//! - **fuel**: the store gets the component's budget; running out traps with
+//!   `OutOfFuel` → [`Status::FuelExhausted`].
+//! - **memory**: [`MemoryLimiter`] sums all linear memories of the instance
+//!   and refuses growth past the cap with a trap → [`Status::MemoryLimit`].
+//! - **timeout**: the engine's epoch ticker calls back into the store every
+//!   tick; past the deadline the guest is interrupted, before it the guest
+//!   yields so one busy guest cannot starve the others. Time blocked in host
+//!   calls (sleeps, I/O) is bounded by `tokio::time::timeout` around the whole
+//!   invocation. Either way → [`Status::Timeout`].
+//! - **concurrency**: a semaphore per component; no permit → [`Status::Throttled`]
+//!   (or wait, if the caller asks to).
+
+use crate::bindings::{
+    self, HandlerError, Invocation, Message, MqttHandlerIndices, PublishError, Qos, Tick,
+    TimerHandlerIndices,
+};
+use crate::capture::CapturedOutput;
+use crate::limits::Limits;
+use crate::topic::{self, TopicFilter};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde::Serialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime::component::{InstancePre, ResourceTable};
+use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::exports::wasi::http::incoming_handler::GuestIndices as HttpHandlerIndices;
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+/// How many bytes of a guest's stdout and of its stderr one invocation keeps.
+/// The rest is counted ([`Outcome::stdout_dropped_bytes`]) and discarded, so a
+/// log flood costs bounded memory.
+pub const OUTPUT_CAPTURE_BYTES: usize = 64 * 1024;
+
+/// How many bytes of an HTTP response body `invoke` collects.
+pub const HTTP_BODY_CAPTURE_BYTES: usize = 1024 * 1024;
+
+/// The per-store state of one invocation.
+pub struct State {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    http: WasiHttpCtx,
+    hooks: OutboundPolicy,
+    limiter: MemoryLimiter,
+    publish: PublishState,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for State {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// The error a memory-limit breach traps with.
+#[derive(Debug, thiserror::Error)]
+#[error("memory limit exceeded: growing to {desired} bytes, limit {limit} bytes")]
+pub struct MemoryLimitExceeded {
+    /// Total bytes the instance asked for.
+    pub desired: u64,
+    /// The limit.
+    pub limit: u64,
+}
+
+/// The error a passed deadline traps with.
+#[derive(Debug, thiserror::Error)]
+#[error("deadline exceeded")]
+pub struct DeadlineExceeded;
+
+/// Caps the sum of all linear memories of one instance and records the peak.
+#[derive(Debug)]
+pub struct MemoryLimiter {
+    limit: u64,
+    current: u64,
+    peak: u64,
+    breached: bool,
+}
+
+/// Most table elements one instance may hold (a table element is a pointer).
+const MAX_TABLE_ELEMENTS: usize = 1_000_000;
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let total = self.current - current as u64 + desired as u64;
+        if total > self.limit {
+            self.breached = true;
+            return Err(MemoryLimitExceeded {
+                desired: total,
+                limit: self.limit,
+            }
+            .into());
+        }
+        self.current = total;
+        self.peak = self.peak.max(total);
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        64
+    }
+
+    fn tables(&self) -> usize {
+        64
+    }
+
+    fn memories(&self) -> usize {
+        16
+    }
+}
+
+/// Outbound HTTP: only to hosts in the component's `allow.outbound_http`.
+#[derive(Debug, Clone, Default)]
+struct OutboundPolicy {
+    allowed: Arc<Vec<String>>,
+}
+
+impl OutboundPolicy {
+    fn allows(&self, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        self.allowed.iter().any(|pattern| {
+            let pattern = pattern.to_ascii_lowercase();
+            match pattern.strip_prefix("*.") {
+                Some(suffix) => host.ends_with(&format!(".{suffix}")),
+                None => host == pattern,
+            }
+        })
+    }
+}
+
+impl WasiHttpHooks for OutboundPolicy {
+    fn send_request(
+        &mut self,
+        request: hyper::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = Result<
+                    (
+                        hyper::Response<wasmtime_wasi_http::WasiBody>,
+                        Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                    ),
+                    wasmtime_wasi_http::Error,
+                >,
+            > + Send,
+    > {
+        let host = request.uri().host().unwrap_or_default().to_string();
+        if !self.allows(&host) {
+            tracing::warn!(
+                host,
+                "outbound HTTP request denied: host not in allow.outbound_http"
+            );
+            return Box::new(async { Err(ErrorCode::HttpRequestDenied.into()) });
+        }
+        drop(fut);
+        Box::new(async move {
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = _> + Send>,
+            ))
+        })
+    }
+}
+
+/// Publishing state of one invocation: the ACL, the response topic that is
+/// always allowed, and what the guest published.
+#[derive(Debug, Default)]
+struct PublishState {
+    component: String,
+    acl: Arc<Vec<TopicFilter>>,
+    response_topic: Option<String>,
+    published: Vec<MqttMessage>,
+    denied: u64,
+}
+
+impl bindings::types::Host for State {}
+impl bindings::mqtt_types::Host for State {}
+
+impl bindings::mqtt_publisher::Host for State {
+    async fn publish(&mut self, msg: Message) -> Result<(), PublishError> {
+        if let Err(e) = topic::validate_name(&msg.topic) {
+            return Err(PublishError::InvalidTopic(e));
+        }
+        let p = &mut self.publish;
+        let is_reply = p.response_topic.as_deref() == Some(msg.topic.as_str());
+        if !is_reply && !p.acl.iter().any(|f| f.matches(&msg.topic)) {
+            p.denied += 1;
+            tracing::warn!(component = %p.component, topic = %msg.topic, "publish denied by allow.mqtt_publish");
+            return Err(PublishError::Denied(format!(
+                "topic {:?} is not allowed: it matches no filter in allow.mqtt_publish of component {:?} and is not the response topic",
+                msg.topic, p.component
+            )));
+        }
+        p.published.push(MqttMessage::from(msg));
+        Ok(())
+    }
+}
+
+/// An MQTT message, as the host sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct MqttMessage {
+    /// Topic name.
+    pub topic: String,
+    /// Payload bytes.
+    #[serde(serialize_with = "serialize_payload")]
+    pub payload: Vec<u8>,
+    /// QoS 0, 1 or 2.
+    pub qos: u8,
+    /// Retain flag.
+    pub retain: bool,
+    /// MQTT 5 content type.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// MQTT 5 response topic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_topic: Option<String>,
+    /// MQTT 5 correlation data.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_opt_payload"
+    )]
+    pub correlation_data: Option<Vec<u8>>,
+    /// MQTT 5 user properties.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// Payloads print as text when they are UTF-8, else as `hex:...`.
+fn payload_text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_string(),
+        Err(_) => format!("hex:{}", hex::encode(bytes)),
+    }
+}
+
+fn serialize_payload<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&payload_text(bytes))
+}
+
+fn serialize_opt_payload<S: serde::Serializer>(
+    bytes: &Option<Vec<u8>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match bytes {
+        Some(b) => s.serialize_str(&payload_text(b)),
+        None => s.serialize_none(),
+    }
+}
+
+impl From<Message> for MqttMessage {
+    fn from(m: Message) -> Self {
+        Self {
+            topic: m.topic,
+            payload: m.payload,
+            qos: match m.qos {
+                Qos::AtMostOnce => 0,
+                Qos::AtLeastOnce => 1,
+                Qos::ExactlyOnce => 2,
+            },
+            retain: m.retain,
+            content_type: m.content_type,
+            response_topic: m.response_topic,
+            correlation_data: m.correlation_data,
+            user_properties: m.user_properties,
+        }
+    }
+}
+
+impl From<&MqttMessage> for Message {
+    fn from(m: &MqttMessage) -> Self {
+        Self {
+            topic: m.topic.clone(),
+            payload: m.payload.clone(),
+            qos: match m.qos {
+                0 => Qos::AtMostOnce,
+                1 => Qos::AtLeastOnce,
+                _ => Qos::ExactlyOnce,
+            },
+            retain: m.retain,
+            content_type: m.content_type.clone(),
+            response_topic: m.response_topic.clone(),
+            correlation_data: m.correlation_data.clone(),
+            user_properties: m.user_properties.clone(),
+        }
+    }
+}
+
+/// A timer tick.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TimerTick {
+    /// The schedule text.
+    pub schedule: String,
+    /// When it was due, ms since the Unix epoch.
+    pub scheduled_at_ms: u64,
+    /// When it started, ms since the Unix epoch.
+    pub fired_at_ms: u64,
+    /// Ticks skipped since the previous one that ran.
+    pub missed: u32,
+}
+
+/// An HTTP request for `invoke` (the response is collected in full).
+#[derive(Debug, Clone, Default)]
+pub struct HttpRequest {
+    /// Method, e.g. `GET`.
+    pub method: String,
+    /// Path and query, e.g. `/api/x?y=1`.
+    pub path: String,
+    /// Host (authority).
+    pub authority: String,
+    /// Header names and values.
+    pub headers: Vec<(String, String)>,
+    /// Body bytes.
+    pub body: Vec<u8>,
+}
+
+/// An HTTP response collected by `invoke`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Header names and values.
+    pub headers: Vec<(String, String)>,
+    /// Body (text, or `hex:...` when not UTF-8), at most [`HTTP_BODY_CAPTURE_BYTES`].
+    #[serde(serialize_with = "serialize_payload")]
+    pub body: Vec<u8>,
+}
+
+/// What an invocation is for.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// An MQTT message for `handle-message`.
+    Mqtt(MqttMessage),
+    /// A tick for `on-tick`.
+    Timer(TimerTick),
+    /// An HTTP request for `wasi:http/incoming-handler`.
+    Http(HttpRequest),
+}
+
+impl Event {
+    /// The handler the event needs.
+    pub fn handler(&self) -> crate::component::Handler {
+        match self {
+            Event::Mqtt(_) => crate::component::Handler::Mqtt,
+            Event::Timer(_) => crate::component::Handler::Timer,
+            Event::Http(_) => crate::component::Handler::Http,
+        }
+    }
+}
+
+/// Identity of one invocation.
+#[derive(Debug, Clone)]
+pub struct InvocationContext {
+    /// Unique id, kept across retries of one event.
+    pub id: String,
+    /// The trigger, e.g. `invoke`, `mqtt:a/+/b`.
+    pub trigger: String,
+    /// 1 for the first delivery.
+    pub attempt: u32,
+}
+
+impl InvocationContext {
+    /// A new context with a fresh (time-ordered) id.
+    pub fn new(trigger: impl Into<String>) -> Self {
+        Self {
+            id: uuid::Uuid::now_v7().to_string(),
+            trigger: trigger.into(),
+            attempt: 1,
+        }
+    }
+}
+
+/// What happens when the component's concurrency is used up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Return [`Status::Throttled`] at once.
+    Reject,
+    /// Wait for a slot (backpressure).
+    Wait,
+}
+
+/// How an invocation ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Status {
+    /// The handler returned `ok` (for HTTP: it produced a response).
+    Ok,
+    /// The handler returned a `handler-error`.
+    HandlerError {
+        /// `retry` or `reject`.
+        kind: HandlerErrorKind,
+        /// The guest's message.
+        message: String,
+    },
+    /// The guest trapped (panic, `unreachable`, stack overflow, ...).
+    Trap {
+        /// What happened, without host internals.
+        message: String,
+    },
+    /// The fuel budget ran out.
+    FuelExhausted {
+        /// The budget.
+        fuel_limit: u64,
+    },
+    /// The instance tried to grow its memory past the cap.
+    MemoryLimit {
+        /// The cap in bytes.
+        memory_limit: u64,
+    },
+    /// The deadline passed.
+    Timeout {
+        /// The timeout in milliseconds.
+        timeout_ms: u64,
+    },
+    /// No concurrency slot was free.
+    Throttled {
+        /// The component's concurrency.
+        concurrency: u32,
+    },
+}
+
+impl Status {
+    /// A short name: `ok`, `retry`, `reject`, `trap`, `fuel_exhausted`,
+    /// `memory_limit`, `timeout`, `throttled`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::HandlerError {
+                kind: HandlerErrorKind::Retry,
+                ..
+            } => "retry",
+            Status::HandlerError {
+                kind: HandlerErrorKind::Reject,
+                ..
+            } => "reject",
+            Status::Trap { .. } => "trap",
+            Status::FuelExhausted { .. } => "fuel_exhausted",
+            Status::MemoryLimit { .. } => "memory_limit",
+            Status::Timeout { .. } => "timeout",
+            Status::Throttled { .. } => "throttled",
+        }
+    }
+}
+
+/// The two kinds of `handler-error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandlerErrorKind {
+    /// Transient: retry with backoff.
+    Retry,
+    /// Permanent: dead-letter at once.
+    Reject,
+}
+
+/// The result of one invocation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// How it ended (flattened: `"status": "...", ...details`).
+    #[serde(flatten)]
+    pub status: Status,
+    /// The invocation id.
+    pub invocation_id: String,
+    /// The component.
+    pub component: String,
+    /// The trigger.
+    pub trigger: String,
+    /// The attempt number.
+    pub attempt: u32,
+    /// Fuel burned (0 when fuel is not counted).
+    pub fuel_consumed: u64,
+    /// Peak bytes of all linear memories together.
+    pub memory_peak_bytes: u64,
+    /// Wall-clock duration in microseconds, instantiation included.
+    pub duration_us: u64,
+    /// Captured stdout (lossy UTF-8), at most [`OUTPUT_CAPTURE_BYTES`].
+    pub stdout: String,
+    /// Captured stderr (lossy UTF-8), at most [`OUTPUT_CAPTURE_BYTES`].
+    pub stderr: String,
+    /// Bytes of stdout discarded past the capture limit.
+    pub stdout_dropped_bytes: u64,
+    /// Bytes of stderr discarded past the capture limit.
+    pub stderr_dropped_bytes: u64,
+    /// Messages the guest published (accepted by the ACL).
+    pub published: Vec<MqttMessage>,
+    /// Publishes the ACL refused.
+    pub publish_denied: u64,
+    /// The HTTP response, for HTTP events that produced one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_response: Option<HttpResponse>,
+}
+
+impl Outcome {
+    /// Whether the invocation succeeded.
+    pub fn is_ok(&self) -> bool {
+        self.status == Status::Ok
+    }
+}
+
+/// A component ready to be invoked: its pre-instantiated code, limits,
+/// grants, and concurrency slots.
+pub struct Invocable {
+    /// Component name.
+    pub name: String,
+    /// Its limits.
+    pub limits: Limits,
+    pre: InstancePre<State>,
+    mqtt: Option<MqttHandlerIndices>,
+    timer: Option<TimerHandlerIndices>,
+    http: Option<HttpHandlerIndices>,
+    publish_acl: Arc<Vec<TopicFilter>>,
+    outbound_http: Arc<Vec<String>>,
+    slots: Arc<Semaphore>,
+    fuel: bool,
+    invocations: AtomicU64,
+}
+
+impl std::fmt::Debug for Invocable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Invocable")
+            .field("name", &self.name)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Invocable {
+    /// Wraps a pre-instantiated component. `fuel` says whether the engine counts fuel.
+    pub fn new(
+        name: String,
+        pre: InstancePre<State>,
+        limits: Limits,
+        publish_acl: Vec<TopicFilter>,
+        outbound_http: Vec<String>,
+        fuel: bool,
+    ) -> Self {
+        Self {
+            name,
+            mqtt: MqttHandlerIndices::new(&pre).ok(),
+            timer: TimerHandlerIndices::new(&pre).ok(),
+            http: HttpHandlerIndices::new(&pre).ok(),
+            pre,
+            limits,
+            publish_acl: Arc::new(publish_acl),
+            outbound_http: Arc::new(outbound_http),
+            slots: Arc::new(Semaphore::new(limits.concurrency as usize)),
+            fuel,
+            invocations: AtomicU64::new(0),
+        }
+    }
+
+    /// Invocations started so far.
+    pub fn invocations(&self) -> u64 {
+        self.invocations.load(Ordering::Relaxed)
+    }
+
+    /// Runs one invocation and logs one line with its outcome.
+    pub async fn invoke(
+        &self,
+        event: Event,
+        ctx: InvocationContext,
+        admission: Admission,
+    ) -> Outcome {
+        let outcome = self.invoke_quiet(event, ctx, admission).await;
+        tracing::info!(
+            target: "wasmgate::invocation",
+            id = %outcome.invocation_id,
+            component = %outcome.component,
+            trigger = %outcome.trigger,
+            attempt = outcome.attempt,
+            outcome = outcome.status.name(),
+            duration_us = outcome.duration_us,
+            fuel = outcome.fuel_consumed,
+            memory_peak = outcome.memory_peak_bytes,
+            "invocation"
+        );
+        outcome
+    }
+
+    /// Runs one invocation without logging (benchmarks).
+    pub async fn invoke_quiet(
+        &self,
+        event: Event,
+        ctx: InvocationContext,
+        admission: Admission,
+    ) -> Outcome {
+        let started = Instant::now();
+        let permit: OwnedSemaphorePermit = match admission {
+            Admission::Reject => match self.slots.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    return self.bare_outcome(
+                        &ctx,
+                        Status::Throttled {
+                            concurrency: self.limits.concurrency,
+                        },
+                        started,
+                    );
+                }
+            },
+            Admission::Wait => self
+                .slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closes"),
+        };
+        self.invocations.fetch_add(1, Ordering::Relaxed);
+        let outcome = self.run(event, &ctx, started).await;
+        drop(permit);
+        outcome
+    }
+
+    fn bare_outcome(&self, ctx: &InvocationContext, status: Status, started: Instant) -> Outcome {
+        Outcome {
+            status,
+            invocation_id: ctx.id.clone(),
+            component: self.name.clone(),
+            trigger: ctx.trigger.clone(),
+            attempt: ctx.attempt,
+            fuel_consumed: 0,
+            memory_peak_bytes: 0,
+            duration_us: started.elapsed().as_micros() as u64,
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_dropped_bytes: 0,
+            stderr_dropped_bytes: 0,
+            published: Vec::new(),
+            publish_denied: 0,
+            http_response: None,
+        }
+    }
+
+    async fn run(&self, event: Event, ctx: &InvocationContext, started: Instant) -> Outcome {
+        let limits = self.limits;
+        let stdout = CapturedOutput::new(OUTPUT_CAPTURE_BYTES);
+        let stderr = CapturedOutput::new(OUTPUT_CAPTURE_BYTES);
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .args(&[self.name.as_str()])
+            // No preopened directories, no network: a guest gets neither files
+            // nor sockets unless a future capability grants them.
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let response_topic = match &event {
+            Event::Mqtt(m) => m.response_topic.clone(),
+            _ => None,
+        };
+        let state = State {
+            wasi,
+            table: ResourceTable::new(),
+            http: WasiHttpCtx::new(),
+            hooks: OutboundPolicy {
+                allowed: self.outbound_http.clone(),
+            },
+            limiter: MemoryLimiter {
+                limit: limits.memory,
+                current: 0,
+                peak: 0,
+                breached: false,
+            },
+            publish: PublishState {
+                component: self.name.clone(),
+                acl: self.publish_acl.clone(),
+                response_topic,
+                published: Vec::new(),
+                denied: 0,
+            },
+        };
+        let mut store = Store::new(self.pre.engine(), state);
+        store.limiter(|s| &mut s.limiter);
+        if self.fuel {
+            store
+                .set_fuel(limits.fuel)
+                .expect("fuel is enabled on this engine");
+        }
+        let deadline = started + limits.timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Err(DeadlineExceeded.into())
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        let wit_ctx = Invocation {
+            id: ctx.id.clone(),
+            component: self.name.clone(),
+            trigger: ctx.trigger.clone(),
+            attempt: ctx.attempt,
+            deadline_ms: unix_ms(
+                SystemTime::now() + limits.timeout.saturating_sub(started.elapsed()),
+            ),
+        };
+
+        let mut http_response = None;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let result = tokio::time::timeout(
+            remaining,
+            self.call(&mut store, event, &wit_ctx, &mut http_response),
+        )
+        .await;
+
+        let fuel_consumed = if self.fuel {
+            limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0))
+        } else {
+            0
+        };
+        let status = match result {
+            Err(_elapsed) => Status::Timeout {
+                timeout_ms: limits.timeout.as_millis() as u64,
+            },
+            Ok(Ok(Ok(()))) => Status::Ok,
+            Ok(Ok(Err(HandlerError::Retry(message)))) => Status::HandlerError {
+                kind: HandlerErrorKind::Retry,
+                message,
+            },
+            Ok(Ok(Err(HandlerError::Reject(message)))) => Status::HandlerError {
+                kind: HandlerErrorKind::Reject,
+                message,
+            },
+            Ok(Err(e)) => classify(&e, &limits, store.data().limiter.breached),
+        };
+        let (out, out_dropped) = stdout.take();
+        let (err, err_dropped) = stderr.take();
+        let data = store.into_data();
+        Outcome {
+            status,
+            invocation_id: ctx.id.clone(),
+            component: self.name.clone(),
+            trigger: ctx.trigger.clone(),
+            attempt: ctx.attempt,
+            fuel_consumed,
+            memory_peak_bytes: data.limiter.peak,
+            duration_us: started.elapsed().as_micros() as u64,
+            stdout: String::from_utf8_lossy(&out).into_owned(),
+            stderr: String::from_utf8_lossy(&err).into_owned(),
+            stdout_dropped_bytes: out_dropped,
+            stderr_dropped_bytes: err_dropped,
+            published: data.publish.published,
+            publish_denied: data.publish.denied,
+            http_response,
+        }
+    }
+
+    /// Instantiates and calls the handler for `event`. The outer `Result` is a
+    /// trap or host error; the inner one the guest's `handler-error`.
+    async fn call(
+        &self,
+        store: &mut Store<State>,
+        event: Event,
+        ctx: &Invocation,
+        http_response: &mut Option<HttpResponse>,
+    ) -> wasmtime::Result<Result<(), HandlerError>> {
+        match event {
+            Event::Mqtt(msg) => {
+                let Some(indices) = &self.mqtt else {
+                    return Ok(Err(not_exported(crate::component::Handler::Mqtt)));
+                };
+                let instance = self.pre.instantiate_async(&mut *store).await?;
+                let guest = indices.load(&mut *store, &instance)?;
+                guest
+                    .call_handle_message(&mut *store, ctx, &Message::from(&msg))
+                    .await
+            }
+            Event::Timer(tick) => {
+                let Some(indices) = &self.timer else {
+                    return Ok(Err(not_exported(crate::component::Handler::Timer)));
+                };
+                let instance = self.pre.instantiate_async(&mut *store).await?;
+                let guest = indices.load(&mut *store, &instance)?;
+                let tick = Tick {
+                    schedule: tick.schedule,
+                    scheduled_at_ms: tick.scheduled_at_ms,
+                    fired_at_ms: tick.fired_at_ms,
+                    missed: tick.missed,
+                };
+                guest.call_on_tick(&mut *store, ctx, &tick).await
+            }
+            Event::Http(request) => {
+                let Some(indices) = &self.http else {
+                    return Ok(Err(not_exported(crate::component::Handler::Http)));
+                };
+                let instance = self.pre.instantiate_async(&mut *store).await?;
+                let guest = indices.load(&mut *store, &instance)?;
+                let mut builder = hyper::Request::builder()
+                    .method(request.method.as_str())
+                    .uri(format!("http://{}{}", request.authority, request.path));
+                for (name, value) in &request.headers {
+                    builder = builder.header(name, value);
+                }
+                let req = builder
+                    .body(Full::new(Bytes::from(request.body)))
+                    .map_err(|e| wasmtime::format_err!("invalid request: {e}"))?;
+                let (sender, receiver) = tokio::sync::oneshot::channel();
+                let req = store
+                    .data_mut()
+                    .http()
+                    .new_incoming_request(Scheme::Http, req)?;
+                let out = store.data_mut().http().new_response_outparam(sender)?;
+                // The guest may stream a body larger than the pipe's buffer, so
+                // read the response while the handler runs.
+                let collect = async {
+                    let Ok(Ok(response)) = receiver.await else {
+                        return None;
+                    };
+                    let (parts, body) = response.into_parts();
+                    let mut bytes = Vec::new();
+                    let mut body = body;
+                    while let Some(frame) = body.frame().await {
+                        let Ok(frame) = frame else { break };
+                        if let Ok(data) = frame.into_data() {
+                            let room = HTTP_BODY_CAPTURE_BYTES.saturating_sub(bytes.len());
+                            bytes.extend_from_slice(&data[..room.min(data.len())]);
+                        }
+                    }
+                    Some(HttpResponse {
+                        status: parts.status.as_u16(),
+                        headers: parts
+                            .headers
+                            .iter()
+                            .map(|(k, v)| {
+                                (
+                                    k.to_string(),
+                                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                )
+                            })
+                            .collect(),
+                        body: bytes,
+                    })
+                };
+                let (called, response) =
+                    tokio::join!(guest.call_handle(&mut *store, req, out), collect);
+                called?;
+                *http_response = response;
+                match http_response {
+                    Some(_) => Ok(Ok(())),
+                    None => Err(wasmtime::format_err!(
+                        "the guest returned without setting a response"
+                    )),
+                }
+            }
+        }
+    }
+}
+
+fn not_exported(handler: crate::component::Handler) -> HandlerError {
+    HandlerError::Reject(format!(
+        "the component does not export {}",
+        handler.interface()
+    ))
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as u64
+}
+
+/// Turns a trap or host error into a status. Messages carry what the guest
+/// did, never host paths or backtraces.
+fn classify(e: &wasmtime::Error, limits: &Limits, memory_breached: bool) -> Status {
+    if memory_breached
+        || e.chain()
+            .any(|c| c.downcast_ref::<MemoryLimitExceeded>().is_some())
+    {
+        return Status::MemoryLimit {
+            memory_limit: limits.memory,
+        };
+    }
+    if e.chain()
+        .any(|c| c.downcast_ref::<DeadlineExceeded>().is_some())
+    {
+        return Status::Timeout {
+            timeout_ms: limits.timeout.as_millis() as u64,
+        };
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => Status::FuelExhausted {
+            fuel_limit: limits.fuel,
+        },
+        Some(Trap::Interrupt) => Status::Timeout {
+            timeout_ms: limits.timeout.as_millis() as u64,
+        },
+        Some(trap) => Status::Trap {
+            message: trap.to_string(),
+        },
+        None => Status::Trap {
+            message: e.root_cause().to_string(),
+        },
+    }
+}

@@ -1,0 +1,628 @@
+//! The manifest, `wasmgate.toml`: parsing and load-time validation.
+//!
+//! Everything that can be checked without compiling a component is checked
+//! here, and every error names the file, the line and column where known, the
+//! key, and what is wrong. Checks that need the compiled component (does it
+//! export the trigger's handler? does it import only what it was granted?)
+//! happen in [`crate::gateway`], with the same kind of message.
+
+use crate::limits::{HumanDuration, Limits, Size};
+use crate::topic::TopicFilter;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// Why a manifest was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The file could not be read.
+    #[error("{path}: cannot read the manifest: {source}")]
+    Read {
+        /// The manifest path.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, a key is unknown or a value has the wrong form.
+    /// `message` comes from the TOML parser and quotes the line and column.
+    #[error("{path}: {message}")]
+    Syntax {
+        /// The manifest path.
+        path: String,
+        /// The parser's message, with line, column and an excerpt.
+        message: String,
+    },
+    /// A value is well-formed but not acceptable (an unknown component, a
+    /// limit out of range, an invalid topic filter, ...).
+    #[error("{path}:{line}:{column}: {key}: {message}")]
+    Invalid {
+        /// The manifest path.
+        path: String,
+        /// 1-based line of the offending value.
+        line: usize,
+        /// 1-based column of the offending value.
+        column: usize,
+        /// The dotted key, e.g. `trigger.mqtt[0].topic`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A parsed and validated manifest.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// The directory relative paths are resolved against (the file's directory).
+    pub base_dir: PathBuf,
+    source: String,
+    /// `[gateway]`.
+    pub gateway: GatewayConfig,
+    /// `[http]`, if present.
+    pub http: Option<HttpConfig>,
+    /// `[mqtt]`, if present.
+    pub mqtt: Option<MqttConfig>,
+    /// `[component.NAME]`, by name.
+    pub components: BTreeMap<String, ComponentConfig>,
+    /// `[[trigger.*]]`.
+    pub triggers: Triggers,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    #[serde(default)]
+    gateway: GatewayConfig,
+    http: Option<HttpConfig>,
+    mqtt: Option<MqttConfig>,
+    #[serde(default)]
+    component: BTreeMap<Spanned<String>, ComponentConfig>,
+    #[serde(default)]
+    trigger: Triggers,
+}
+
+/// `[gateway]`: identity and where the host keeps its state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// A name for this gateway, used in logs.
+    #[serde(default = "default_gateway_name")]
+    pub name: String,
+    /// Where the host keeps its state: the precompiled-component cache (and,
+    /// as the triggers grow, dead letters and timer state). Relative to the
+    /// manifest's directory.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+fn default_gateway_name() -> String {
+    "wasmgate".into()
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(".wasmgate")
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            name: default_gateway_name(),
+            state_dir: default_state_dir(),
+        }
+    }
+}
+
+/// `[http]`: the HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to listen on.
+    #[serde(default = "default_http_listen")]
+    pub listen: SocketAddr,
+    /// TLS certificate and key (PEM). Without it the listener speaks plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+fn default_http_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// Certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM.
+    pub key: PathBuf,
+}
+
+/// `[mqtt]`: the broker connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `"embedded"`, `"mqtt://host:1883"` or `"mqtts://host:8883"`.
+    #[serde(default = "default_broker")]
+    pub broker: String,
+    /// Client id; defaults to the gateway name.
+    pub client_id: Option<String>,
+    /// Username for the broker.
+    pub username: Option<String>,
+    /// Password for the broker.
+    pub password: Option<String>,
+    /// CA certificate (PEM) to verify an `mqtts://` broker.
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    pub key: Option<PathBuf>,
+    /// MQTT protocol version: 3 (3.1.1) or 5.
+    #[serde(default = "default_mqtt_version")]
+    pub version: Spanned<u8>,
+}
+
+fn default_broker() -> String {
+    "embedded".into()
+}
+
+fn default_mqtt_version() -> Spanned<u8> {
+    Spanned::new(0..0, 5)
+}
+
+/// `[component.NAME]`: one guest component.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentConfig {
+    /// Path to the `.wasm` component, relative to the manifest's directory.
+    pub source: Spanned<PathBuf>,
+    /// Shell command that builds `source`; run in the manifest's directory by
+    /// `wasmgate up --build`.
+    pub build: Option<String>,
+    /// Per-invocation limits; each one defaults (see [`Limits`]).
+    #[serde(default = "default_limits")]
+    pub limits: Spanned<LimitsConfig>,
+    /// Capabilities granted to the component.
+    #[serde(default)]
+    pub allow: AllowConfig,
+}
+
+fn default_limits() -> Spanned<LimitsConfig> {
+    Spanned::new(0..0, LimitsConfig::default())
+}
+
+/// `limits = { fuel, memory, timeout, concurrency }`; omitted fields default.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// See [`Limits::fuel`].
+    pub fuel: Option<u64>,
+    /// See [`Limits::memory`].
+    pub memory: Option<Size>,
+    /// See [`Limits::timeout`].
+    pub timeout: Option<HumanDuration>,
+    /// See [`Limits::concurrency`].
+    pub concurrency: Option<u32>,
+}
+
+impl LimitsConfig {
+    /// The limits with defaults filled in (not yet range-checked).
+    pub fn resolve(&self) -> Limits {
+        let d = Limits::default();
+        Limits {
+            fuel: self.fuel.unwrap_or(d.fuel),
+            memory: self.memory.map_or(d.memory, |s| s.0),
+            timeout: self.timeout.map_or(d.timeout, |t| t.0),
+            concurrency: self.concurrency.unwrap_or(d.concurrency),
+        }
+    }
+}
+
+/// `allow = { mqtt_publish, outbound_http }`: capabilities a component may use.
+///
+/// A component that imports a capability's interface must be granted it here,
+/// or it is refused at load.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowConfig {
+    /// Topic filters the component may publish to. Present but empty (`[]`)
+    /// grants only replies on a handled message's response topic.
+    pub mqtt_publish: Option<Vec<Spanned<String>>>,
+    /// Hosts the component may send HTTP requests to.
+    pub outbound_http: Option<Vec<Spanned<String>>>,
+}
+
+impl AllowConfig {
+    /// The parsed publish filters (validated at load, so parsing cannot fail here).
+    pub fn publish_filters(&self) -> Vec<TopicFilter> {
+        self.mqtt_publish
+            .iter()
+            .flatten()
+            .filter_map(|f| TopicFilter::parse(f.get_ref()).ok())
+            .collect()
+    }
+}
+
+/// `[[trigger.http]]`, `[[trigger.mqtt]]`, `[[trigger.timer]]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Triggers {
+    /// HTTP routes.
+    #[serde(default)]
+    pub http: Vec<HttpTrigger>,
+    /// MQTT subscriptions.
+    #[serde(default)]
+    pub mqtt: Vec<MqttTrigger>,
+    /// Schedules.
+    #[serde(default)]
+    pub timer: Vec<TimerTrigger>,
+}
+
+/// One HTTP route to a component.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTrigger {
+    /// The component that answers.
+    pub component: Spanned<String>,
+    /// Rule priority: the lowest number wins.
+    pub priority: Option<u32>,
+    /// Path pattern, e.g. `/api/*`; defaults to every path.
+    pub path: Option<Spanned<String>>,
+    /// Methods the rule matches; empty means all.
+    #[serde(default)]
+    pub methods: Vec<Spanned<String>>,
+}
+
+/// One MQTT subscription bound to a component.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTrigger {
+    /// The component that handles the messages.
+    pub component: Spanned<String>,
+    /// Topic filter; `$share/GROUP/filter` for a shared subscription.
+    pub topic: Spanned<String>,
+    /// Subscription QoS: 0, 1 or 2.
+    #[serde(default = "default_qos")]
+    pub qos: Spanned<u8>,
+    /// Retry policy for failed deliveries.
+    pub retry: Option<RetryConfig>,
+}
+
+fn default_qos() -> Spanned<u8> {
+    Spanned::new(0..0, 1)
+}
+
+/// `retry = { attempts, backoff }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Total attempts, the first delivery included.
+    pub attempts: Spanned<u32>,
+    /// Delay before the first retry; it doubles after each.
+    pub backoff: HumanDuration,
+}
+
+/// One schedule bound to a component.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimerTrigger {
+    /// The component whose `on-tick` runs.
+    pub component: Spanned<String>,
+    /// Cron expression, 5 fields or 6 with seconds first.
+    pub cron: Option<Spanned<String>>,
+    /// Fixed interval, e.g. `"30s"`.
+    pub every: Option<Spanned<HumanDuration>>,
+    /// IANA time zone for `cron`, e.g. `Europe/Berlin`; default UTC.
+    pub timezone: Option<Spanned<String>>,
+    /// What to do when a tick is due while the previous run still runs.
+    #[serde(default)]
+    pub overlap: Overlap,
+    /// What to do with ticks missed while the host was down.
+    #[serde(default)]
+    pub catch_up: CatchUp,
+}
+
+impl TimerTrigger {
+    /// The schedule as the guest's tick shows it.
+    pub fn schedule_text(&self) -> String {
+        match (&self.cron, &self.every) {
+            (Some(c), _) => c.get_ref().clone(),
+            (None, Some(e)) => format!("every {}", humantime::format_duration(e.get_ref().0)),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// Overlap policy of a timer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overlap {
+    /// Run concurrently, up to the component's concurrency.
+    Allow,
+    /// Skip the tick (counted as missed).
+    #[default]
+    Forbid,
+    /// Cancel the running invocation and start the new one.
+    Replace,
+}
+
+/// Catch-up policy of a timer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CatchUp {
+    /// Ignore missed ticks.
+    Skip,
+    /// Run once for the most recent missed tick.
+    #[default]
+    Latest,
+    /// Run every missed tick.
+    All,
+}
+
+impl Manifest {
+    /// Reads, parses and validates a manifest file.
+    pub fn load(path: &Path) -> Result<Self, ManifestError> {
+        let source = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(path, source)
+    }
+
+    /// Parses and validates manifest text that was read from `path`.
+    pub fn parse(path: &Path, source: String) -> Result<Self, ManifestError> {
+        let raw: RawManifest = toml::from_str(&source).map_err(|e| ManifestError::Syntax {
+            path: path.display().to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let base_dir = path
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let manifest = Manifest {
+            path: path.to_path_buf(),
+            base_dir,
+            source,
+            gateway: raw.gateway,
+            http: raw.http,
+            mqtt: raw.mqtt,
+            components: BTreeMap::new(),
+            triggers: raw.trigger,
+        };
+        manifest.validate(raw.component)
+    }
+
+    fn validate(
+        mut self,
+        components: BTreeMap<Spanned<String>, ComponentConfig>,
+    ) -> Result<Self, ManifestError> {
+        for (name, config) in components {
+            let key = format!("component.{}", name.get_ref());
+            if let Err(message) = validate_component_name(name.get_ref()) {
+                return Err(self.invalid(name.span(), &key, message));
+            }
+            if config.source.get_ref().as_os_str().is_empty() {
+                return Err(self.invalid(
+                    config.source.span(),
+                    &format!("{key}.source"),
+                    "the path is empty".into(),
+                ));
+            }
+            if let Err(message) = config.limits.get_ref().resolve().validate() {
+                return Err(self.invalid(config.limits.span(), &format!("{key}.limits"), message));
+            }
+            for filter in config.allow.mqtt_publish.iter().flatten() {
+                if let Err(message) = TopicFilter::parse(filter.get_ref()) {
+                    return Err(self.invalid(
+                        filter.span(),
+                        &format!("{key}.allow.mqtt_publish"),
+                        message,
+                    ));
+                }
+            }
+            for host in config.allow.outbound_http.iter().flatten() {
+                let h = host.get_ref();
+                if h.is_empty() || h.contains(['/', ' ']) {
+                    return Err(self.invalid(
+                        host.span(),
+                        &format!("{key}.allow.outbound_http"),
+                        format!("{h:?} is not a host name (write e.g. \"api.example.com\" or \"*.example.com\")"),
+                    ));
+                }
+            }
+            self.components.insert(name.into_inner(), config);
+        }
+        if let Some(mqtt) = &self.mqtt {
+            let version = *mqtt.version.get_ref();
+            if version != 3 && version != 5 {
+                return Err(self.invalid(
+                    mqtt.version.span(),
+                    "mqtt.version",
+                    format!("{version} is not a supported MQTT version: use 3 (3.1.1) or 5"),
+                ));
+            }
+        }
+        let triggers = self.triggers.clone();
+        for (i, t) in triggers.http.iter().enumerate() {
+            let key = format!("trigger.http[{i}]");
+            self.check_component_ref(&t.component, &key)?;
+            if let Some(path) = &t.path {
+                if !path.get_ref().starts_with('/') {
+                    return Err(self.invalid(
+                        path.span(),
+                        &format!("{key}.path"),
+                        format!("{:?} must start with '/'", path.get_ref()),
+                    ));
+                }
+            }
+            for m in &t.methods {
+                let ok =
+                    !m.get_ref().is_empty() && m.get_ref().bytes().all(|b| b.is_ascii_uppercase());
+                if !ok {
+                    return Err(self.invalid(
+                        m.span(),
+                        &format!("{key}.methods"),
+                        format!(
+                            "{:?} is not an HTTP method (write e.g. \"GET\")",
+                            m.get_ref()
+                        ),
+                    ));
+                }
+            }
+        }
+        for (i, t) in triggers.mqtt.iter().enumerate() {
+            let key = format!("trigger.mqtt[{i}]");
+            self.check_component_ref(&t.component, &key)?;
+            if let Err(message) = TopicFilter::parse(t.topic.get_ref()) {
+                return Err(self.invalid(t.topic.span(), &format!("{key}.topic"), message));
+            }
+            if *t.qos.get_ref() > 2 {
+                return Err(self.invalid(
+                    t.qos.span(),
+                    &format!("{key}.qos"),
+                    format!("{} is not a QoS: use 0, 1 or 2", t.qos.get_ref()),
+                ));
+            }
+            if let Some(r) = &t.retry {
+                if *r.attempts.get_ref() == 0 {
+                    return Err(self.invalid(
+                        r.attempts.span(),
+                        &format!("{key}.retry.attempts"),
+                        "must be at least 1 (the first delivery counts)".into(),
+                    ));
+                }
+            }
+        }
+        for (i, t) in triggers.timer.iter().enumerate() {
+            let key = format!("trigger.timer[{i}]");
+            self.check_component_ref(&t.component, &key)?;
+            match (&t.cron, &t.every) {
+                (Some(_), Some(every)) => {
+                    return Err(self.invalid(
+                        every.span(),
+                        &key,
+                        "set either `cron` or `every`, not both".into(),
+                    ));
+                }
+                (None, None) => {
+                    return Err(self.invalid(
+                        t.component.span(),
+                        &key,
+                        "a timer needs `cron = \"...\"` or `every = \"30s\"`".into(),
+                    ));
+                }
+                (Some(cron), None) => {
+                    let parser = croner::parser::CronParser::builder()
+                        .year(croner::parser::Year::Disallowed)
+                        .build();
+                    if let Err(e) = parser.parse(cron.get_ref()) {
+                        return Err(self.invalid(
+                            cron.span(),
+                            &format!("{key}.cron"),
+                            format!("{:?} is not a cron expression: {e}", cron.get_ref()),
+                        ));
+                    }
+                }
+                (None, Some(every)) => {
+                    if every.get_ref().0.is_zero() {
+                        return Err(self.invalid(
+                            every.span(),
+                            &format!("{key}.every"),
+                            "the interval must be greater than zero".into(),
+                        ));
+                    }
+                }
+            }
+            if let Some(tz) = &t.timezone {
+                if tz.get_ref().parse::<chrono_tz::Tz>().is_err() {
+                    return Err(self.invalid(tz.span(), &format!("{key}.timezone"), format!("{:?} is not an IANA time zone (write e.g. \"Europe/Berlin\" or \"UTC\")", tz.get_ref())));
+                }
+            }
+        }
+        Ok(self)
+    }
+
+    fn check_component_ref(
+        &self,
+        component: &Spanned<String>,
+        key: &str,
+    ) -> Result<(), ManifestError> {
+        if self.components.contains_key(component.get_ref()) {
+            return Ok(());
+        }
+        let known: Vec<&str> = self.components.keys().map(String::as_str).collect();
+        let known = if known.is_empty() {
+            "none are defined".to_string()
+        } else {
+            format!("known: {}", known.join(", "))
+        };
+        Err(self.invalid(
+            component.span(),
+            &format!("{key}.component"),
+            format!("unknown component {:?} ({known})", component.get_ref()),
+        ))
+    }
+
+    /// An [`ManifestError::Invalid`] for the value at `span` (byte offsets
+    /// into the file; `0..0` when the value has no position of its own).
+    pub fn invalid(&self, span: Range<usize>, key: &str, message: String) -> ManifestError {
+        let (line, column) = self.line_column(span.start);
+        ManifestError::Invalid {
+            path: self.path.display().to_string(),
+            line,
+            column,
+            key: key.to_string(),
+            message,
+        }
+    }
+
+    fn line_column(&self, offset: usize) -> (usize, usize) {
+        let before = &self.source[..offset.min(self.source.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before
+            .rfind('\n')
+            .map_or(before.len(), |nl| before.len() - nl - 1)
+            + 1;
+        (line, column)
+    }
+
+    /// Resolves a path from the manifest against the manifest's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    /// The state directory, resolved.
+    pub fn state_dir(&self) -> PathBuf {
+        self.resolve(&self.gateway.state_dir)
+    }
+}
+
+/// Component names: a lowercase ASCII letter, then lowercase letters, digits,
+/// `-` or `_`; at most 64 characters.
+pub fn validate_component_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase());
+    let rest_ok =
+        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if first_ok && rest_ok && name.len() <= 64 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid component name: use a lowercase letter, then lowercase letters, digits, '-' or '_' (at most 64)"
+        ))
+    }
+}
