@@ -456,14 +456,14 @@ impl Manifest {
         for (i, t) in triggers.http.iter().enumerate() {
             let key = format!("trigger.http[{i}]");
             self.check_component_ref(&t.component, &key)?;
-            if let Some(path) = &t.path {
-                if !path.get_ref().starts_with('/') {
-                    return Err(self.invalid(
-                        path.span(),
-                        &format!("{key}.path"),
-                        format!("{:?} must start with '/'", path.get_ref()),
-                    ));
-                }
+            if let Some(path) = &t.path
+                && !path.get_ref().starts_with('/')
+            {
+                return Err(self.invalid(
+                    path.span(),
+                    &format!("{key}.path"),
+                    format!("{:?} must start with '/'", path.get_ref()),
+                ));
             }
             for m in &t.methods {
                 let ok =
@@ -493,14 +493,14 @@ impl Manifest {
                     format!("{} is not a QoS: use 0, 1 or 2", t.qos.get_ref()),
                 ));
             }
-            if let Some(r) = &t.retry {
-                if *r.attempts.get_ref() == 0 {
-                    return Err(self.invalid(
-                        r.attempts.span(),
-                        &format!("{key}.retry.attempts"),
-                        "must be at least 1 (the first delivery counts)".into(),
-                    ));
-                }
+            if let Some(r) = &t.retry
+                && *r.attempts.get_ref() == 0
+            {
+                return Err(self.invalid(
+                    r.attempts.span(),
+                    &format!("{key}.retry.attempts"),
+                    "must be at least 1 (the first delivery counts)".into(),
+                ));
             }
         }
         for (i, t) in triggers.timer.iter().enumerate() {
@@ -543,10 +543,17 @@ impl Manifest {
                     }
                 }
             }
-            if let Some(tz) = &t.timezone {
-                if tz.get_ref().parse::<chrono_tz::Tz>().is_err() {
-                    return Err(self.invalid(tz.span(), &format!("{key}.timezone"), format!("{:?} is not an IANA time zone (write e.g. \"Europe/Berlin\" or \"UTC\")", tz.get_ref())));
-                }
+            if let Some(tz) = &t.timezone
+                && tz.get_ref().parse::<chrono_tz::Tz>().is_err()
+            {
+                return Err(self.invalid(
+                    tz.span(),
+                    &format!("{key}.timezone"),
+                    format!(
+                        "{:?} is not an IANA time zone (write e.g. \"Europe/Berlin\" or \"UTC\")",
+                        tz.get_ref()
+                    ),
+                ));
             }
         }
         Ok(self)

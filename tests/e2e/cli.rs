@@ -1,0 +1,343 @@
+//! The `wasmgate` binary: `invoke`, `check` and `up`, and their exit codes.
+
+use crate::util::{json, root, run, wasmgate};
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use wasmgate_test_artifacts::{ECHO_MQTT, HELLO_HTTP, HOSTILE, TICK_TIMER};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn invoke_a_bare_http_guest_prints_the_response() {
+    let out = run(&[
+        "invoke",
+        HELLO_HTTP,
+        "--http-path",
+        "/hello?x=1",
+        "--method",
+        "POST",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v = json(&out);
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["component"], "hello_http");
+    assert_eq!(v["http_response"]["status"], 200);
+    assert_eq!(
+        v["http_response"]["body"],
+        "Hello from wasmgate: POST /hello?x=1\n"
+    );
+    assert!(v["fuel_consumed"].as_u64().unwrap() > 0);
+    assert!(v["memory_peak_bytes"].as_u64().unwrap() > 0);
+    assert!(v["invocation_id"].as_str().unwrap().len() >= 32);
+}
+
+#[test]
+fn invoke_a_bare_timer_guest() {
+    let out = run(&[
+        "invoke",
+        TICK_TIMER,
+        "--timer",
+        "--schedule",
+        "0 * * * * *",
+        "--id",
+        "abc",
+        "--attempt",
+        "3",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v = json(&out);
+    assert_eq!(v["invocation_id"], "abc");
+    assert_eq!(v["attempt"], 3);
+    let stdout = v["stdout"].as_str().unwrap();
+    assert!(
+        stdout.starts_with("tick schedule=\"0 * * * * *\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("invocation=abc"), "{stdout}");
+}
+
+#[test]
+fn invoke_mqtt_with_properties_and_a_payload_file() {
+    let payload = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(payload.path(), [0u8, 159, 146, 150, 255]).unwrap();
+    let out = run(&[
+        "invoke",
+        ECHO_MQTT,
+        "--mqtt-topic",
+        "dev/7/temp",
+        "--payload-file",
+        payload.path().to_str().unwrap(),
+        "--response-topic",
+        "replies/7",
+        "--correlation-data",
+        "req-1",
+        "--user-property",
+        "unit=celsius",
+        "--content-type",
+        "application/octet-stream",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v = json(&out);
+    let published = &v["published"][0];
+    assert_eq!(published["topic"], "replies/7");
+    assert_eq!(published["payload"], "hex:009f9296ff");
+    assert_eq!(published["correlation_data"], "req-1");
+    assert_eq!(published["user_properties"][0][0], "unit");
+    assert_eq!(published["content_type"], "application/octet-stream");
+}
+
+#[test]
+fn invoke_exits_1_when_the_invocation_fails() {
+    let out = run(&[
+        "invoke",
+        HOSTILE,
+        "--mqtt-topic",
+        "loop",
+        "--fuel",
+        "50000000",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let v = json(&out);
+    assert_eq!(v["status"], "fuel_exhausted");
+    assert_eq!(v["fuel_consumed"], 50_000_000);
+
+    let out = run(&[
+        "invoke",
+        HOSTILE,
+        "--mqtt-topic",
+        "memory-bomb",
+        "--memory",
+        "8MiB",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["status"], "memory_limit");
+
+    let out = run(&[
+        "invoke",
+        HOSTILE,
+        "--mqtt-topic",
+        "sleep",
+        "--payload",
+        "30000",
+        "--timeout",
+        "200ms",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["status"], "timeout");
+    assert_eq!(json(&out)["timeout_ms"], 200);
+
+    let out = run(&[
+        "invoke",
+        HOSTILE,
+        "--mqtt-topic",
+        "reject",
+        "--payload",
+        "no",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["status"], "handler_error");
+    assert_eq!(json(&out)["kind"], "reject");
+}
+
+#[test]
+fn invoke_refuses_bad_input_with_exit_2() {
+    let core = root().join("tests/ui/core-module.wasm");
+    let core = core.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["invoke", "missing.wasm", "--timer"],
+            "cannot read missing.wasm",
+        ),
+        (
+            vec!["invoke", core, "--timer"],
+            "is a core WebAssembly module, not a component",
+        ),
+        (
+            vec!["invoke", "README.md", "--timer"],
+            "is not a WebAssembly file",
+        ),
+        (
+            vec!["invoke", ECHO_MQTT, "--timer"],
+            "does not export wasmgate:edge/timer-handler",
+        ),
+        (
+            vec![
+                "invoke",
+                ECHO_MQTT,
+                "--mqtt-topic",
+                "a",
+                "--payload-file",
+                "/nonexistent/p",
+            ],
+            "--payload-file /nonexistent/p",
+        ),
+        (
+            vec!["invoke", ECHO_MQTT, "--mqtt-topic", "a/#"],
+            "--mqtt-topic: topic name \"a/#\" contains a wildcard",
+        ),
+        (vec!["invoke", ECHO_MQTT], "say which event to deliver"),
+        (
+            vec!["invoke", HOSTILE, "--mqtt-topic", "ok", "--fuel", "0"],
+            "limits: fuel = 0 is out of range",
+        ),
+        (
+            vec!["invoke", HOSTILE, "--mqtt-topic", "ok", "--memory", "lots"],
+            "\"lots\" is not a size",
+        ),
+        (
+            vec!["invoke", HOSTILE, "--mqtt-topic", "ok", "--timeout", "2h"],
+            "timeout = 2h is out of range",
+        ),
+        (
+            vec!["invoke", HOSTILE, "--mqtt-topic", "ok", "--frobnicate"],
+            "unexpected argument '--frobnicate'",
+        ),
+        (
+            vec![
+                "invoke",
+                "nosuch",
+                "-f",
+                "tests/ui/valid/full.toml",
+                "--timer",
+            ],
+            "no component named \"nosuch\"",
+        ),
+        (
+            vec!["check", "-f", "does-not-exist.toml"],
+            "does-not-exist.toml: cannot read the manifest",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(want),
+            "{args:?}: want {want:?} in:\n{}",
+            stderr(&out)
+        );
+        assert!(
+            !stderr(&out).contains("panicked"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
+    }
+}
+
+#[test]
+fn invoke_a_manifest_component_with_its_grants_and_limits() {
+    let out = run(&[
+        "invoke",
+        "echo",
+        "-f",
+        "tests/ui/valid/full.toml",
+        "--mqtt-topic",
+        "greenhouse/1/temperature",
+        "--payload",
+        "21.5",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v = json(&out);
+    assert_eq!(v["component"], "echo");
+    assert_eq!(v["published"][0]["topic"], "greenhouse/1/temperature/reply");
+
+    let out = run(&[
+        "invoke",
+        "spin",
+        "-f",
+        "tests/ui/valid/full.toml",
+        "--mqtt-topic",
+        "loop",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let v = json(&out);
+    assert_eq!(v["status"], "fuel_exhausted");
+    assert_eq!(v["fuel_limit"], 50_000_000, "the manifest's limit applies");
+}
+
+#[test]
+fn check_prints_components_and_triggers() {
+    let out = run(&["check", "-f", "tests/ui/valid/full.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("trigger.http[0] GET,POST /api/* -> web"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("trigger.mqtt[0] greenhouse/+/temperature qos 1 -> echo"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("trigger.timer[0] 0 */5 * * * * (Europe/Berlin) -> report"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok: 4 component(s), 4 trigger(s)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn up_becomes_ready_and_stops_on_sigterm() {
+    let mut child = wasmgate()
+        .args([
+            "up",
+            "-f",
+            "examples/quickstart/wasmgate.toml",
+            "--log-format",
+            "json",
+        ])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = Vec::new();
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no ready line; saw:\n{}",
+            seen.join("\n")
+        );
+        let line = lines.next().expect("stderr open").unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        seen.push(line);
+        if v["message"] == "ready" {
+            assert_eq!(v["components"], 3);
+            break;
+        }
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let code = child.wait().unwrap();
+    assert_eq!(code.code(), Some(0));
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().any(|l| l.contains("shutting down")), "{rest:?}");
+}
+
+#[test]
+fn up_build_reports_a_failing_build_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("wasmgate.toml");
+    std::fs::write(
+        &manifest,
+        "[component.broken]\nsource = \"broken.wasm\"\nbuild = \"echo building; exit 3\"\n",
+    )
+    .unwrap();
+    let out = run(&["up", "--build", "-f", manifest.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("component.broken.build: `echo building; exit 3` failed"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -1,0 +1,288 @@
+//! Every hostile guest ends in its outcome, and the host goes on.
+
+use crate::util::{call, invocable, mqtt, tick};
+use std::sync::Arc;
+use std::time::Duration;
+use wasmgate::invoke::{
+    Admission, HandlerErrorKind, InvocationContext, OUTPUT_CAPTURE_BYTES, Status,
+};
+use wasmgate::limits::Limits;
+use wasmgate_test_artifacts::{COUNTER, HOSTILE};
+
+/// A hang guard, not a performance claim: each case ends within its own
+/// limits (well under a second here); this only turns a hang into a failure.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
+fn limits(fuel: u64, memory: u64, timeout_ms: u64) -> Limits {
+    Limits {
+        fuel,
+        memory,
+        timeout: Duration::from_millis(timeout_ms),
+        concurrency: 4,
+    }
+}
+
+#[tokio::test]
+async fn each_hostile_guest_yields_its_outcome_and_the_next_invocation_succeeds() {
+    let cases: Vec<(&str, &str, Limits, &str)> = vec![
+        (
+            "loop",
+            "",
+            limits(200_000_000, 16 << 20, 60_000),
+            "fuel_exhausted",
+        ),
+        (
+            "loop",
+            "",
+            limits(Limits::MAX_FUEL, 16 << 20, 300),
+            "timeout",
+        ),
+        (
+            "memory-bomb",
+            "",
+            limits(Limits::MAX_FUEL, 16 << 20, 60_000),
+            "memory_limit",
+        ),
+        (
+            "stack-overflow",
+            "",
+            limits(Limits::MAX_FUEL, 16 << 20, 60_000),
+            "trap",
+        ),
+        ("trap", "", Limits::default(), "trap"),
+        ("panic", "", Limits::default(), "trap"),
+        (
+            "sleep",
+            "60000",
+            limits(Limits::MAX_FUEL, 16 << 20, 300),
+            "timeout",
+        ),
+        ("retry", "try later", Limits::default(), "retry"),
+        ("reject", "bad payload", Limits::default(), "reject"),
+    ];
+    for (behaviour, payload, limits, want) in cases {
+        let inv = invocable(HOSTILE, limits, &[]);
+        let outcome = tokio::time::timeout(HANG_GUARD, call(&inv, mqtt(behaviour, payload)))
+            .await
+            .unwrap_or_else(|_| panic!("{behaviour} hung"));
+        assert_eq!(outcome.status.name(), want, "{behaviour}: {outcome:?}");
+        match (&outcome.status, behaviour) {
+            (Status::FuelExhausted { fuel_limit }, _) => {
+                assert_eq!(*fuel_limit, limits.fuel);
+                assert_eq!(outcome.fuel_consumed, limits.fuel);
+            }
+            (Status::MemoryLimit { memory_limit }, _) => {
+                assert_eq!(*memory_limit, limits.memory);
+                assert!(outcome.memory_peak_bytes <= limits.memory, "{outcome:?}");
+                assert!(outcome.memory_peak_bytes > limits.memory / 2, "{outcome:?}");
+            }
+            (Status::Trap { message }, "stack-overflow") => {
+                assert!(message.contains("call stack exhausted"), "{message}")
+            }
+            (Status::Trap { message }, "trap") => {
+                assert!(message.contains("unreachable"), "{message}")
+            }
+            (Status::Trap { .. }, "panic") => {
+                assert!(
+                    outcome.stderr.contains("hostile guest panics on purpose"),
+                    "{}",
+                    outcome.stderr
+                )
+            }
+            (Status::HandlerError { kind, message }, _) => {
+                let want_kind = if behaviour == "retry" {
+                    HandlerErrorKind::Retry
+                } else {
+                    HandlerErrorKind::Reject
+                };
+                assert_eq!(*kind, want_kind);
+                assert_eq!(message, payload);
+            }
+            _ => {}
+        }
+        // The same component, the same host: the next invocation is fine.
+        let next = call(&inv, mqtt("ok", "")).await;
+        assert_eq!(next.status, Status::Ok, "after {behaviour}: {next:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breach_ends_only_its_own_invocation() {
+    let looping = Arc::new(invocable(
+        HOSTILE,
+        limits(Limits::MAX_FUEL, 16 << 20, 1_000),
+        &[],
+    ));
+    let fine = Arc::new(invocable(HOSTILE, Limits::default(), &[]));
+    let spinning = {
+        let looping = looping.clone();
+        tokio::spawn(async move { call(&looping, mqtt("loop", "")).await })
+    };
+    let mut ok = 0;
+    for _ in 0..20 {
+        let outcome = call(&fine, mqtt("ok", "")).await;
+        assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+        ok += 1;
+    }
+    let spun = tokio::time::timeout(HANG_GUARD, spinning)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(spun.status.name(), "timeout", "{spun:?}");
+    assert_eq!(ok, 20);
+}
+
+#[tokio::test]
+async fn every_invocation_gets_a_fresh_instance() {
+    let counter = invocable(COUNTER, Limits::default(), &[]);
+    for _ in 0..5 {
+        let outcome = call(&counter, tick()).await;
+        assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+        assert_eq!(outcome.stdout, "count=1\n");
+    }
+    assert_eq!(counter.invocations(), 5);
+}
+
+#[tokio::test]
+async fn fuel_consumed_is_identical_for_identical_input() {
+    let inv = invocable(HOSTILE, Limits::default(), &[]);
+    let a = call(&inv, mqtt("spin", "100000")).await;
+    let b = call(&inv, mqtt("spin", "100000")).await;
+    let c = call(&inv, mqtt("spin", "200000")).await;
+    assert_eq!(a.status, Status::Ok);
+    assert_eq!(a.fuel_consumed, b.fuel_consumed);
+    assert_eq!(a.stdout, b.stdout);
+    assert!(
+        c.fuel_consumed > a.fuel_consumed,
+        "{} vs {}",
+        c.fuel_consumed,
+        a.fuel_consumed
+    );
+}
+
+#[tokio::test]
+async fn the_sandbox_denies_host_files_and_sockets() {
+    let inv = invocable(HOSTILE, Limits::default(), &[]);
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), b"host secret").unwrap();
+    let read = call(&inv, mqtt("read-file", secret.path().to_str().unwrap())).await;
+    match &read.status {
+        Status::HandlerError {
+            kind: HandlerErrorKind::Reject,
+            message,
+        } => {
+            assert!(message.starts_with("read-file denied"), "{message}")
+        }
+        other => panic!("the guest read a host file: {other:?} {}", read.stdout),
+    }
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let connect = call(&inv, mqtt("open-socket", &addr)).await;
+    match &connect.status {
+        Status::HandlerError {
+            kind: HandlerErrorKind::Reject,
+            message,
+        } => {
+            assert!(message.starts_with("open-socket denied"), "{message}")
+        }
+        other => panic!("the guest opened a socket: {other:?}"),
+    }
+    assert!(
+        listener.accept().is_err(),
+        "a connection reached the host listener"
+    );
+}
+
+#[tokio::test]
+async fn a_log_flood_is_captured_up_to_the_limit() {
+    let inv = invocable(HOSTILE, limits(Limits::MAX_FUEL, 16 << 20, 60_000), &[]);
+    let outcome = call(&inv, mqtt("log-flood", "1")).await;
+    assert_eq!(outcome.status, Status::Ok, "{:?}", outcome.status);
+    assert_eq!(outcome.stdout.len(), OUTPUT_CAPTURE_BYTES);
+    assert_eq!(outcome.stderr.len(), OUTPUT_CAPTURE_BYTES);
+    let total = 1024 * 1024;
+    assert_eq!(
+        outcome.stdout_dropped_bytes,
+        (total - OUTPUT_CAPTURE_BYTES) as u64
+    );
+    assert_eq!(
+        outcome.stderr_dropped_bytes,
+        (total - OUTPUT_CAPTURE_BYTES) as u64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_concurrency_a_component_is_throttled() {
+    let inv = Arc::new(invocable(
+        HOSTILE,
+        Limits {
+            concurrency: 1,
+            ..Limits::default()
+        },
+        &[],
+    ));
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let busy = {
+        let inv = inv.clone();
+        tokio::spawn(async move {
+            let f = call(&inv, mqtt("sleep", "1000"));
+            let _ = started_tx.send(());
+            f.await
+        })
+    };
+    started_rx.await.unwrap();
+    // Wait until the first invocation holds the only slot.
+    while inv.invocations() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let refused = inv
+        .invoke(
+            mqtt("ok", ""),
+            InvocationContext::new("test"),
+            Admission::Reject,
+        )
+        .await;
+    assert_eq!(refused.status, Status::Throttled { concurrency: 1 });
+    assert_eq!(busy.await.unwrap().status, Status::Ok);
+    let after = inv
+        .invoke(
+            mqtt("ok", ""),
+            InvocationContext::new("test"),
+            Admission::Reject,
+        )
+        .await;
+    assert_eq!(after.status, Status::Ok);
+}
+
+#[tokio::test]
+async fn publishes_follow_the_acl_and_the_response_topic_is_always_allowed() {
+    use wasmgate::invoke::{Event, MqttMessage};
+    use wasmgate_test_artifacts::ECHO_MQTT;
+    let denied = invocable(ECHO_MQTT, Limits::default(), &[]);
+    let out = call(&denied, mqtt("dev/1/temp", "21.5")).await;
+    assert_eq!(out.status.name(), "reject", "{out:?}");
+    assert_eq!(out.publish_denied, 1);
+    assert!(out.published.is_empty());
+
+    let reply = Event::Mqtt(MqttMessage {
+        topic: "dev/1/temp".into(),
+        payload: b"21.5".to_vec(),
+        qos: 1,
+        response_topic: Some("replies/42".into()),
+        correlation_data: Some(vec![0, 1, 2, 255]),
+        ..MqttMessage::default()
+    });
+    let out = call(&denied, reply).await;
+    assert_eq!(out.status, Status::Ok, "{out:?}");
+    assert_eq!(out.published.len(), 1);
+    assert_eq!(out.published[0].topic, "replies/42");
+    assert_eq!(out.published[0].correlation_data, Some(vec![0, 1, 2, 255]));
+    assert_eq!(out.published[0].payload, b"21.5");
+
+    let allowed = invocable(ECHO_MQTT, Limits::default(), &["dev/+/temp/reply"]);
+    let out = call(&allowed, mqtt("dev/1/temp", "21.5")).await;
+    assert_eq!(out.status, Status::Ok, "{out:?}");
+    assert_eq!(out.published[0].topic, "dev/1/temp/reply");
+}

@@ -1,0 +1,103 @@
+//! Shared helpers: the binary, a shared runtime, invocables with given limits.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::LazyLock;
+use wasmgate::component::Cache;
+use wasmgate::engine::EngineOptions;
+use wasmgate::gateway::Runtime;
+use wasmgate::invoke::{
+    Admission, Event, Invocable, InvocationContext, MqttMessage, Outcome, TimerTick,
+};
+use wasmgate::limits::Limits;
+use wasmgate::topic::TopicFilter;
+
+/// The repository root.
+pub(crate) fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// Precompiled components shared by every test process and run.
+pub(crate) fn cache_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("precompiled")
+}
+
+/// The `wasmgate` binary, run from the repository root with a shared cache.
+pub(crate) fn wasmgate() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasmgate"));
+    cmd.current_dir(root())
+        .env("WASMGATE_CACHE_DIR", cache_dir())
+        .env_remove("WASMGATE_LOG")
+        .env("NO_COLOR", "1");
+    cmd
+}
+
+/// Runs the binary and returns its output.
+pub(crate) fn run(args: &[&str]) -> Output {
+    wasmgate().args(args).output().expect("running wasmgate")
+}
+
+/// Parses `invoke`'s stdout.
+pub(crate) fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// One runtime for the in-process tests of this test binary.
+pub(crate) static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
+    Runtime::new(EngineOptions::default(), Cache::new(Some(cache_dir()))).expect("runtime")
+});
+
+/// An invocable of a guest file with the given limits and publish grants.
+pub(crate) fn invocable(path: &str, limits: Limits, publish: &[&str]) -> Invocable {
+    let compiled = RUNTIME.compile(Path::new(path)).expect("guest compiles");
+    let acl = publish
+        .iter()
+        .map(|f| TopicFilter::parse(f).unwrap())
+        .collect();
+    let name = Path::new(path)
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    Invocable::new(
+        name,
+        compiled.pre,
+        limits,
+        acl,
+        Vec::new(),
+        RUNTIME.engine().fuel(),
+    )
+}
+
+/// An MQTT event on `topic` with `payload`.
+pub(crate) fn mqtt(topic: &str, payload: &str) -> Event {
+    Event::Mqtt(MqttMessage {
+        topic: topic.into(),
+        payload: payload.as_bytes().to_vec(),
+        qos: 1,
+        ..MqttMessage::default()
+    })
+}
+
+/// A timer tick.
+pub(crate) fn tick() -> Event {
+    Event::Timer(TimerTick {
+        schedule: "every 1s".into(),
+        ..TimerTick::default()
+    })
+}
+
+/// Invokes, waiting for a concurrency slot.
+pub(crate) async fn call(inv: &Invocable, event: Event) -> Outcome {
+    inv.invoke(event, InvocationContext::new("test"), Admission::Wait)
+        .await
+}
