@@ -14,6 +14,7 @@ const GUESTS: &[&str] = &[
     "tick-timer",
     "hostile",
     "counter",
+    "fetch-http",
 ];
 
 fn main() {

@@ -341,3 +341,69 @@ fn up_build_reports_a_failing_build_command() {
         stderr(&out)
     );
 }
+
+/// A one-shot HTTP server on 127.0.0.1 that answers 204 to every request.
+fn upstream() -> (String, std::thread::JoinHandle<usize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let handle = std::thread::spawn(move || {
+        listener.set_nonblocking(false).unwrap();
+        let mut served = 0;
+        // Serves until the test's last request (the test connects once more to stop it).
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut buf = [0u8; 4096];
+            let n = stream.read(&mut buf).unwrap_or(0);
+            if n == 0 || buf.starts_with(b"STOP") {
+                break;
+            }
+            served += 1;
+            let _ = stream.write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n");
+        }
+        served
+    });
+    (addr, handle)
+}
+
+#[test]
+fn outbound_http_reaches_only_allowed_hosts() {
+    use wasmgate_test_artifacts::FETCH_HTTP;
+    let (addr, server) = upstream();
+    let path = format!("/?authority={addr}");
+
+    let out = run(&[
+        "invoke",
+        FETCH_HTTP,
+        "--http-path",
+        &path,
+        "--allow-outbound-http",
+        "127.0.0.1",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(json(&out)["http_response"]["body"], "upstream 204\n");
+
+    let out = run(&[
+        "invoke",
+        FETCH_HTTP,
+        "--http-path",
+        &path,
+        "--allow-outbound-http",
+        "example.com",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v = json(&out);
+    assert_eq!(v["http_response"]["status"], 502);
+    assert_eq!(v["http_response"]["body"], "ErrorCode::HttpRequestDenied\n");
+
+    use std::io::Write;
+    std::net::TcpStream::connect(&addr)
+        .unwrap()
+        .write_all(b"STOP")
+        .unwrap();
+    assert_eq!(
+        server.join().unwrap(),
+        1,
+        "only the allowed request reached the server"
+    );
+}

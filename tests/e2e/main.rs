@@ -1,6 +1,7 @@
 //! End-to-end tests: real guests built from `guests/`, the real `wasmgate`
 //! binary, and the host library's invocation path.
 
+mod cache;
 mod cli;
 mod limits;
 mod manifest;
