@@ -13,13 +13,13 @@ wasmtime::component::bindgen!({
     require_store_data_send: true,
 });
 
-pub(crate) use exports::wasmgate::edge::mqtt_handler::GuestIndices as MqttHandlerIndices;
-pub(crate) use exports::wasmgate::edge::timer_handler::{
+pub(crate) use self::exports::wasmgate::edge::mqtt_handler::GuestIndices as MqttHandlerIndices;
+pub(crate) use self::exports::wasmgate::edge::timer_handler::{
     GuestIndices as TimerHandlerIndices, Tick,
 };
-pub(crate) use wasmgate::edge::mqtt_publisher::PublishError;
-pub(crate) use wasmgate::edge::mqtt_types::{Message, Qos};
-pub(crate) use wasmgate::edge::types::{HandlerError, Invocation};
-pub(crate) use wasmgate::edge::{mqtt_publisher, mqtt_types, types};
+pub(crate) use self::wasmgate::edge::mqtt_publisher::PublishError;
+pub(crate) use self::wasmgate::edge::mqtt_types::{Message, Qos};
+pub(crate) use self::wasmgate::edge::types::{HandlerError, Invocation};
+pub(crate) use self::wasmgate::edge::{mqtt_publisher, mqtt_types, types};
 
 pub(crate) type Bindings = EventApp;
