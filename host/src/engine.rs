@@ -145,7 +145,8 @@ fn pooling(options: EngineOptions) -> PoolingAllocationConfig {
         // `wasmtime serve`'s CPU on this machine kind.
         .linear_memory_keep_resident(2 << 20)
         .table_keep_resident(64 << 10)
-        .async_stack_keep_resident(2 << 20);
+        .async_stack_keep_resident(2 << 20)
+        .pagemap_scan(wasmtime::Enabled::Auto);
     pool
 }
 

@@ -7,6 +7,7 @@
 //! | `ok`             | returns `ok`                                                |
 //! | `loop`           | spins forever (fuel or the deadline must stop it)           |
 //! | `spin`           | a deterministic compute loop of `payload` rounds, then `ok` |
+//! | `sort`           | sorts `payload` pseudo-random numbers (branchy compute), then `ok` |
 //! | `memory-bomb`    | allocates 1 MiB blocks until refused                        |
 //! | `stack-overflow` | unbounded recursion                                         |
 //! | `trap`           | executes `unreachable`                                      |
@@ -57,6 +58,21 @@ impl Guest for Hostile {
                     h = h.wrapping_mul(0x0100_0000_01b3);
                 }
                 println!("spin rounds={rounds} hash={h:016x}");
+                Ok(())
+            }
+            "sort" => {
+                let n: usize = arg(&msg).trim().parse().unwrap_or(100_000);
+                let mut x: u32 = 2_463_534_242;
+                let mut v: Vec<u32> = (0..n)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 17;
+                        x ^= x << 5;
+                        x
+                    })
+                    .collect();
+                v.sort_unstable();
+                println!("sort n={n} min={} max={}", v[0], v[n - 1]);
                 Ok(())
             }
             "memory-bomb" => {
