@@ -45,7 +45,7 @@ fn invocable(runtime: &Runtime, limits: Limits) -> Invocable {
         limits,
         Vec::new(),
         Vec::new(),
-        runtime.engine().fuel(),
+        runtime.engine(),
     )
 }
 

@@ -11,11 +11,17 @@ use crate::invoke::{
 };
 use crate::limits::{HumanDuration, Limits, Size};
 use crate::manifest::Manifest;
+use crate::trigger::clock::Clock;
+use crate::trigger::state::TimerState;
+use crate::trigger::timer::{SchedulerThread, TimerTrigger};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// A WebAssembly component host for edge triggers.
 #[derive(Debug, Parser)]
@@ -55,6 +61,17 @@ pub struct CheckArgs {
     /// The manifest.
     #[arg(short = 'f', long = "file", default_value = "wasmgate.toml")]
     pub file: PathBuf,
+    /// Compute each timer's next fire times from this RFC 3339 time instead of now.
+    #[arg(long, value_parser = parse_rfc3339)]
+    pub now: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+fn parse_rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|d| d.with_timezone(&chrono::Utc))
+        .map_err(|e| {
+            format!("{s:?} is not an RFC 3339 time ({e}); write e.g. 2026-01-01T00:00:00Z")
+        })
 }
 
 /// `wasmgate up`.
@@ -301,13 +318,44 @@ fn check(args: CheckArgs) -> Result<ExitCode, Fatal> {
             x.component.get_ref()
         );
     }
-    for (i, x) in t.timer.iter().enumerate() {
-        let tz = x.timezone.as_ref().map_or("UTC", |z| z.get_ref().as_str());
+    let now = args.now.unwrap_or_else(chrono::Utc::now);
+    for ((i, x), spec) in t
+        .timer
+        .iter()
+        .enumerate()
+        .zip(crate::trigger::timer::specs(m))
+    {
+        let tz: chrono_tz::Tz = x
+            .timezone
+            .as_ref()
+            .and_then(|z| z.get_ref().parse().ok())
+            .unwrap_or(chrono_tz::UTC);
         println!(
             "trigger.timer[{i}] {} ({tz}) -> {}",
             x.schedule_text(),
             x.component.get_ref()
         );
+        let offset = chrono::Duration::from_std(spec.offset).unwrap_or_default();
+        let mut cursor = now - offset;
+        let mut next = Vec::new();
+        for _ in 0..5 {
+            let Some(t) = spec.schedule.next_after(cursor) else {
+                break;
+            };
+            next.push(
+                (t + offset)
+                    .with_timezone(&tz)
+                    .format("%Y-%m-%d %H:%M:%S%.3f %Z")
+                    .to_string(),
+            );
+            cursor = t;
+        }
+        let next = if next.is_empty() {
+            "never".to_string()
+        } else {
+            next.join(", ")
+        };
+        println!("  next: {next}");
     }
     println!(
         "ok: {} component(s), {} trigger(s)",
@@ -349,7 +397,6 @@ async fn invoke(args: InvokeArgs) -> Result<ExitCode, Fatal> {
             .file_stem()
             .map_or("component".into(), |s| s.to_string_lossy().into_owned());
         require_handler(&name, &compiled.exports, event.handler())?;
-        let fuel = runtime.engine().fuel();
         (
             Invocable::new(
                 name,
@@ -357,7 +404,7 @@ async fn invoke(args: InvokeArgs) -> Result<ExitCode, Fatal> {
                 limits,
                 acl,
                 args.allow_outbound_http.clone(),
-                fuel,
+                runtime.engine(),
             ),
             runtime,
         )
@@ -509,18 +556,87 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
     for (i, t) in m.triggers.mqtt.iter().enumerate() {
         tracing::warn!(trigger = %format!("trigger.mqtt[{i}]"), component = %t.component.get_ref(), "the MQTT trigger is not part of this build yet; this subscription is not made");
     }
-    for (i, t) in m.triggers.timer.iter().enumerate() {
-        tracing::warn!(trigger = %format!("trigger.timer[{i}]"), component = %t.component.get_ref(), "the timer trigger is not part of this build yet; this schedule does not fire");
-    }
+    let timer_state =
+        Arc::new(TimerState::open(&m.state_dir().join("timers.json")).map_err(Fatal)?);
+    let tasks = TaskTracker::new();
+    let shutdown = CancellationToken::new();
+    let scheduler = start_timers(&gateway, timer_state.clone(), &tasks, &shutdown)?;
     tracing::info!(
         gateway = %m.gateway.name,
+        timers = m.triggers.timer.len(),
         components = gateway.components.len(),
         startup_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1000.0),
         "ready"
     );
     shutdown_signal().await;
-    tracing::info!("shutting down: no triggers are running, nothing to drain");
+    tracing::info!(
+        drain_timeout_s = DRAIN_TIMEOUT.as_secs(),
+        "shutting down: no new events; draining in-flight invocations"
+    );
+    shutdown.cancel();
+    tasks.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "in-flight invocations did not finish within the drain timeout; abandoning them"
+        );
+    }
+    drop(scheduler);
+    if let Err(e) = timer_state.flush() {
+        tracing::error!(error = %e, "cannot write the timer state");
+    }
+    tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long `up` waits for in-flight invocations after SIGINT/SIGTERM.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Starts every timer of the gateway and the task that persists their state.
+fn start_timers(
+    gateway: &Gateway,
+    state: Arc<TimerState>,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<Option<SchedulerThread>, Fatal> {
+    let m = &gateway.manifest;
+    if m.triggers.timer.is_empty() {
+        return Ok(None);
+    }
+    let scheduler = SchedulerThread::start()
+        .map_err(|e| Fatal(format!("cannot start the timer thread: {e}")))?;
+    let deliveries = tokio::runtime::Handle::current();
+    let clock =
+        Clock::system().map_err(|e| Fatal(format!("cannot start the timer thread: {e}")))?;
+    for (spec, t) in crate::trigger::timer::specs(m)
+        .into_iter()
+        .zip(&m.triggers.timer)
+    {
+        let component = gateway.components[t.component.get_ref()].clone();
+        tracing::info!(trigger = %spec.label, component = %component.name, schedule = %spec.schedule_text, "timer armed");
+        let trigger = TimerTrigger::new(spec, component, state.clone(), clock.clone())
+            .with_delivery_runtime(deliveries.clone());
+        tasks.spawn_on(
+            trigger.run(tasks.clone(), shutdown.clone()),
+            scheduler.handle(),
+        );
+    }
+    let shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = every.tick() => {}
+            }
+            if let Err(e) = state.flush() {
+                tracing::error!(error = %e, "cannot write the timer state; catch-up after a restart may repeat ticks");
+            }
+        }
+    });
+    Ok(Some(scheduler))
 }
 
 /// Runs each distinct `build` command once, in the manifest's directory.

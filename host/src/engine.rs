@@ -1,7 +1,7 @@
 //! The wasmtime `Engine`: allocator choice, fuel, and the one epoch ticker.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -57,7 +57,45 @@ pub struct HostEngine {
     engine: Engine,
     allocator: Allocator,
     fuel: bool,
-    ticker_stop: Arc<AtomicBool>,
+    ticker: EpochTicker,
+}
+
+/// The engine's one epoch ticker. It ticks only while at least one
+/// invocation runs ([`EpochTicker::busy`]), so an idle host costs no CPU.
+#[derive(Debug, Clone)]
+pub struct EpochTicker {
+    inner: Arc<TickerInner>,
+}
+
+#[derive(Debug)]
+struct TickerInner {
+    active: AtomicUsize,
+    stop: AtomicBool,
+    thread: std::thread::Thread,
+}
+
+/// Keeps the epoch ticker running while it lives.
+#[derive(Debug)]
+pub struct TickerGuard {
+    inner: Arc<TickerInner>,
+}
+
+impl EpochTicker {
+    /// Marks an invocation as running until the guard is dropped.
+    pub fn busy(&self) -> TickerGuard {
+        if self.inner.active.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.inner.thread.unpark();
+        }
+        TickerGuard {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl Drop for TickerGuard {
+    fn drop(&mut self) {
+        self.inner.active.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl HostEngine {
@@ -86,13 +124,12 @@ impl HostEngine {
             },
         };
         tracing::info!(allocator = ?allocator, fuel = options.fuel, "engine ready");
-        let ticker_stop = Arc::new(AtomicBool::new(false));
-        spawn_epoch_ticker(engine.clone(), ticker_stop.clone())?;
+        let ticker = spawn_epoch_ticker(engine.clone())?;
         Ok(Self {
             engine,
             allocator,
             fuel: options.fuel,
-            ticker_stop,
+            ticker,
         })
     }
 
@@ -110,11 +147,17 @@ impl HostEngine {
     pub fn fuel(&self) -> bool {
         self.fuel
     }
+
+    /// The epoch ticker.
+    pub fn ticker(&self) -> &EpochTicker {
+        &self.ticker
+    }
 }
 
 impl Drop for HostEngine {
     fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
+        self.ticker.inner.stop.store(true, Ordering::Release);
+        self.ticker.inner.thread.unpark();
     }
 }
 
@@ -151,15 +194,28 @@ fn pooling(options: EngineOptions) -> PoolingAllocationConfig {
 }
 
 /// One thread per engine advances the epoch; never one per request (a ticker
-/// per request cut `wasmtime serve` throughput by orders of magnitude).
-fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    std::thread::Builder::new()
+/// per request cut `wasmtime serve` throughput by orders of magnitude). It
+/// parks while no invocation runs.
+fn spawn_epoch_ticker(engine: Engine) -> anyhow::Result<EpochTicker> {
+    let (tx, rx) = std::sync::mpsc::channel::<Arc<TickerInner>>();
+    let thread = std::thread::Builder::new()
         .name("wasmgate-epoch".into())
         .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
+            let Ok(inner) = rx.recv() else { return };
+            while !inner.stop.load(Ordering::Acquire) {
+                if inner.active.load(Ordering::Acquire) == 0 {
+                    std::thread::park();
+                    continue;
+                }
                 std::thread::sleep(EPOCH_TICK);
                 engine.increment_epoch();
             }
         })?;
-    Ok(())
+    let inner = Arc::new(TickerInner {
+        active: AtomicUsize::new(0),
+        stop: AtomicBool::new(false),
+        thread: thread.thread().clone(),
+    });
+    let _ = tx.send(inner.clone());
+    Ok(EpochTicker { inner })
 }

@@ -184,6 +184,13 @@ pub fn invocable(
         config.limits.get_ref().resolve(),
         config.allow.publish_filters(),
         outbound,
-        runtime.engine().fuel(),
+        runtime.engine(),
+    )
+    .with_env(
+        config
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     )
 }

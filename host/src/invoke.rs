@@ -544,8 +544,10 @@ pub struct Invocable {
     http: Option<HttpHandlerIndices>,
     publish_acl: Arc<Vec<TopicFilter>>,
     outbound_http: Arc<Vec<String>>,
+    env: Arc<Vec<(String, String)>>,
     slots: Arc<Semaphore>,
     fuel: bool,
+    ticker: crate::engine::EpochTicker,
     invocations: AtomicU64,
 }
 
@@ -559,14 +561,14 @@ impl std::fmt::Debug for Invocable {
 }
 
 impl Invocable {
-    /// Wraps a pre-instantiated component. `fuel` says whether the engine counts fuel.
+    /// Wraps a component pre-instantiated on `engine`.
     pub fn new(
         name: String,
         pre: InstancePre<State>,
         limits: Limits,
         publish_acl: Vec<TopicFilter>,
         outbound_http: Vec<String>,
-        fuel: bool,
+        engine: &crate::engine::HostEngine,
     ) -> Self {
         Self {
             name,
@@ -577,10 +579,18 @@ impl Invocable {
             limits,
             publish_acl: Arc::new(publish_acl),
             outbound_http: Arc::new(outbound_http),
+            env: Arc::default(),
             slots: Arc::new(Semaphore::new(limits.concurrency as usize)),
-            fuel,
+            fuel: engine.fuel(),
+            ticker: engine.ticker().clone(),
             invocations: AtomicU64::new(0),
         }
+    }
+
+    /// Sets the environment variables the guest sees.
+    pub fn with_env(mut self, env: Vec<(String, String)>) -> Self {
+        self.env = Arc::new(env);
+        self
     }
 
     /// Invocations started so far.
@@ -608,6 +618,17 @@ impl Invocable {
             memory_peak = outcome.memory_peak_bytes,
             "invocation"
         );
+        for (stream, text) in [("stdout", &outcome.stdout), ("stderr", &outcome.stderr)] {
+            for line in text.lines() {
+                tracing::info!(
+                    target: "wasmgate::guest",
+                    id = %outcome.invocation_id,
+                    component = %outcome.component,
+                    stream,
+                    "{line}"
+                );
+            }
+        }
         outcome
     }
 
@@ -666,6 +687,7 @@ impl Invocable {
     }
 
     async fn run(&self, event: Event, ctx: &InvocationContext, started: Instant) -> Outcome {
+        let _ticking = self.ticker.busy();
         let limits = self.limits;
         let stdout = CapturedOutput::new(OUTPUT_CAPTURE_BYTES);
         let stderr = CapturedOutput::new(OUTPUT_CAPTURE_BYTES);
@@ -673,6 +695,7 @@ impl Invocable {
             .stdout(stdout.clone())
             .stderr(stderr.clone())
             .args(&[self.name.as_str()])
+            .envs(&self.env)
             // No preopened directories, no network: a guest gets neither files
             // nor sockets unless a future capability grants them.
             .allow_tcp(false)

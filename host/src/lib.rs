@@ -17,17 +17,22 @@
 //!   the manifest grants.
 //! - [`invoke`] runs one invocation: a fresh `Store` and instance under the
 //!   component's limits, and one [`invoke::Outcome`] whatever happens.
+//! - [`delivery`] retries failed asynchronous events with backoff.
+//! - [`trigger`] holds the event sources: the timer trigger (cron and
+//!   intervals, time zones, overlap and catch-up policies) so far.
 //! - [`topic`] is MQTT topic-filter validation and matching (pure logic).
 //! - [`cli`] is the `wasmgate` command line.
 
 pub mod cli;
 pub mod component;
+pub mod delivery;
 pub mod engine;
 pub mod gateway;
 pub mod invoke;
 pub mod limits;
 pub mod manifest;
 pub mod topic;
+pub mod trigger;
 
 mod bindings;
 mod capture;

@@ -92,8 +92,8 @@ pub struct GatewayConfig {
     /// A name for this gateway, used in logs.
     #[serde(default = "default_gateway_name")]
     pub name: String,
-    /// Where the host keeps its state: the precompiled-component cache (and,
-    /// as the triggers grow, dead letters and timer state). Relative to the
+    /// Where the host keeps its state: the precompiled-component cache and the
+    /// timer state (`timers.json`). Relative to the
     /// manifest's directory.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -188,6 +188,9 @@ pub struct ComponentConfig {
     /// Capabilities granted to the component.
     #[serde(default)]
     pub allow: AllowConfig,
+    /// Environment variables the guest sees (and nothing of the host's).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
 fn default_limits() -> Spanned<LimitsConfig> {
@@ -323,6 +326,17 @@ pub struct TimerTrigger {
     /// What to do with ticks missed while the host was down.
     #[serde(default)]
     pub catch_up: CatchUp,
+    /// With `catch_up = "all"`: the most missed ticks to run (default 10).
+    pub max_catch_up: Option<Spanned<u32>>,
+    /// A missed tick older than this is never run (default: no limit).
+    pub starting_deadline: Option<Spanned<HumanDuration>>,
+    /// Anchor of an `every` interval, RFC 3339 (default: the Unix epoch).
+    pub start_at: Option<Spanned<String>>,
+    /// Spread: every tick of this timer is delayed by a fixed offset in
+    /// `[0, jitter)` derived from the gateway name.
+    pub jitter: Option<HumanDuration>,
+    /// Retry policy for failed ticks.
+    pub retry: Option<RetryConfig>,
 }
 
 impl TimerTrigger {
@@ -505,6 +519,60 @@ impl Manifest {
         }
         for (i, t) in triggers.timer.iter().enumerate() {
             let key = format!("trigger.timer[{i}]");
+            if let Some(start) = &t.start_at {
+                if t.every.is_none() {
+                    return Err(self.invalid(
+                        start.span(),
+                        &format!("{key}.start_at"),
+                        "`start_at` anchors an `every` interval; it does not apply to `cron`"
+                            .into(),
+                    ));
+                }
+                if chrono::DateTime::parse_from_rfc3339(start.get_ref()).is_err() {
+                    return Err(self.invalid(
+                        start.span(),
+                        &format!("{key}.start_at"),
+                        format!(
+                            "{:?} is not an RFC 3339 time (write e.g. \"2026-01-01T00:00:00Z\")",
+                            start.get_ref()
+                        ),
+                    ));
+                }
+            }
+            if let Some(max) = &t.max_catch_up {
+                if t.catch_up != CatchUp::All {
+                    return Err(self.invalid(
+                        max.span(),
+                        &format!("{key}.max_catch_up"),
+                        "applies only with catch_up = \"all\"".into(),
+                    ));
+                }
+                if *max.get_ref() == 0 {
+                    return Err(self.invalid(
+                        max.span(),
+                        &format!("{key}.max_catch_up"),
+                        "must be at least 1 (use catch_up = \"skip\" to run none)".into(),
+                    ));
+                }
+            }
+            if let Some(d) = &t.starting_deadline
+                && d.get_ref().0.is_zero()
+            {
+                return Err(self.invalid(
+                    d.span(),
+                    &format!("{key}.starting_deadline"),
+                    "must be greater than zero".into(),
+                ));
+            }
+            if let Some(r) = &t.retry
+                && *r.attempts.get_ref() == 0
+            {
+                return Err(self.invalid(
+                    r.attempts.span(),
+                    &format!("{key}.retry.attempts"),
+                    "must be at least 1 (the first delivery counts)".into(),
+                ));
+            }
             self.check_component_ref(&t.component, &key)?;
             match (&t.cron, &t.every) {
                 (Some(_), Some(every)) => {

@@ -5,4 +5,5 @@ mod cache;
 mod cli;
 mod limits;
 mod manifest;
+mod timer;
 mod util;

@@ -74,7 +74,7 @@ pub(crate) fn invocable(path: &str, limits: Limits, publish: &[&str]) -> Invocab
         limits,
         acl,
         Vec::new(),
-        RUNTIME.engine().fuel(),
+        RUNTIME.engine(),
     )
 }
 

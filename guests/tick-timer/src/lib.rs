@@ -1,4 +1,8 @@
 //! `tick-timer`: logs every tick it receives, with how late it fired.
+//!
+//! Two environment variables (set with `env = { ... }` in the manifest) make
+//! it misbehave for tests: `TICK_SLEEP_MS` sleeps that long in every tick,
+//! `TICK_FAIL` returns `handler-error.retry` with its value as the message.
 
 wasmgate_guest::bindings!("timer-app");
 
@@ -17,7 +21,16 @@ impl Guest for TickTimer {
             tick.missed,
             ctx.id
         );
-        Ok(())
+        if let Some(ms) = std::env::var("TICK_SLEEP_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        match std::env::var("TICK_FAIL") {
+            Ok(message) => Err(HandlerError::Retry(message)),
+            Err(_) => Ok(()),
+        }
     }
 }
 
