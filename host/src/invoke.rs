@@ -785,14 +785,8 @@ impl Invocable {
         let (err, err_dropped) = stderr.take();
         let data = store.into_data();
         Outcome {
-            status,
-            invocation_id: ctx.id.clone(),
-            component: self.name.clone(),
-            trigger: ctx.trigger.clone(),
-            attempt: ctx.attempt,
             fuel_consumed,
             memory_peak_bytes: data.limiter.peak,
-            duration_us: started.elapsed().as_micros() as u64,
             stdout: String::from_utf8_lossy(&out).into_owned(),
             stderr: String::from_utf8_lossy(&err).into_owned(),
             stdout_dropped_bytes: out_dropped,
@@ -800,6 +794,7 @@ impl Invocable {
             published: data.publish.published,
             publish_denied: data.publish.denied,
             http_response,
+            ..self.bare_outcome(ctx, status, started)
         }
     }
 
