@@ -9,6 +9,9 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 /// checked at this granularity, and a busy guest yields to other tasks this often.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// Idle ticks (1 s) after which the epoch ticker parks until the next invocation.
+const TICKER_LINGER_TICKS: u32 = 200;
+
 /// Which instance allocator to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum AllocatorChoice {
@@ -60,8 +63,9 @@ pub struct HostEngine {
     ticker: EpochTicker,
 }
 
-/// The engine's one epoch ticker. It ticks only while at least one
-/// invocation runs ([`EpochTicker::busy`]), so an idle host costs no CPU.
+/// The engine's one epoch ticker. It ticks while invocations run
+/// ([`EpochTicker::busy`]) and for a second after the last one, then parks,
+/// so an idle host costs no CPU and a busy one never waits for it to wake.
 #[derive(Debug, Clone)]
 pub struct EpochTicker {
     inner: Arc<TickerInner>,
@@ -202,10 +206,19 @@ fn spawn_epoch_ticker(engine: Engine) -> anyhow::Result<EpochTicker> {
         .name("wasmgate-epoch".into())
         .spawn(move || {
             let Ok(inner) = rx.recv() else { return };
+            let mut idle_ticks = 0u32;
             while !inner.stop.load(Ordering::Acquire) {
                 if inner.active.load(Ordering::Acquire) == 0 {
-                    std::thread::park();
-                    continue;
+                    idle_ticks += 1;
+                    // Keep ticking for a while after the last invocation, so a
+                    // busy host never pays for waking this thread.
+                    if idle_ticks >= TICKER_LINGER_TICKS {
+                        std::thread::park();
+                        idle_ticks = 0;
+                        continue;
+                    }
+                } else {
+                    idle_ticks = 0;
                 }
                 std::thread::sleep(EPOCH_TICK);
                 engine.increment_epoch();
