@@ -140,7 +140,9 @@ async fn overlap_replace_cancels_the_running_invocation() {
         tick_timer(&[("TICK_SLEEP_MS", "250")]),
         Arc::new(TimerState::in_memory()),
         t0(),
-        Duration::from_millis(1_300),
+        // Not a multiple of the period: a tick due at the very instant the
+        // test stops would race with the stop.
+        Duration::from_millis(1_250),
     )
     .await;
     // Every tick replaced its predecessor; only the last (1000 ms) finished,
@@ -254,4 +256,39 @@ async fn catch_up_after_a_restart_follows_the_policy() {
         .await,
         (vec![(1200, 8), (1300, 0)], 8)
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_guest_does_not_delay_another_timer() {
+    let slow = TimerTrigger::new(
+        spec(100, Overlap::Allow, CatchUpPolicy::Latest),
+        tick_timer(&[("TICK_SLEEP_MS", "10000")]),
+        Arc::new(TimerState::in_memory()),
+        Clock::virtual_at(t0()),
+    );
+    let mut fast_spec = spec(100, Overlap::Forbid, CatchUpPolicy::Latest);
+    fast_spec.key = "fast".into();
+    let fast = TimerTrigger::new(
+        fast_spec,
+        tick_timer(&[]),
+        Arc::new(TimerState::in_memory()),
+        Clock::virtual_at(t0()),
+    );
+    let fast_stats = fast.stats();
+    let tasks = TaskTracker::new();
+    let shutdown = CancellationToken::new();
+    tasks.spawn(slow.run(tasks.clone(), shutdown.clone()));
+    tasks.spawn(fast.run(tasks.clone(), shutdown.clone()));
+    tokio::time::sleep(Duration::from_millis(1_050)).await;
+    shutdown.cancel();
+    // The fast timer ran every tick on time while ten slow runs were in flight.
+    let recent = fast_stats.recent();
+    assert_eq!(recent.len(), 10, "{recent:?}");
+    assert!(
+        recent
+            .iter()
+            .all(|r| r.outcome == "ok" && r.fired == r.scheduled)
+    );
+    tasks.close();
+    tasks.wait().await;
 }
