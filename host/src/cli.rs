@@ -4,6 +4,7 @@
 //! 2 bad input (manifest, component, flags, files) or a failed build.
 
 use crate::component::{Cache, Handler};
+use crate::deadletter::{AttemptError, DeadLetterStore};
 use crate::engine::{AllocatorChoice, EngineOptions};
 use crate::gateway::{self, Gateway, Runtime};
 use crate::invoke::{
@@ -53,6 +54,71 @@ pub enum Command {
     Invoke(Box<InvokeArgs>),
     /// Load a manifest and run its triggers until SIGINT or SIGTERM.
     Up(UpArgs),
+    /// List, show, replay and purge dead-lettered events (also while the host runs).
+    Dlq(DlqArgs),
+}
+
+/// `wasmgate dlq`.
+#[derive(Debug, Args)]
+pub struct DlqArgs {
+    /// The manifest (its state_dir holds the store).
+    #[arg(
+        short = 'f',
+        long = "file",
+        default_value = "wasmgate.toml",
+        global = true
+    )]
+    pub file: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+/// `wasmgate dlq` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters, newest first.
+    List {
+        /// Only this component's.
+        #[arg(long)]
+        component: Option<String>,
+        /// Only this trigger's (e.g. `timer:every 30s`).
+        #[arg(long)]
+        trigger: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one dead letter as JSON.
+    Show {
+        /// Its id (the invocation id).
+        id: String,
+    },
+    /// Deliver dead letters again through the same component and limits; a
+    /// record is removed when its replay succeeds.
+    Replay {
+        /// One record's id.
+        #[arg(required_unless_present = "all")]
+        id: Option<String>,
+        /// Every record (of `--component`, if given).
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+        /// With `--all`: only this component's.
+        #[arg(long, requires = "all")]
+        component: Option<String>,
+    },
+    /// Delete dead letters.
+    Purge {
+        /// Delete every record.
+        #[arg(long, conflicts_with_all = ["component", "older_than"])]
+        all: bool,
+        /// Only this component's.
+        #[arg(long)]
+        component: Option<String>,
+        /// Only records older than this, e.g. `7d`.
+        #[arg(long, value_parser = HumanDuration::parse)]
+        older_than: Option<HumanDuration>,
+    },
 }
 
 /// `wasmgate check`.
@@ -233,6 +299,7 @@ pub fn main() -> ExitCode {
             Command::Check(args) => check(args),
             Command::Invoke(args) => invoke(*args).await,
             Command::Up(args) => up(args, started).await,
+            Command::Dlq(args) => dlq(args).await,
         }
     });
     match result {
@@ -556,11 +623,20 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
     for (i, t) in m.triggers.mqtt.iter().enumerate() {
         tracing::warn!(trigger = %format!("trigger.mqtt[{i}]"), component = %t.component.get_ref(), "the MQTT trigger is not part of this build yet; this subscription is not made");
     }
+    let dead_letters = Arc::new(
+        DeadLetterStore::open(&m.dead_letter_path(), m.dead_letters.bounds()).map_err(Fatal)?,
+    );
     let timer_state =
         Arc::new(TimerState::open(&m.state_dir().join("timers.json")).map_err(Fatal)?);
     let tasks = TaskTracker::new();
     let shutdown = CancellationToken::new();
-    let scheduler = start_timers(&gateway, timer_state.clone(), &tasks, &shutdown)?;
+    let scheduler = start_timers(
+        &gateway,
+        timer_state.clone(),
+        dead_letters.clone(),
+        &tasks,
+        &shutdown,
+    )?;
     tracing::info!(
         gateway = %m.gateway.name,
         timers = m.triggers.timer.len(),
@@ -598,6 +674,7 @@ pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30
 fn start_timers(
     gateway: &Gateway,
     state: Arc<TimerState>,
+    dead_letters: Arc<DeadLetterStore>,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<Option<SchedulerThread>, Fatal> {
@@ -617,7 +694,8 @@ fn start_timers(
         let component = gateway.components[t.component.get_ref()].clone();
         tracing::info!(trigger = %spec.label, component = %component.name, schedule = %spec.schedule_text, "timer armed");
         let trigger = TimerTrigger::new(spec, component, state.clone(), clock.clone())
-            .with_delivery_runtime(deliveries.clone());
+            .with_delivery_runtime(deliveries.clone())
+            .with_dead_letters(dead_letters.clone());
         tasks.spawn_on(
             trigger.run(tasks.clone(), shutdown.clone()),
             scheduler.handle(),
@@ -684,5 +762,173 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+async fn dlq(args: DlqArgs) -> Result<ExitCode, Fatal> {
+    let manifest = Manifest::load(&args.file)?;
+    let store = DeadLetterStore::open(&manifest.dead_letter_path(), manifest.dead_letters.bounds())
+        .map_err(Fatal)?;
+    match args.command {
+        DlqCommand::List {
+            component,
+            trigger,
+            json,
+        } => {
+            let records = store
+                .list(component.as_deref(), trigger.as_deref())
+                .map_err(Fatal)?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&records).expect("records serialize")
+                );
+            } else {
+                let _ = writeln!(
+                    out,
+                    "{:<36}  {:<24}  {:<16}  {:<20}  {:<18}  {:>8}  LAST ERROR",
+                    "ID", "DEAD AT (UTC)", "COMPONENT", "TRIGGER", "CONDITION", "ATTEMPTS"
+                );
+                for r in &records {
+                    let at = chrono::DateTime::from_timestamp_millis(r.dead_at_ms as i64)
+                        .map_or_else(String::new, |t| {
+                            t.format("%Y-%m-%d %H:%M:%S%.3f").to_string()
+                        });
+                    let condition =
+                        serde_json::to_value(r.condition).expect("condition serializes");
+                    let _ = writeln!(
+                        out,
+                        "{:<36}  {:<24}  {:<16}  {:<20}  {:<18}  {:>8}  {}: {}",
+                        r.id,
+                        at,
+                        r.component,
+                        r.trigger,
+                        condition.as_str().unwrap_or_default(),
+                        r.attempts,
+                        r.last_error.outcome,
+                        r.last_error.message
+                    );
+                }
+                let _ = writeln!(
+                    out,
+                    "{} dead letter(s) in {}",
+                    records.len(),
+                    store.path().display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Show { id } => match store.get(&id).map_err(Fatal)? {
+            Some(r) => {
+                let _ = writeln!(
+                    std::io::stdout().lock(),
+                    "{}",
+                    serde_json::to_string_pretty(&r).expect("record serializes")
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            None => Err(Fatal(format!(
+                "no dead letter with id {id:?} in {}",
+                store.path().display()
+            ))),
+        },
+        DlqCommand::Purge {
+            all,
+            component,
+            older_than,
+        } => {
+            if !all && component.is_none() && older_than.is_none() {
+                return Err(Fatal(
+                    "say what to purge: --all, --component C and/or --older-than DURATION".into(),
+                ));
+            }
+            let n = store
+                .purge(
+                    component.as_deref(),
+                    older_than.map(|d| d.0.as_millis() as u64),
+                )
+                .map_err(Fatal)?;
+            println!("purged {n} dead letter(s)");
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Replay {
+            id,
+            all: _,
+            component,
+        } => {
+            let records = match &id {
+                Some(id) => vec![store.get(id).map_err(Fatal)?.ok_or_else(|| {
+                    Fatal(format!(
+                        "no dead letter with id {id:?} in {}",
+                        store.path().display()
+                    ))
+                })?],
+                None => store.list(component.as_deref(), None).map_err(Fatal)?,
+            };
+            let cache = Cache::new(Some(manifest.state_dir().join("precompiled")));
+            let runtime = Runtime::new(EngineOptions::default(), cache)?;
+            let mut invocables: std::collections::BTreeMap<String, Invocable> =
+                std::collections::BTreeMap::new();
+            let (mut ok, mut failed) = (0, 0);
+            for mut record in records {
+                if !manifest.components.contains_key(&record.component) {
+                    let msg = format!(
+                        "dead letter {} belongs to component {:?}, which {} no longer defines; kept",
+                        record.id,
+                        record.component,
+                        manifest.path.display()
+                    );
+                    if id.is_some() {
+                        return Err(Fatal(msg));
+                    }
+                    eprintln!("error: {msg}");
+                    failed += 1;
+                    continue;
+                }
+                if !invocables.contains_key(&record.component) {
+                    let compiled = gateway::load_component(&manifest, &runtime, &record.component)?;
+                    invocables.insert(
+                        record.component.clone(),
+                        gateway::invocable(&manifest, &runtime, &record.component, compiled),
+                    );
+                }
+                let invocable = &invocables[&record.component];
+                let event = record
+                    .event
+                    .to_event()
+                    .map_err(|e| Fatal(format!("dead letter {}: {e}", record.id)))?;
+                let ctx = InvocationContext {
+                    id: record.id.clone(),
+                    trigger: record.trigger.clone(),
+                    attempt: record.attempts + 1,
+                };
+                let outcome = invocable.invoke(event, ctx, Admission::Wait).await;
+                if outcome.is_ok() {
+                    store.delete(&record.id).map_err(Fatal)?;
+                    println!("{}: replayed, ok; removed", record.id);
+                    ok += 1;
+                } else {
+                    record.attempts += 1;
+                    record.last_error = AttemptError::from_outcome(&outcome);
+                    store.put(record.clone()).await.map_err(Fatal)?;
+                    println!(
+                        "{}: replayed, {}: {}; kept",
+                        record.id, record.last_error.outcome, record.last_error.message
+                    );
+                    failed += 1;
+                }
+            }
+            println!(
+                "replayed {} dead letter(s): {ok} ok, {failed} failed",
+                ok + failed
+            );
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
     }
 }

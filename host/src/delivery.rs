@@ -8,11 +8,19 @@
 //! the attempts of one event, so a guest can deduplicate; the guest sees the
 //! attempt number in its context.
 //!
-//! An event whose last attempt failed is logged at error level with its
-//! outcome. The durable dead-letter store is not built yet: such an event is
-//! dropped after that log line.
+//! With `jitter` (a fraction in [0, 1]) each delay is shortened by a random
+//! part of up to that fraction, so retries of many events do not align.
+//! `max_event_age` bounds how long an event may be retried, from its first
+//! attempt.
+//!
+//! An event that is rejected, runs out of attempts, or would be retried past
+//! its maximum age goes to the durable dead-letter store
+//! ([`crate::deadletter`]) with the condition, the first and last error and
+//! the attempts made; `deliver` returns only after that record is committed.
 
+use crate::deadletter::{self, AttemptError, Condition, DeadLetterStore};
 use crate::invoke::{Admission, Event, Invocable, InvocationContext, Outcome, Status};
+use crate::manifest::RetryConfig;
 use std::time::Duration;
 
 /// How often and how patiently to retry a failed event.
@@ -26,16 +34,37 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// Factor by which the delay grows after each retry.
     pub multiplier: f64,
+    /// Fraction (0–1) of each delay that is randomly taken off.
+    pub jitter: f64,
+    /// How long after its first attempt an event may still be retried.
+    pub max_event_age: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
-    /// Three attempts, 1 s then 2 s apart.
+    /// Three attempts, about 1 s then 2 s apart (10 % jitter), no age limit.
     fn default() -> Self {
         Self {
             attempts: 3,
             backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(60),
             multiplier: 2.0,
+            jitter: 0.1,
+            max_event_age: None,
+        }
+    }
+}
+
+impl From<&RetryConfig> for RetryPolicy {
+    /// The manifest's `retry = {...}`, defaults filled in.
+    fn from(c: &RetryConfig) -> Self {
+        let d = RetryPolicy::default();
+        Self {
+            attempts: c.attempts.as_ref().map_or(d.attempts, |a| *a.get_ref()),
+            backoff: c.backoff.map_or(d.backoff, |b| b.0),
+            max_backoff: c.max_backoff.map_or(d.max_backoff, |b| b.0),
+            multiplier: c.multiplier.as_ref().map_or(d.multiplier, |m| *m.get_ref()),
+            jitter: c.jitter.as_ref().map_or(d.jitter, |j| *j.get_ref()),
+            max_event_age: c.max_event_age.map(|a| a.0),
         }
     }
 }
@@ -53,6 +82,12 @@ impl RetryPolicy {
             self.max_backoff
         }
     }
+
+    /// [`Self::delay`] with this policy's jitter applied.
+    pub fn jittered_delay(&self, attempt: u32) -> Duration {
+        let cut = self.jitter.clamp(0.0, 1.0) * fastrand::f64();
+        self.delay(attempt).mul_f64(1.0 - cut)
+    }
 }
 
 /// Whether an outcome is worth another attempt.
@@ -67,42 +102,49 @@ pub fn retryable(status: &Status) -> bool {
     )
 }
 
-/// Delivers `event`, retrying per `policy`; returns the last outcome.
+/// Delivers `event`, retrying per `policy`; returns the last outcome. A
+/// failed event is dead-lettered in `dead_letters` (or, without a store,
+/// logged and dropped) before this returns.
 pub async fn deliver(
     invocable: &Invocable,
     event: Event,
     mut ctx: InvocationContext,
     policy: &RetryPolicy,
+    dead_letters: Option<&DeadLetterStore>,
 ) -> Outcome {
+    let started = tokio::time::Instant::now();
+    let first_attempt_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let mut first_error: Option<AttemptError> = None;
     loop {
         let outcome = invocable
             .invoke(event.clone(), ctx.clone(), Admission::Wait)
             .await;
-        if !retryable(&outcome.status) {
-            if !outcome.is_ok() {
-                tracing::error!(
-                    id = %ctx.id,
-                    component = %invocable.name,
-                    trigger = %ctx.trigger,
-                    attempt = ctx.attempt,
-                    outcome = outcome.status.name(),
-                    "event rejected by the guest; not retried and dropped (no dead-letter store yet)"
-                );
-            }
+        if outcome.is_ok() {
             return outcome;
         }
-        if ctx.attempt >= policy.attempts {
-            tracing::error!(
-                id = %ctx.id,
-                component = %invocable.name,
-                trigger = %ctx.trigger,
-                attempts = ctx.attempt,
-                outcome = outcome.status.name(),
-                "event failed on every attempt; dropped (no dead-letter store yet)"
-            );
+        let error = AttemptError::from_outcome(&outcome);
+        let first = first_error.get_or_insert_with(|| error.clone()).clone();
+        let delay = policy.jittered_delay(ctx.attempt);
+        let condition = if !retryable(&outcome.status) {
+            Some(Condition::Rejected)
+        } else if ctx.attempt >= policy.attempts {
+            Some(Condition::RetriesExhausted)
+        } else if policy
+            .max_event_age
+            .is_some_and(|age| started.elapsed() + delay > age)
+        {
+            Some(Condition::EventAgeExceeded)
+        } else {
+            None
+        };
+        if let Some(condition) = condition {
+            let record = deadletter::record(&event, &outcome, condition, first, first_attempt_ms);
+            dead_letter(invocable, record, dead_letters).await;
             return outcome;
         }
-        let delay = policy.delay(ctx.attempt);
         tracing::warn!(
             id = %ctx.id,
             component = %invocable.name,
@@ -114,6 +156,36 @@ pub async fn deliver(
         );
         tokio::time::sleep(delay).await;
         ctx.attempt += 1;
+    }
+}
+
+async fn dead_letter(
+    invocable: &Invocable,
+    record: deadletter::DeadLetter,
+    store: Option<&DeadLetterStore>,
+) {
+    let (id, trigger, condition, attempts) = (
+        record.id.clone(),
+        record.trigger.clone(),
+        record.condition,
+        record.attempts,
+    );
+    let outcome = record.last_error.outcome.clone();
+    match store {
+        Some(store) => match store.put(record).await {
+            Ok(()) => tracing::error!(
+                %id, component = %invocable.name, %trigger, ?condition, attempts, %outcome,
+                "event dead-lettered"
+            ),
+            Err(e) => tracing::error!(
+                %id, component = %invocable.name, %trigger, ?condition, attempts, %outcome, error = %e,
+                "event failed and could not be dead-lettered: it is lost"
+            ),
+        },
+        None => tracing::error!(
+            %id, component = %invocable.name, %trigger, ?condition, attempts, %outcome,
+            "event failed; no dead-letter store, dropped"
+        ),
     }
 }
 
@@ -129,10 +201,19 @@ mod tests {
             backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(1),
             multiplier: 2.0,
+            jitter: 0.5,
+            max_event_age: None,
         };
         let delays: Vec<u128> = (1..=5).map(|a| p.delay(a).as_millis()).collect();
         assert_eq!(delays, [200, 400, 800, 1000, 1000]);
         assert_eq!(p.delay(u32::MAX), Duration::from_secs(1));
+        for _ in 0..100 {
+            let d = p.jittered_delay(2);
+            assert!(
+                d <= Duration::from_millis(400) && d >= Duration::from_millis(200),
+                "{d:?}"
+            );
+        }
     }
 
     #[test]

@@ -17,7 +17,9 @@
 //!   the manifest grants.
 //! - [`invoke`] runs one invocation: a fresh `Store` and instance under the
 //!   component's limits, and one [`invoke::Outcome`] whatever happens.
-//! - [`delivery`] retries failed asynchronous events with backoff.
+//! - [`delivery`] retries failed asynchronous events with backoff, and hands
+//!   those that fail for good to [`deadletter`], the durable dead-letter store
+//!   behind `wasmgate dlq`.
 //! - [`trigger`] holds the event sources: the timer trigger (cron and
 //!   intervals, time zones, overlap and catch-up policies) so far.
 //! - [`topic`] is MQTT topic-filter validation and matching (pure logic).
@@ -25,6 +27,7 @@
 
 pub mod cli;
 pub mod component;
+pub mod deadletter;
 pub mod delivery;
 pub mod engine;
 pub mod gateway;

@@ -70,6 +70,8 @@ pub struct Manifest {
     pub components: BTreeMap<String, ComponentConfig>,
     /// `[[trigger.*]]`.
     pub triggers: Triggers,
+    /// `[dead_letters]`.
+    pub dead_letters: DeadLettersConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +85,33 @@ struct RawManifest {
     component: BTreeMap<Spanned<String>, ComponentConfig>,
     #[serde(default)]
     trigger: Triggers,
+    #[serde(default)]
+    dead_letters: DeadLettersConfig,
+}
+
+/// `[dead_letters]`: bounds of the durable dead-letter store
+/// (`state_dir/dead-letters.sqlite`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLettersConfig {
+    /// Most records kept; past it the oldest are evicted (default 100,000).
+    pub max_records: Option<Spanned<u64>>,
+    /// Records older than this are removed (default 30 days).
+    pub max_age: Option<Spanned<HumanDuration>>,
+}
+
+impl DeadLettersConfig {
+    /// The bounds, defaults filled in.
+    pub fn bounds(&self) -> crate::deadletter::Bounds {
+        let d = crate::deadletter::Bounds::default();
+        crate::deadletter::Bounds {
+            max_records: self
+                .max_records
+                .as_ref()
+                .map_or(d.max_records, |m| *m.get_ref()),
+            max_age: self.max_age.as_ref().map_or(d.max_age, |a| a.get_ref().0),
+        }
+    }
 }
 
 /// `[gateway]`: identity and where the host keeps its state.
@@ -298,14 +327,71 @@ fn default_qos() -> Spanned<u8> {
     Spanned::new(0..0, 1)
 }
 
-/// `retry = { attempts, backoff }`.
+/// `retry = { attempts, backoff, max_backoff, multiplier, jitter, max_event_age }`;
+/// omitted fields default (see `delivery::RetryPolicy`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
-    /// Total attempts, the first delivery included.
-    pub attempts: Spanned<u32>,
-    /// Delay before the first retry; it doubles after each.
-    pub backoff: HumanDuration,
+    /// Total attempts, the first delivery included (default 3).
+    pub attempts: Option<Spanned<u32>>,
+    /// Delay before the first retry (default 1 s).
+    pub backoff: Option<HumanDuration>,
+    /// Longest delay between attempts (default 60 s).
+    pub max_backoff: Option<HumanDuration>,
+    /// Growth factor of the delay, ≥ 1 (default 2).
+    pub multiplier: Option<Spanned<f64>>,
+    /// Fraction (0–1) of each delay taken off at random (default 0.1).
+    pub jitter: Option<Spanned<f64>>,
+    /// How long after its first attempt an event may still be retried.
+    pub max_event_age: Option<HumanDuration>,
+}
+
+impl RetryConfig {
+    fn check(&self, manifest: &Manifest, key: &str) -> Result<(), ManifestError> {
+        if let Some(a) = &self.attempts
+            && *a.get_ref() == 0
+        {
+            return Err(manifest.invalid(
+                a.span(),
+                &format!("{key}.attempts"),
+                "must be at least 1 (the first delivery counts)".into(),
+            ));
+        }
+        if let Some(m) = &self.multiplier
+            && !(m.get_ref().is_finite() && *m.get_ref() >= 1.0 && *m.get_ref() <= 100.0)
+        {
+            return Err(manifest.invalid(
+                m.span(),
+                &format!("{key}.multiplier"),
+                format!(
+                    "{} is out of range: it must be between 1 and 100",
+                    m.get_ref()
+                ),
+            ));
+        }
+        if let Some(j) = &self.jitter
+            && !(0.0..=1.0).contains(j.get_ref())
+        {
+            return Err(manifest.invalid(
+                j.span(),
+                &format!("{key}.jitter"),
+                format!(
+                    "{} is out of range: it is a fraction between 0 and 1",
+                    j.get_ref()
+                ),
+            ));
+        }
+        if let Some(a) = &self.max_event_age
+            && a.0.is_zero()
+        {
+            return Err(manifest.invalid(
+                0..0,
+                &format!("{key}.max_event_age"),
+                "must be greater than zero".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// One schedule bound to a component.
@@ -412,6 +498,7 @@ impl Manifest {
             mqtt: raw.mqtt,
             components: BTreeMap::new(),
             triggers: raw.trigger,
+            dead_letters: raw.dead_letters,
         };
         manifest.validate(raw.component)
     }
@@ -466,6 +553,24 @@ impl Manifest {
                 ));
             }
         }
+        if let Some(m) = &self.dead_letters.max_records
+            && *m.get_ref() == 0
+        {
+            return Err(self.invalid(
+                m.span(),
+                "dead_letters.max_records",
+                "must be at least 1".into(),
+            ));
+        }
+        if let Some(a) = &self.dead_letters.max_age
+            && a.get_ref().0.is_zero()
+        {
+            return Err(self.invalid(
+                a.span(),
+                "dead_letters.max_age",
+                "must be greater than zero".into(),
+            ));
+        }
         let triggers = self.triggers.clone();
         for (i, t) in triggers.http.iter().enumerate() {
             let key = format!("trigger.http[{i}]");
@@ -507,14 +612,8 @@ impl Manifest {
                     format!("{} is not a QoS: use 0, 1 or 2", t.qos.get_ref()),
                 ));
             }
-            if let Some(r) = &t.retry
-                && *r.attempts.get_ref() == 0
-            {
-                return Err(self.invalid(
-                    r.attempts.span(),
-                    &format!("{key}.retry.attempts"),
-                    "must be at least 1 (the first delivery counts)".into(),
-                ));
+            if let Some(r) = &t.retry {
+                r.check(&self, &format!("{key}.retry"))?;
             }
         }
         for (i, t) in triggers.timer.iter().enumerate() {
@@ -564,14 +663,8 @@ impl Manifest {
                     "must be greater than zero".into(),
                 ));
             }
-            if let Some(r) = &t.retry
-                && *r.attempts.get_ref() == 0
-            {
-                return Err(self.invalid(
-                    r.attempts.span(),
-                    &format!("{key}.retry.attempts"),
-                    "must be at least 1 (the first delivery counts)".into(),
-                ));
+            if let Some(r) = &t.retry {
+                r.check(&self, &format!("{key}.retry"))?;
             }
             self.check_component_ref(&t.component, &key)?;
             match (&t.cron, &t.every) {
@@ -683,6 +776,11 @@ impl Manifest {
     /// The state directory, resolved.
     pub fn state_dir(&self) -> PathBuf {
         self.resolve(&self.gateway.state_dir)
+    }
+
+    /// The dead-letter store's file.
+    pub fn dead_letter_path(&self) -> PathBuf {
+        self.state_dir().join(crate::deadletter::FILE_NAME)
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod cache;
 mod cli;
+mod dlq;
 mod limits;
 mod manifest;
 mod timer;

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use wasmgate::deadletter::{Bounds, Condition, DeadLetterStore, StoredEvent};
 use wasmgate::delivery::RetryPolicy;
 use wasmgate::invoke::Invocable;
 use wasmgate::limits::Limits;
@@ -291,4 +292,91 @@ async fn a_slow_guest_does_not_delay_another_timer() {
     );
     tasks.close();
     tasks.wait().await;
+}
+
+/// Runs a failing timer once (tick at 1 s) with a dead-letter store and
+/// returns the store.
+async fn dead_letter_of(
+    env: &[(&str, &str)],
+    retry: RetryPolicy,
+) -> (tempfile::TempDir, DeadLetterStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        Arc::new(DeadLetterStore::open(&dir.path().join("dl.sqlite"), Bounds::default()).unwrap());
+    let mut s = spec(1_000, Overlap::Forbid, CatchUpPolicy::Latest);
+    s.retry = retry;
+    let trigger = TimerTrigger::new(
+        s,
+        tick_timer(env),
+        Arc::new(TimerState::in_memory()),
+        Clock::virtual_at(t0()),
+    )
+    .with_dead_letters(store.clone());
+    let tasks = TaskTracker::new();
+    let shutdown = CancellationToken::new();
+    tasks.spawn(trigger.run(tasks.clone(), shutdown.clone()));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+    let store = Arc::into_inner(store).expect("the trigger is gone");
+    (dir, store)
+}
+
+fn policy(attempts: u32, backoff_ms: u64, max_event_age_ms: Option<u64>) -> RetryPolicy {
+    RetryPolicy {
+        attempts,
+        backoff: Duration::from_millis(backoff_ms),
+        jitter: 0.0,
+        max_event_age: max_event_age_ms.map(Duration::from_millis),
+        ..RetryPolicy::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tick_that_fails_every_attempt_is_dead_lettered_with_its_history() {
+    let (_dir, store) =
+        dead_letter_of(&[("TICK_FAIL", "sensor offline")], policy(3, 100, None)).await;
+    let all = store.list(None, None).unwrap();
+    assert_eq!(all.len(), 1);
+    let d = &all[0];
+    assert_eq!(d.condition, Condition::RetriesExhausted);
+    assert_eq!(d.attempts, 3);
+    assert_eq!(d.component, "tick_timer");
+    assert_eq!(d.trigger, "timer:every 1000ms");
+    assert_eq!(d.first_error.outcome, "retry");
+    assert_eq!(d.first_error.message, "sensor offline");
+    assert_eq!(d.last_error.message, "sensor offline");
+    assert!(d.dead_at_ms >= d.first_attempt_ms);
+    assert_eq!(
+        d.event,
+        StoredEvent::Timer {
+            schedule: "every 1000ms".into(),
+            scheduled_at_ms: (t0() + ms(1_000)).timestamp_millis() as u64,
+            fired_at_ms: (t0() + ms(1_000)).timestamp_millis() as u64,
+            missed: 0,
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejected_tick_is_dead_lettered_without_retries() {
+    let (_dir, store) =
+        dead_letter_of(&[("TICK_REJECT", "bad config")], policy(5, 100, None)).await;
+    let all = store.list(None, None).unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].condition, Condition::Rejected);
+    assert_eq!(all[0].attempts, 1);
+    assert_eq!(all[0].last_error.outcome, "reject");
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_stop_at_the_maximum_event_age() {
+    // Attempt 1 at 0 ms, retry after 100 ms; the next retry would come 200 ms
+    // later, past the 250 ms age limit: dead-lettered after attempt 2.
+    let (_dir, store) = dead_letter_of(&[("TICK_FAIL", "x")], policy(10, 100, Some(250))).await;
+    let all = store.list(None, None).unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].condition, Condition::EventAgeExceeded);
+    assert_eq!(all[0].attempts, 2);
 }

@@ -2,7 +2,8 @@
 //!
 //! Two environment variables (set with `env = { ... }` in the manifest) make
 //! it misbehave for tests: `TICK_SLEEP_MS` sleeps that long in every tick,
-//! `TICK_FAIL` returns `handler-error.retry` with its value as the message.
+//! `TICK_FAIL` returns `handler-error.retry` with its value as the message,
+//! `TICK_REJECT` returns `handler-error.reject` likewise.
 
 wasmgate_guest::bindings!("timer-app");
 
@@ -26,6 +27,9 @@ impl Guest for TickTimer {
             .and_then(|v| v.parse().ok())
         {
             std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        if let Ok(message) = std::env::var("TICK_REJECT") {
+            return Err(HandlerError::Reject(message));
         }
         match std::env::var("TICK_FAIL") {
             Ok(message) => Err(HandlerError::Retry(message)),

@@ -24,6 +24,7 @@
 use super::clock::Clock;
 use super::schedule::{CatchUpPolicy, Schedule, plan_catch_up};
 use super::state::TimerState;
+use crate::deadletter::DeadLetterStore;
 use crate::delivery::{RetryPolicy, deliver};
 use crate::invoke::{Event, Invocable, InvocationContext, TimerTick};
 use crate::manifest::Overlap;
@@ -158,6 +159,7 @@ pub struct TimerTrigger {
     clock: Clock,
     stats: Arc<TimerStats>,
     deliveries: Option<tokio::runtime::Handle>,
+    dead_letters: Option<Arc<DeadLetterStore>>,
 }
 
 impl TimerTrigger {
@@ -175,7 +177,14 @@ impl TimerTrigger {
             clock,
             stats: Arc::default(),
             deliveries: None,
+            dead_letters: None,
         }
+    }
+
+    /// Dead-letters ticks that fail for good in `store`.
+    pub fn with_dead_letters(mut self, store: Arc<DeadLetterStore>) -> Self {
+        self.dead_letters = Some(store);
+        self
     }
 
     /// Runs deliveries on `runtime` instead of the runtime that runs the
@@ -320,6 +329,7 @@ impl TimerTrigger {
         let clock = self.clock.clone();
         let schedule = spec.schedule_text.clone();
         let retry = spec.retry;
+        let dead_letters = self.dead_letters.clone();
         let trigger = format!("timer:{}", spec.schedule_text);
         let delivery = async move {
             for (i, scheduled) in ticks.into_iter().enumerate() {
@@ -342,6 +352,7 @@ impl TimerTrigger {
                     event,
                     InvocationContext::new(trigger.clone()),
                     &retry,
+                    dead_letters.as_deref(),
                 )
                 .await;
                 stats.finished(TickRecord {
@@ -463,11 +474,7 @@ pub fn specs(manifest: &crate::manifest::Manifest) -> Vec<TimerSpec> {
             let retry = t
                 .retry
                 .as_ref()
-                .map_or_else(RetryPolicy::default, |r| RetryPolicy {
-                    attempts: *r.attempts.get_ref(),
-                    backoff: r.backoff.0,
-                    ..RetryPolicy::default()
-                });
+                .map_or_else(RetryPolicy::default, RetryPolicy::from);
             TimerSpec {
                 offset: jitter_offset(
                     &manifest.gateway.name,

@@ -1,0 +1,198 @@
+//! Dead letters end to end: a failing timer under `wasmgate up`, then the
+//! `wasmgate dlq` commands, while the host runs and after.
+
+use crate::util::{json, run, wasmgate};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use wasmgate_test_artifacts::TICK_TIMER;
+
+fn manifest(dir: &Path, env: &str) -> String {
+    let path = dir.join("wasmgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[gateway]
+name = "dlq-test"
+state_dir = "state"
+
+[component.tick]
+source = {TICK_TIMER:?}
+env = {{ {env} }}
+
+[[trigger.timer]]
+component = "tick"
+every = "1s"
+retry = {{ attempts = 2, backoff = "10ms", jitter = 0.0 }}
+"#
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn dead_letters_are_listed_replayed_and_purged() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = manifest(dir.path(), r#"TICK_FAIL = "sensor offline""#);
+
+    // A host whose timer fails every tick.
+    let mut host = wasmgate()
+        .args(["up", "-f", &file, "--log-format", "json"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(host.stderr.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "no dead letter was written");
+        let line = lines.next().expect("host stderr open").unwrap();
+        if line.contains("event dead-lettered") {
+            break;
+        }
+    }
+
+    // While the host runs: the store is readable.
+    let out = run(&["dlq", "list", "-f", &file, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let records = json(&out);
+    let first = &records[0];
+    assert_eq!(first["component"], "tick");
+    assert_eq!(first["condition"], "retries_exhausted");
+    assert_eq!(first["attempts"], 2);
+    assert_eq!(first["last_error"]["message"], "sensor offline");
+    assert_eq!(first["event"]["kind"], "timer");
+    let id = first["id"].as_str().unwrap().to_string();
+
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &host.id().to_string()])
+        .status();
+    assert_eq!(host.wait().unwrap().code(), Some(0));
+
+    let out = run(&["dlq", "list", "-f", &file]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains(&id) && table.contains("retries_exhausted"),
+        "{table}"
+    );
+
+    let out = run(&["dlq", "show", &id, "-f", &file]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(json(&out)["id"], id);
+
+    // The guest still fails: the replay fails and the record stays, one attempt more.
+    let out = run(&["dlq", "replay", &id, "-f", &file]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let out = run(&["dlq", "show", &id, "-f", &file]);
+    assert_eq!(json(&out)["attempts"], 3);
+
+    // Fixed (no more TICK_FAIL): every record replays and is removed.
+    manifest(dir.path(), r#"FIXED = "1""#);
+    let out = run(&["dlq", "replay", "--all", "-f", &file]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("{id}: replayed, ok; removed")));
+    let out = run(&["dlq", "list", "-f", &file, "--json"]);
+    assert_eq!(json(&out), serde_json::json!([]));
+
+    // Bad input.
+    let out = run(&["dlq", "replay", "no-such-id", "-f", &file]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("no dead letter with id \"no-such-id\""),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&["dlq", "purge", "-f", &file]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("say what to purge"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&["dlq", "purge", "--all", "-f", &file]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("purged 0 dead letter(s)"));
+}
+
+#[test]
+fn a_corrupt_store_stops_the_host_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = manifest(dir.path(), "");
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    let store = dir.path().join("state/dead-letters.sqlite");
+    std::fs::write(&store, vec![7u8; 4096]).unwrap();
+    let out = run(&["up", "-f", &file]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("dead-letter store") && err.contains("dead-letters.sqlite"),
+        "{err}"
+    );
+    assert!(err.contains("move it away"), "{err}");
+    assert_eq!(
+        std::fs::read(&store).unwrap(),
+        vec![7u8; 4096],
+        "the store is never discarded"
+    );
+}
+
+#[test]
+fn replaying_a_record_whose_component_is_gone_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = manifest(dir.path(), "");
+    let store = wasmgate::deadletter::DeadLetterStore::open(
+        &dir.path().join("state/dead-letters.sqlite"),
+        wasmgate::deadletter::Bounds::default(),
+    )
+    .unwrap();
+    // Recent times: records older than the store's max_age are evicted.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let err = wasmgate::deadletter::AttemptError {
+        outcome: "trap".into(),
+        message: "boom".into(),
+        at_ms: now,
+    };
+    store
+        .put_blocking(wasmgate::deadletter::DeadLetter {
+            id: "orphan".into(),
+            component: "removed".into(),
+            trigger: "timer:every 1s".into(),
+            condition: wasmgate::deadletter::Condition::RetriesExhausted,
+            attempts: 3,
+            event: wasmgate::deadletter::StoredEvent::Timer {
+                schedule: "every 1s".into(),
+                scheduled_at_ms: 1,
+                fired_at_ms: 1,
+                missed: 0,
+            },
+            first_error: err.clone(),
+            last_error: err,
+            first_attempt_ms: now - 1000,
+            dead_at_ms: now,
+        })
+        .unwrap();
+    drop(store);
+    let out = run(&["dlq", "replay", "orphan", "-f", &file]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("component \"removed\", which"),
+        "{}",
+        stderr(&out)
+    );
+}
