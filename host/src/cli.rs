@@ -12,6 +12,7 @@ use crate::invoke::{
 };
 use crate::limits::{HumanDuration, Limits, Size};
 use crate::manifest::Manifest;
+use crate::queue::EventQueue;
 use crate::trigger::clock::Clock;
 use crate::trigger::state::TimerState;
 use crate::trigger::timer::{SchedulerThread, TimerTrigger};
@@ -237,8 +238,12 @@ pub struct InvokeArgs {
     #[arg(long, value_name = "HOST", help_heading = "Grants (bare .wasm)")]
     pub allow_outbound_http: Vec<String>,
 
+    /// Queue the event durably for a running `wasmgate up` to deliver (with
+    /// retries and dead letters) instead of running it now. Needs a manifest component.
+    #[arg(long = "async")]
+    pub queue: bool,
     /// Invocation id (default: a fresh one).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "queue")]
     pub id: Option<String>,
     /// Attempt number the guest sees.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
@@ -316,7 +321,11 @@ fn init_tracing(format: LogFormat, default_level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A closed stderr (e.g. the log reader went away) must not turn each
+        // log line into a panic: tracing reports its own write errors with
+        // `eprintln!`, which panics when stderr is closed.
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -443,6 +452,9 @@ async fn invoke(args: InvokeArgs) -> Result<ExitCode, Fatal> {
     };
     // Build the event first: a missing payload file fails before any compiling.
     let event = build_event(&args)?;
+    if args.queue {
+        return enqueue(&args, &event, options);
+    }
     let invocable = if is_wasm_path(&args.target) {
         let path = PathBuf::from(&args.target);
         let cache = match &args.cache_dir {
@@ -628,8 +640,17 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
     );
     let timer_state =
         Arc::new(TimerState::open(&m.state_dir().join("timers.json")).map_err(Fatal)?);
+    let queue =
+        Arc::new(EventQueue::open(&m.state_dir().join(crate::queue::FILE_NAME)).map_err(Fatal)?);
     let tasks = TaskTracker::new();
     let shutdown = CancellationToken::new();
+    tasks.spawn(crate::queue::consume(
+        queue,
+        gateway.components.clone(),
+        dead_letters.clone(),
+        crate::delivery::RetryPolicy::default(),
+        shutdown.clone(),
+    ));
     let scheduler = start_timers(
         &gateway,
         timer_state.clone(),
@@ -931,4 +952,34 @@ async fn dlq(args: DlqArgs) -> Result<ExitCode, Fatal> {
             })
         }
     }
+}
+
+/// `wasmgate invoke --async`: checks the component, then queues the event.
+fn enqueue(args: &InvokeArgs, event: &Event, options: EngineOptions) -> Result<ExitCode, Fatal> {
+    if is_wasm_path(&args.target) {
+        return Err(Fatal(
+            "--async queues events for the components of a manifest; give a component name (and -f)".into(),
+        ));
+    }
+    let manifest = Manifest::load(&args.file)?;
+    if !manifest.components.contains_key(&args.target) {
+        return Err(Fatal(format!(
+            "{}: no component named {:?}",
+            manifest.path.display(),
+            args.target
+        )));
+    }
+    let cache = Cache::new(Some(manifest.state_dir().join("precompiled")));
+    let runtime = Runtime::new(options, cache)?;
+    let compiled = gateway::load_component(&manifest, &runtime, &args.target)?;
+    require_handler(&args.target, &compiled.exports, event.handler())?;
+    let queue =
+        EventQueue::open(&manifest.state_dir().join(crate::queue::FILE_NAME)).map_err(Fatal)?;
+    let id = queue
+        .enqueue(&args.target, &crate::deadletter::StoredEvent::from(event))
+        .map_err(Fatal)?;
+    let json =
+        serde_json::json!({ "status": "queued", "invocation_id": id, "component": args.target });
+    let _ = writeln!(std::io::stdout().lock(), "{json}");
+    Ok(ExitCode::SUCCESS)
 }

@@ -19,7 +19,8 @@
 //!   component's limits, and one [`invoke::Outcome`] whatever happens.
 //! - [`delivery`] retries failed asynchronous events with backoff, and hands
 //!   those that fail for good to [`deadletter`], the durable dead-letter store
-//!   behind `wasmgate dlq`.
+//!   behind `wasmgate dlq`; [`queue`] is the durable queue behind
+//!   `wasmgate invoke --async`.
 //! - [`trigger`] holds the event sources: the timer trigger (cron and
 //!   intervals, time zones, overlap and catch-up policies) so far.
 //! - [`topic`] is MQTT topic-filter validation and matching (pure logic).
@@ -34,6 +35,7 @@ pub mod gateway;
 pub mod invoke;
 pub mod limits;
 pub mod manifest;
+pub mod queue;
 pub mod topic;
 pub mod trigger;
 

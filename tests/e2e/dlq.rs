@@ -196,3 +196,105 @@ fn replaying_a_record_whose_component_is_gone_is_an_error() {
         stderr(&out)
     );
 }
+
+/// Runs `up` until `done` says so from its JSON log lines, then stops it.
+fn run_host_until(file: &str, mut done: impl FnMut(&serde_json::Value) -> bool) {
+    let mut host = wasmgate()
+        .args(["up", "-f", file, "--log-format", "json"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(host.stderr.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for line in lines {
+        assert!(Instant::now() < deadline, "the host did not get there");
+        let line = line.unwrap();
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if done(&v) {
+            break;
+        }
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &host.id().to_string()])
+        .status();
+    assert_eq!(host.wait().unwrap().code(), Some(0));
+}
+
+fn queue_manifest(dir: &Path, env: &str) -> String {
+    let path = dir.join("wasmgate.toml");
+    std::fs::write(
+        &path,
+        format!("[gateway]\nstate_dir = \"state\"\n\n[component.tick]\nsource = {TICK_TIMER:?}\nenv = {{ {env} }}\n"),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn async_invocations_are_queued_durably_and_delivered_by_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = queue_manifest(dir.path(), "");
+    // Accepted while no host runs.
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let schedule = format!("job-{n}");
+        let out = run(&[
+            "invoke",
+            "tick",
+            "-f",
+            &file,
+            "--timer",
+            "--schedule",
+            &schedule,
+            "--async",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let v = json(&out);
+        assert_eq!(v["status"], "queued");
+        ids.push(v["invocation_id"].as_str().unwrap().to_string());
+    }
+    let queue = wasmgate::queue::EventQueue::open(&dir.path().join("state/queue.sqlite")).unwrap();
+    assert_eq!(queue.len().unwrap(), 3);
+
+    // A host delivers them (each exactly once here, with its queued id) and empties the queue.
+    let mut delivered = Vec::new();
+    run_host_until(&file, |v| {
+        if v["message"] == "invocation" && v["trigger"] == "invoke:async" {
+            assert_eq!(v["outcome"], "ok", "{v}");
+            delivered.push(v["id"].as_str().unwrap().to_string());
+        }
+        delivered.len() == 3
+    });
+    delivered.sort();
+    ids.sort();
+    assert_eq!(delivered, ids);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queue.len().unwrap() > 0 {
+        assert!(Instant::now() < deadline, "the queue was not emptied");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Bad input.
+    let out = run(&["invoke", TICK_TIMER, "--timer", "--async"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--async queues events for the components of a manifest"));
+}
+
+#[test]
+fn a_failing_async_invocation_is_dead_lettered_under_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = queue_manifest(dir.path(), r#"TICK_REJECT = "not today""#);
+    let out = run(&["invoke", "tick", "-f", &file, "--timer", "--async"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let id = json(&out)["invocation_id"].as_str().unwrap().to_string();
+    run_host_until(&file, |v| v["message"] == "event dead-lettered");
+    let out = run(&["dlq", "show", &id, "-f", &file]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let record = json(&out);
+    assert_eq!(record["condition"], "rejected");
+    assert_eq!(record["trigger"], "invoke:async");
+    assert_eq!(record["last_error"]["message"], "not today");
+}
