@@ -192,10 +192,17 @@ pub async fn consume(
         let batch = if room == 0 {
             Vec::new()
         } else {
-            match queue.peek(room, &exclude) {
-                Ok(batch) => batch,
-                Err(e) => {
+            // SQLite may wait for a lock held by `wasmgate invoke --async`:
+            // keep that off the async workers.
+            let q = queue.clone();
+            match tokio::task::spawn_blocking(move || q.peek(room, &exclude)).await {
+                Ok(Ok(batch)) => batch,
+                Ok(Err(e)) => {
                     tracing::error!(error = %e, "cannot read the event queue");
+                    Vec::new()
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the event-queue reader failed");
                     Vec::new()
                 }
             }
@@ -232,7 +239,11 @@ pub async fn consume(
                     attempt: 1,
                 };
                 crate::delivery::deliver(&invocable, event, ctx, &policy, Some(&dead_letters)).await;
-                if let Err(e) = queue.remove(&item.id) {
+                let (q, id) = (queue.clone(), item.id.clone());
+                let removed = tokio::task::spawn_blocking(move || q.remove(&id))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                if let Err(e) = removed {
                     tracing::error!(id = %item.id, error = %e, "delivered, but cannot remove it from the queue: it will be delivered again");
                 }
                 busy.lock().expect("busy lock").retain(|id| id != &item.id);
