@@ -298,3 +298,56 @@ fn a_failing_async_invocation_is_dead_lettered_under_its_id() {
     assert_eq!(record["trigger"], "invoke:async");
     assert_eq!(record["last_error"]["message"], "not today");
 }
+
+#[test]
+fn sigkill_at_random_points_loses_no_queued_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = queue_manifest(dir.path(), r#"TICK_REJECT = "poison""#);
+    let n = 200;
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let out = run(&["invoke", "tick", "-f", &file, "--timer", "--async"]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        ids.push(json(&out)["invocation_id"].as_str().unwrap().to_string());
+    }
+    let queue = wasmgate::queue::EventQueue::open(&dir.path().join("state/queue.sqlite")).unwrap();
+    // Kill the host at seeded-random points until the queue is drained.
+    let mut rng = fastrand::Rng::with_seed(0x5eed);
+    let mut kills = 0;
+    for _ in 0..50 {
+        if queue.is_empty().unwrap() {
+            break;
+        }
+        let mut host = wasmgate()
+            .args(["up", "-f", &file])
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.u64(30..400)));
+        host.kill().unwrap(); // SIGKILL
+        host.wait().unwrap();
+        kills += 1;
+    }
+    assert!(
+        queue.is_empty().unwrap(),
+        "the queue did not drain in 50 runs"
+    );
+    eprintln!("queue drained after {kills} SIGKILLs");
+    assert!(kills >= 2, "the host was never killed mid-stream");
+    // Every event is in the dead-letter store (rejected), none lost.
+    let store = wasmgate::deadletter::DeadLetterStore::open(
+        &dir.path().join("state/dead-letters.sqlite"),
+        wasmgate::deadletter::Bounds::default(),
+    )
+    .unwrap();
+    let mut stored: Vec<String> = store
+        .list(None, None)
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    stored.sort();
+    ids.sort();
+    assert_eq!(stored, ids, "after {kills} SIGKILLs");
+}
