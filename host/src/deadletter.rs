@@ -302,10 +302,15 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-fn open_connection(path: &Path) -> Result<Connection, String> {
+/// Opens (creating it and its directory if needed) an SQLite database for
+/// durable state: WAL, `synchronous = FULL` (a commit is on disk when it
+/// returns), a 5 s busy timeout (other processes, e.g. `wasmgate dlq`, may hold
+/// the lock), an integrity check, then `schema`. Errors name `what` and the
+/// file, and say what to do: wasmgate never deletes such a file.
+pub(crate) fn open_sqlite(path: &Path, what: &str, schema: &str) -> Result<Connection, String> {
     let fail = |e: &dyn std::fmt::Display| {
         format!(
-            "dead-letter store {} cannot be used ({e}); if it is corrupt, move it away and restart \
+            "{what} {} cannot be used ({e}); if it is corrupt, move it away and restart \
              (wasmgate never deletes it)",
             path.display()
         )
@@ -322,10 +327,13 @@ fn open_connection(path: &Path) -> Result<Connection, String> {
     if check != "ok" {
         return Err(fail(&format!("integrity check: {check}")));
     }
-    conn.execute_batch(
-        "PRAGMA journal_mode = WAL;
-         PRAGMA synchronous = FULL;
-         CREATE TABLE IF NOT EXISTS dead_letters (
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
+        .map_err(|e| fail(&e))?;
+    conn.execute_batch(schema).map_err(|e| fail(&e))?;
+    Ok(conn)
+}
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS dead_letters (
              id TEXT PRIMARY KEY,
              component TEXT NOT NULL,
              trigger TEXT NOT NULL,
@@ -337,10 +345,10 @@ fn open_connection(path: &Path) -> Result<Connection, String> {
              first_attempt_ms INTEGER NOT NULL,
              dead_at_ms INTEGER NOT NULL
          );
-         CREATE INDEX IF NOT EXISTS dead_letters_by_time ON dead_letters (dead_at_ms);",
-    )
-    .map_err(|e| fail(&e))?;
-    Ok(conn)
+         CREATE INDEX IF NOT EXISTS dead_letters_by_time ON dead_letters (dead_at_ms);";
+
+fn open_connection(path: &Path) -> Result<Connection, String> {
+    open_sqlite(path, "dead-letter store", SCHEMA)
 }
 
 fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<DeadLetter, String>> {

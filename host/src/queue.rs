@@ -46,37 +46,17 @@ impl std::fmt::Debug for EventQueue {
 impl EventQueue {
     /// Opens (or creates) the queue; the error names the file.
     pub fn open(path: &Path) -> Result<Self, String> {
-        let fail = |e: &dyn std::fmt::Display| {
-            format!(
-                "event queue {} cannot be used ({e}); if it is corrupt, move it away and restart \
-                 (wasmgate never deletes it)",
-                path.display()
-            )
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
-        }
-        let conn = Connection::open(path).map_err(|e| fail(&e))?;
-        conn.busy_timeout(Duration::from_secs(5))
-            .map_err(|e| fail(&e))?;
-        let check: String = conn
-            .query_row("PRAGMA quick_check", [], |r| r.get(0))
-            .map_err(|e| fail(&e))?;
-        if check != "ok" {
-            return Err(fail(&format!("integrity check: {check}")));
-        }
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = FULL;
-             CREATE TABLE IF NOT EXISTS queue (
+        let conn = crate::deadletter::open_sqlite(
+            path,
+            "event queue",
+            "CREATE TABLE IF NOT EXISTS queue (
                  seq INTEGER PRIMARY KEY AUTOINCREMENT,
                  id TEXT NOT NULL UNIQUE,
                  component TEXT NOT NULL,
                  event TEXT NOT NULL,
                  enqueued_ms INTEGER NOT NULL
              );",
-        )
-        .map_err(|e| fail(&e))?;
+        )?;
         Ok(Self {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
