@@ -240,7 +240,7 @@ pub struct InvokeArgs {
 
     /// Queue the event durably for a running `wasmgate up` to deliver (with
     /// retries and dead letters) instead of running it now. Needs a manifest component.
-    #[arg(long = "async")]
+    #[arg(long = "async", conflicts_with_all = ["fuel", "memory", "timeout", "attempt"])]
     pub queue: bool,
     /// Invocation id (default: a fresh one).
     #[arg(long, conflicts_with = "queue")]
@@ -605,6 +605,17 @@ fn build_event(args: &InvokeArgs) -> Result<Event, Fatal> {
             (None, Some(p)) => read_file("--body-file", p)?,
             (None, None) => Vec::new(),
         };
+        // Validate method, host, path and headers here, so a bad flag is a
+        // usage error (exit 2), not a failed invocation.
+        let mut check = hyper::Request::builder()
+            .method(args.method.as_str())
+            .uri(format!("http://{}{path}", args.host));
+        for (name, value) in &args.headers {
+            check = check.header(name.as_str(), value.as_str());
+        }
+        check
+            .body(())
+            .map_err(|e| Fatal(format!("--method/--host/--http-path/--header: {e}")))?;
         return Ok(Event::Http(HttpRequest {
             method: args.method.clone(),
             path: path.clone(),
@@ -730,8 +741,13 @@ fn start_timers(
                 _ = shutdown.cancelled() => break,
                 _ = every.tick() => {}
             }
-            if let Err(e) = state.flush() {
-                tracing::error!(error = %e, "cannot write the timer state; catch-up after a restart may repeat ticks");
+            // The write ends in an fsync, which can stall on slow storage:
+            // keep it off the workers that run guests.
+            let s = state.clone();
+            match tokio::task::spawn_blocking(move || s.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot write the timer state; catch-up after a restart may repeat ticks"),
+                Err(e) => tracing::error!(error = %e, "the timer-state writer failed"),
             }
         }
     });

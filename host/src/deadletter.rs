@@ -468,7 +468,17 @@ impl DeadLetterStore {
                         }
                     }
                     let records: Vec<DeadLetter> = jobs.iter().map(|(d, _)| d.clone()).collect();
-                    let result = write_batch(&mut writer_conn, &records, bounds, &writer_stats);
+                    // A transient failure (the database locked by a `dlq`
+                    // command past the busy timeout) is retried before the
+                    // batch is reported as failed.
+                    let mut result = write_batch(&mut writer_conn, &records, bounds, &writer_stats);
+                    for pause_ms in [100, 500, 2000] {
+                        if result.is_ok() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(pause_ms));
+                        result = write_batch(&mut writer_conn, &records, bounds, &writer_stats);
+                    }
                     if result.is_err() {
                         writer_stats
                             .write_failures
@@ -546,7 +556,11 @@ impl DeadLetterStore {
             .map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         for row in rows {
-            out.push(row.map_err(|e| e.to_string())??);
+            // One unreadable record must not hide the others.
+            match row.map_err(|e| e.to_string())? {
+                Ok(record) => out.push(record),
+                Err(e) => tracing::warn!(error = %e, "skipping an unreadable dead letter"),
+            }
         }
         Ok(out)
     }

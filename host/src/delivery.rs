@@ -60,11 +60,14 @@ impl From<&RetryConfig> for RetryPolicy {
         let d = RetryPolicy::default();
         Self {
             attempts: c.attempts.as_ref().map_or(d.attempts, |a| *a.get_ref()),
-            backoff: c.backoff.map_or(d.backoff, |b| b.0),
-            max_backoff: c.max_backoff.map_or(d.max_backoff, |b| b.0),
+            backoff: c.backoff.as_ref().map_or(d.backoff, |b| b.get_ref().0),
+            max_backoff: c
+                .max_backoff
+                .as_ref()
+                .map_or(d.max_backoff, |b| b.get_ref().0),
             multiplier: c.multiplier.as_ref().map_or(d.multiplier, |m| *m.get_ref()),
             jitter: c.jitter.as_ref().map_or(d.jitter, |j| *j.get_ref()),
-            max_event_age: c.max_event_age.map(|a| a.0),
+            max_event_age: c.max_event_age.as_ref().map(|a| a.get_ref().0),
         }
     }
 }
@@ -102,16 +105,28 @@ pub fn retryable(status: &Status) -> bool {
     )
 }
 
-/// Delivers `event`, retrying per `policy`; returns the last outcome. A
-/// failed event is dead-lettered in `dead_letters` (or, without a store,
-/// logged and dropped) before this returns.
+/// How a delivery ended.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The last attempt's outcome.
+    pub outcome: Outcome,
+    /// Whether the event is settled: it succeeded, or its dead letter is
+    /// committed (or, without a store, it was dropped on purpose). `false`
+    /// means the dead letter could not be written: the caller still holds the
+    /// only copy of the event and should keep it (e.g. leave it queued).
+    pub settled: bool,
+}
+
+/// Delivers `event`, retrying per `policy`. A failed event is dead-lettered
+/// in `dead_letters` (or, without a store, logged and dropped) before this
+/// returns.
 pub async fn deliver(
     invocable: &Invocable,
     event: Event,
     mut ctx: InvocationContext,
     policy: &RetryPolicy,
     dead_letters: Option<&DeadLetterStore>,
-) -> Outcome {
+) -> Delivery {
     let started = tokio::time::Instant::now();
     let first_attempt_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -123,7 +138,10 @@ pub async fn deliver(
             .invoke(event.clone(), ctx.clone(), Admission::Wait)
             .await;
         if outcome.is_ok() {
-            return outcome;
+            return Delivery {
+                outcome,
+                settled: true,
+            };
         }
         let error = AttemptError::from_outcome(&outcome);
         let first = first_error.get_or_insert_with(|| error.clone()).clone();
@@ -142,8 +160,8 @@ pub async fn deliver(
         };
         if let Some(condition) = condition {
             let record = deadletter::record(&event, &outcome, condition, first, first_attempt_ms);
-            dead_letter(invocable, record, dead_letters).await;
-            return outcome;
+            let settled = dead_letter(invocable, record, dead_letters).await;
+            return Delivery { outcome, settled };
         }
         tracing::warn!(
             id = %ctx.id,
@@ -163,7 +181,7 @@ async fn dead_letter(
     invocable: &Invocable,
     record: deadletter::DeadLetter,
     store: Option<&DeadLetterStore>,
-) {
+) -> bool {
     let (id, trigger, condition, attempts) = (
         record.id.clone(),
         record.trigger.clone(),
@@ -173,19 +191,28 @@ async fn dead_letter(
     let outcome = record.last_error.outcome.clone();
     match store {
         Some(store) => match store.put(record).await {
-            Ok(()) => tracing::error!(
-                %id, component = %invocable.name, %trigger, ?condition, attempts, %outcome,
-                "event dead-lettered"
-            ),
-            Err(e) => tracing::error!(
-                %id, component = %invocable.name, %trigger, ?condition, attempts, %outcome, error = %e,
-                "event failed and could not be dead-lettered: it is lost"
-            ),
+            Ok(()) => {
+                tracing::error!(
+                    %id, component = %invocable.name, %trigger, ?condition, attempts, %outcome,
+                    "event dead-lettered"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::error!(
+                    %id, component = %invocable.name, %trigger, ?condition, attempts, %outcome, error = %e,
+                    "event failed and could not be dead-lettered"
+                );
+                false
+            }
         },
-        None => tracing::error!(
-            %id, component = %invocable.name, %trigger, ?condition, attempts, %outcome,
-            "event failed; no dead-letter store, dropped"
-        ),
+        None => {
+            tracing::error!(
+                %id, component = %invocable.name, %trigger, ?condition, attempts, %outcome,
+                "event failed; no dead-letter store, dropped"
+            );
+            true
+        }
     }
 }
 

@@ -661,6 +661,9 @@ impl Invocable {
                 .expect("semaphore never closes"),
         };
         self.invocations.fetch_add(1, Ordering::Relaxed);
+        // The limits (and the reported duration) start once the invocation
+        // has its slot: time spent waiting for one is not the guest's.
+        let started = Instant::now();
         let outcome = self.run(event, &ctx, started).await;
         drop(permit);
         outcome

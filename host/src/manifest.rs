@@ -335,15 +335,15 @@ pub struct RetryConfig {
     /// Total attempts, the first delivery included (default 3).
     pub attempts: Option<Spanned<u32>>,
     /// Delay before the first retry (default 1 s).
-    pub backoff: Option<HumanDuration>,
+    pub backoff: Option<Spanned<HumanDuration>>,
     /// Longest delay between attempts (default 60 s).
-    pub max_backoff: Option<HumanDuration>,
+    pub max_backoff: Option<Spanned<HumanDuration>>,
     /// Growth factor of the delay, ≥ 1 (default 2).
     pub multiplier: Option<Spanned<f64>>,
     /// Fraction (0–1) of each delay taken off at random (default 0.1).
     pub jitter: Option<Spanned<f64>>,
     /// How long after its first attempt an event may still be retried.
-    pub max_event_age: Option<HumanDuration>,
+    pub max_event_age: Option<Spanned<HumanDuration>>,
 }
 
 impl RetryConfig {
@@ -382,10 +382,10 @@ impl RetryConfig {
             ));
         }
         if let Some(a) = &self.max_event_age
-            && a.0.is_zero()
+            && a.get_ref().0.is_zero()
         {
             return Err(manifest.invalid(
-                0..0,
+                a.span(),
                 &format!("{key}.max_event_age"),
                 "must be greater than zero".into(),
             ));

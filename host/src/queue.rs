@@ -33,6 +33,8 @@ pub struct Queued {
 pub struct EventQueue {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// Ids of rows that cannot be parsed: reported once, then skipped.
+    unreadable: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for EventQueue {
@@ -60,6 +62,7 @@ impl EventQueue {
         Ok(Self {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
+            unreadable: Mutex::default(),
         })
     }
 
@@ -93,23 +96,36 @@ impl EventQueue {
             .prepare("SELECT id, component, event, enqueued_ms FROM queue ORDER BY seq LIMIT ?1")
             .map_err(|e| e.to_string())?;
         let rows = stmt
-            .query_map(params![(limit + exclude.len()) as i64], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                ))
-            })
+            .query_map(
+                params![
+                    (limit + exclude.len() + self.unreadable.lock().expect("queue lock").len())
+                        as i64
+                ],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                },
+            )
             .map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         for row in rows {
             let (id, component, event, enqueued_ms) = row.map_err(|e| e.to_string())?;
-            if exclude.contains(&id) {
+            if exclude.contains(&id) || self.unreadable.lock().expect("queue lock").contains(&id) {
                 continue;
             }
-            let event = serde_json::from_str(&event)
-                .map_err(|e| format!("queued event {id} is unreadable: {e}"))?;
+            let event = match serde_json::from_str(&event) {
+                Ok(event) => event,
+                Err(e) => {
+                    // One bad row must not stop the queue: report it once, skip it.
+                    tracing::error!(%id, error = %e, file = %self.path.display(), "queued event is unreadable; skipped (left in the queue file)");
+                    self.unreadable.lock().expect("queue lock").push(id);
+                    continue;
+                }
+            };
             out.push(Queued {
                 id,
                 component,
@@ -166,6 +182,9 @@ pub async fn consume(
     // Ids being delivered, and ids whose component is gone (reported once).
     let busy = std::sync::Arc::new(Mutex::new(Vec::<String>::new()));
     loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
         while running.try_join_next().is_some() {}
         let room = MAX_IN_FLIGHT.saturating_sub(running.len());
         let exclude = busy.lock().expect("busy lock").clone();
@@ -218,7 +237,16 @@ pub async fn consume(
                     trigger: "invoke:async".into(),
                     attempt: 1,
                 };
-                crate::delivery::deliver(&invocable, event, ctx, &policy, Some(&dead_letters)).await;
+                let delivery =
+                    crate::delivery::deliver(&invocable, event, ctx, &policy, Some(&dead_letters)).await;
+                if !delivery.settled {
+                    // The dead letter was not written: the queue holds the only
+                    // copy, so the event stays and is delivered again later.
+                    tracing::error!(id = %item.id, "event kept in the queue: its dead letter could not be written");
+                    tokio::time::sleep(POLL_INTERVAL * 5).await;
+                    busy.lock().expect("busy lock").retain(|id| id != &item.id);
+                    return;
+                }
                 let (q, id) = (queue.clone(), item.id.clone());
                 let removed = tokio::task::spawn_blocking(move || q.remove(&id))
                     .await

@@ -206,6 +206,30 @@ fn invoke_refuses_bad_input_with_exit_2() {
             "no component named \"nosuch\"",
         ),
         (
+            vec![
+                "invoke",
+                HELLO_HTTP,
+                "--http-path",
+                "/",
+                "--method",
+                "NOT A METHOD",
+            ],
+            "invalid HTTP method",
+        ),
+        (
+            vec![
+                "invoke",
+                "web",
+                "-f",
+                "tests/ui/valid/full.toml",
+                "--timer",
+                "--async",
+                "--fuel",
+                "5",
+            ],
+            "'--async' cannot be used with '--fuel <FUEL>'",
+        ),
+        (
             vec!["check", "-f", "does-not-exist.toml"],
             "does-not-exist.toml: cannot read the manifest",
         ),

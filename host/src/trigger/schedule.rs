@@ -94,6 +94,11 @@ impl Schedule {
         limit: usize,
         count_limit: u64,
     ) -> (Vec<DateTime<Utc>>, u64) {
+        if let Schedule::Every { interval, anchor } = self
+            && let Some(found) = every_between(*interval, *anchor, after, until, limit, count_limit)
+        {
+            return found;
+        }
         let mut times = Vec::new();
         let mut count = 0;
         let mut cursor = after;
@@ -114,6 +119,39 @@ impl Schedule {
         }
         (times, count)
     }
+}
+
+/// [`Schedule::between`] for an interval, by arithmetic instead of a walk
+/// (`None` when the span does not fit in i64 nanoseconds: walk then).
+fn every_between(
+    interval: Duration,
+    anchor: DateTime<Utc>,
+    after: DateTime<Utc>,
+    until: DateTime<Utc>,
+    limit: usize,
+    count_limit: u64,
+) -> Option<(Vec<DateTime<Utc>>, u64)> {
+    if until <= after {
+        return Some((Vec::new(), 0));
+    }
+    let step = interval.as_nanos() as i128;
+    let since = |t: DateTime<Utc>| (t - anchor).num_nanoseconds().map(i128::from);
+    let (a, u) = (since(after)?, since(until)?);
+    // The first k with anchor + k·step > after, the last with ≤ until.
+    let first = if a < 0 { 0 } else { a / step + 1 };
+    if u < 0 {
+        return Some((Vec::new(), 0));
+    }
+    let last = u / step;
+    if last < first {
+        return Some((Vec::new(), 0));
+    }
+    let count = ((last - first + 1) as u64).min(count_limit);
+    let from = first.max(last - limit as i128 + 1);
+    let times = (from..=last)
+        .map(|k| anchor + chrono::Duration::nanoseconds((k * step) as i64))
+        .collect();
+    Some((times, count))
 }
 
 /// What to do with ticks that were due while the host was down or late.
@@ -140,7 +178,7 @@ pub struct CatchUp {
 }
 
 /// Most missed ticks counted after a long downtime (beyond it, the count is a floor).
-pub const MISSED_COUNT_LIMIT: u64 = 1_000_000;
+pub const MISSED_COUNT_LIMIT: u64 = 100_000;
 
 /// Plans the catch-up for ticks due in `(last, now]`. Ticks older than
 /// `now - starting_deadline` are never run.
@@ -157,8 +195,11 @@ pub fn plan_catch_up(
         CatchUpPolicy::All { max } => max as usize,
     };
     let (mut recent, total) = schedule.between(last, now, keep, MISSED_COUNT_LIMIT);
-    if let Some(deadline) = starting_deadline {
-        let oldest = now - chrono::Duration::from_std(deadline).unwrap_or(chrono::Duration::MAX);
+    // A deadline too large to subtract means no limit.
+    if let Some(oldest) = starting_deadline
+        .and_then(|d| chrono::Duration::from_std(d).ok())
+        .and_then(|d| now.checked_sub_signed(d))
+    {
         recent.retain(|t| *t >= oldest);
     }
     if keep == 0 {
@@ -334,6 +375,39 @@ mod tests {
                 "2026-10-25 03:00:00 CET"
             ]
         );
+    }
+
+    #[test]
+    fn interval_counts_match_a_walk() {
+        let s = Schedule::every(
+            Duration::from_millis(700),
+            Some(utc("2026-01-01T00:00:00.300Z")),
+        )
+        .unwrap();
+        let cron_like = |after: &str, until: &str, limit| {
+            // The walk over next_after, for comparison.
+            let (mut t, end) = (utc(after), utc(until));
+            let mut all = Vec::new();
+            while let Some(n) = s.next_after(t).filter(|n| *n <= end) {
+                all.push(n);
+                t = n;
+            }
+            let n = all.len() as u64;
+            (all.split_off(all.len().saturating_sub(limit)), n)
+        };
+        for (after, until, limit) in [
+            ("2026-01-01T00:00:00Z", "2026-01-01T00:00:10Z", 3),
+            ("2026-01-01T00:00:01Z", "2026-01-01T00:00:01.5Z", 5),
+            ("2026-01-01T00:00:00.300Z", "2026-01-01T00:00:01.000Z", 1),
+            ("2025-12-31T23:59:59Z", "2026-01-01T00:00:02Z", 10),
+            ("2026-01-01T00:00:05Z", "2026-01-01T00:00:01Z", 2),
+        ] {
+            assert_eq!(
+                s.between(utc(after), utc(until), limit, MISSED_COUNT_LIMIT),
+                cron_like(after, until, limit),
+                "{after}..{until}"
+            );
+        }
     }
 
     #[test]

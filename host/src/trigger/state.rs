@@ -54,12 +54,14 @@ impl TimerState {
         DateTime::from_timestamp_millis(ms)
     }
 
-    /// Records that `key` fired for the tick scheduled at `t`.
+    /// Records that the tick of `key` scheduled at `t` was handled. The
+    /// recorded time only moves forward.
     pub fn record(&self, key: &str, t: DateTime<Utc>) {
-        self.last
-            .lock()
-            .expect("timer state lock")
-            .insert(key.to_string(), t.timestamp_millis());
+        let mut last = self.last.lock().expect("timer state lock");
+        let ms = t.timestamp_millis();
+        let entry = last.entry(key.to_string()).or_insert(ms);
+        *entry = (*entry).max(ms);
+        drop(last);
         self.dirty.store(true, Ordering::Release);
     }
 

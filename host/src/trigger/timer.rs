@@ -232,7 +232,6 @@ impl TimerTrigger {
             self.stats.missed.fetch_add(plan.skipped, Ordering::Relaxed);
             if let Some(newest) = plan.run.last() {
                 cursor = cursor.max(*newest);
-                self.state.record(&spec.key, *newest);
                 let ticks = plan.run.iter().map(|t| *t + offset).collect();
                 self.fire(ticks, &mut missed, &mut running, &tasks, now);
             }
@@ -263,6 +262,16 @@ impl TimerTrigger {
             let Some(&current) = due_times.last() else {
                 continue;
             };
+            // Older ticks (missed while stalled or suspended) past the
+            // starting deadline never run; the current one always does.
+            let mut due_times = due_times;
+            if let Some(deadline) = spec.starting_deadline
+                && let Some(oldest) = chrono::Duration::from_std(deadline)
+                    .ok()
+                    .and_then(|d| (fired - offset).checked_sub_signed(d))
+            {
+                due_times.retain(|t| *t >= oldest || *t == current);
+            }
             let late_skipped = count - due_times.len() as u64;
             if late_skipped > 0 {
                 tracing::warn!(trigger = %spec.label, skipped = late_skipped, "ticks passed while the host was stalled or suspended");
@@ -273,7 +282,6 @@ impl TimerTrigger {
             self.stats
                 .late_by((fired - on_time).num_microseconds().unwrap_or(0).max(0) as u64);
             cursor = current;
-            self.state.record(&spec.key, current);
             let ticks = due_times.iter().map(|t| *t + offset).collect();
             self.fire(ticks, &mut missed, &mut running, &tasks, fired);
         }
@@ -330,6 +338,9 @@ impl TimerTrigger {
         let schedule = spec.schedule_text.clone();
         let retry = spec.retry;
         let dead_letters = self.dead_letters.clone();
+        let state = self.state.clone();
+        let key = spec.key.clone();
+        let offset = chrono::Duration::from_std(spec.offset).unwrap_or_default();
         let trigger = format!("timer:{}", spec.schedule_text);
         let delivery = async move {
             for (i, scheduled) in ticks.into_iter().enumerate() {
@@ -354,7 +365,11 @@ impl TimerTrigger {
                     &retry,
                     dead_letters.as_deref(),
                 )
-                .await;
+                .await
+                .outcome;
+                // Recorded only now that the tick is settled: after a crash
+                // during its delivery, catch-up runs it again (at least once).
+                state.record(&key, scheduled - offset);
                 stats.finished(TickRecord {
                     scheduled,
                     fired: fired_at,
