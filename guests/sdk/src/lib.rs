@@ -38,9 +38,9 @@
 //! export!(Echo);
 //! ```
 //!
-//! Build it with `cargo build --release --target wasm32-wasip2` (or
-//! `cargo component build --release`); the `.wasm` in
-//! `target/wasm32-wasip2/release/` is the component.
+//! Build it with `cargo build --release --target wasm32-wasip2`; the `.wasm`
+//! in `target/wasm32-wasip2/release/` is the component. (`cargo component
+//! build --release` works too and puts it in `target/wasm32-wasip1/release/`.)
 //!
 //! Anything written to stdout or stderr is captured by the host for that
 //! invocation (bounded in size) and shown by `wasmgate invoke` and in the logs.
