@@ -3,7 +3,7 @@
 //! Exit codes: 0 success; 1 the invocation ran but did not succeed (`invoke`);
 //! 2 bad input (manifest, component, flags, files) or a failed build.
 
-use crate::component::{Cache, Handler};
+use crate::component::Cache;
 use crate::deadletter::{AttemptError, DeadLetterStore};
 use crate::engine::{AllocatorChoice, EngineOptions};
 use crate::gateway::{self, Gateway, Runtime};
@@ -475,7 +475,9 @@ async fn invoke(args: InvokeArgs) -> Result<ExitCode, Fatal> {
         let name = path
             .file_stem()
             .map_or("component".into(), |s| s.to_string_lossy().into_owned());
-        require_handler(&name, &compiled.exports, event.handler())?;
+        compiled
+            .require_handler(&name, event.handler())
+            .map_err(Fatal)?;
         (
             Invocable::new(
                 name,
@@ -505,7 +507,9 @@ async fn invoke(args: InvokeArgs) -> Result<ExitCode, Fatal> {
         let cache = Cache::new(Some(manifest.state_dir().join("precompiled")));
         let runtime = Runtime::new(options, cache)?;
         let compiled = gateway::load_component(&manifest, &runtime, &args.target)?;
-        require_handler(&args.target, &compiled.exports, event.handler())?;
+        compiled
+            .require_handler(&args.target, event.handler())
+            .map_err(Fatal)?;
         let mut invocable = gateway::invocable(&manifest, &runtime, &args.target, compiled);
         let mut limits = invocable.limits;
         apply_limit_flags(&args, &mut limits)?;
@@ -527,25 +531,6 @@ async fn invoke(args: InvokeArgs) -> Result<ExitCode, Fatal> {
     } else {
         ExitCode::from(1)
     })
-}
-
-fn require_handler(name: &str, exports: &[String], handler: Handler) -> Result<(), Fatal> {
-    if exports
-        .iter()
-        .any(|e| e.split('@').next() == Some(handler.interface()))
-    {
-        return Ok(());
-    }
-    Err(Fatal(format!(
-        "component {name:?} does not export {} (it exports: {}); build it for the {} world",
-        handler.interface(),
-        if exports.is_empty() {
-            "nothing".to_string()
-        } else {
-            exports.join(", ")
-        },
-        handler.world()
-    )))
 }
 
 fn apply_limit_flags(args: &InvokeArgs, limits: &mut Limits) -> Result<(), Fatal> {
@@ -988,7 +973,9 @@ fn enqueue(args: &InvokeArgs, event: &Event, options: EngineOptions) -> Result<E
     let cache = Cache::new(Some(manifest.state_dir().join("precompiled")));
     let runtime = Runtime::new(options, cache)?;
     let compiled = gateway::load_component(&manifest, &runtime, &args.target)?;
-    require_handler(&args.target, &compiled.exports, event.handler())?;
+    compiled
+        .require_handler(&args.target, event.handler())
+        .map_err(Fatal)?;
     let queue =
         EventQueue::open(&manifest.state_dir().join(crate::queue::FILE_NAME)).map_err(Fatal)?;
     let id = queue

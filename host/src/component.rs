@@ -82,12 +82,26 @@ pub struct Compiled {
 }
 
 impl Compiled {
-    /// Whether it exports the given handler (any version of the interface
-    /// with the same major.minor as the host's).
-    pub fn exports_handler(&self, handler: Handler) -> bool {
-        self.exports
+    /// Checks that it exports the given handler (any version of the
+    /// interface); the error names what it does export and the world to target.
+    pub fn require_handler(&self, name: &str, handler: Handler) -> Result<(), String> {
+        if self
+            .exports
             .iter()
             .any(|e| unversioned(e) == handler.interface())
+        {
+            return Ok(());
+        }
+        let exports = if self.exports.is_empty() {
+            "nothing".to_string()
+        } else {
+            self.exports.join(", ")
+        };
+        Err(format!(
+            "component {name:?} does not export {} (it exports: {exports}); build it for the {} world",
+            handler.interface(),
+            handler.world()
+        ))
     }
 
     /// Whether it imports a capability's interface.

@@ -92,19 +92,9 @@ impl Gateway {
                 );
         for (key, component, handler) in uses {
             let c = &compiled[component.get_ref()];
-            if !c.exports_handler(handler) {
+            if let Err(message) = c.require_handler(component.get_ref(), handler) {
                 return Err(manifest
-                    .invalid(
-                        component.span(),
-                        &format!("{key}.component"),
-                        format!(
-                            "component {:?} does not export {} (it exports: {}); build it for the {} world",
-                            component.get_ref(),
-                            handler.interface(),
-                            if c.exports.is_empty() { "nothing".to_string() } else { c.exports.join(", ") },
-                            handler.world()
-                        ),
-                    )
+                    .invalid(component.span(), &format!("{key}.component"), message)
                     .into());
             }
         }
