@@ -490,26 +490,7 @@ async fn invoke(args: InvokeArgs) -> Result<ExitCode, Fatal> {
             runtime,
         )
     } else {
-        let manifest = Manifest::load(&args.file)?;
-        if !manifest.components.contains_key(&args.target) {
-            let known: Vec<&str> = manifest.components.keys().map(String::as_str).collect();
-            return Err(Fatal(format!(
-                "{}: no component named {:?} (known: {}); to run a file, give its path ending in .wasm",
-                manifest.path.display(),
-                args.target,
-                if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                }
-            )));
-        }
-        let cache = Cache::new(Some(manifest.state_dir().join("precompiled")));
-        let runtime = Runtime::new(options, cache)?;
-        let compiled = gateway::load_component(&manifest, &runtime, &args.target)?;
-        compiled
-            .require_handler(&args.target, event.handler())
-            .map_err(Fatal)?;
+        let (manifest, runtime, compiled) = load_target(&args, &event, options)?;
         let mut invocable = gateway::invocable(&manifest, &runtime, &args.target, compiled);
         let mut limits = invocable.limits;
         apply_limit_flags(&args, &mut limits)?;
@@ -955,19 +936,24 @@ async fn dlq(args: DlqArgs) -> Result<ExitCode, Fatal> {
     }
 }
 
-/// `wasmgate invoke --async`: checks the component, then queues the event.
-fn enqueue(args: &InvokeArgs, event: &Event, options: EngineOptions) -> Result<ExitCode, Fatal> {
-    if is_wasm_path(&args.target) {
-        return Err(Fatal(
-            "--async queues events for the components of a manifest; give a component name (and -f)".into(),
-        ));
-    }
+/// Loads the manifest component `invoke` names and checks that it handles `event`.
+fn load_target(
+    args: &InvokeArgs,
+    event: &Event,
+    options: EngineOptions,
+) -> Result<(Manifest, Runtime, crate::component::Compiled), Fatal> {
     let manifest = Manifest::load(&args.file)?;
     if !manifest.components.contains_key(&args.target) {
+        let known: Vec<&str> = manifest.components.keys().map(String::as_str).collect();
         return Err(Fatal(format!(
-            "{}: no component named {:?}",
+            "{}: no component named {:?} (known: {}); to run a file, give its path ending in .wasm",
             manifest.path.display(),
-            args.target
+            args.target,
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
         )));
     }
     let cache = Cache::new(Some(manifest.state_dir().join("precompiled")));
@@ -976,6 +962,17 @@ fn enqueue(args: &InvokeArgs, event: &Event, options: EngineOptions) -> Result<E
     compiled
         .require_handler(&args.target, event.handler())
         .map_err(Fatal)?;
+    Ok((manifest, runtime, compiled))
+}
+
+/// `wasmgate invoke --async`: checks the component, then queues the event.
+fn enqueue(args: &InvokeArgs, event: &Event, options: EngineOptions) -> Result<ExitCode, Fatal> {
+    if is_wasm_path(&args.target) {
+        return Err(Fatal(
+            "--async queues events for the components of a manifest; give a component name (and -f)".into(),
+        ));
+    }
+    let (manifest, _runtime, _compiled) = load_target(args, event, options)?;
     let queue =
         EventQueue::open(&manifest.state_dir().join(crate::queue::FILE_NAME)).map_err(Fatal)?;
     let id = queue
