@@ -609,9 +609,19 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
     for (i, t) in m.triggers.http.iter().enumerate() {
         tracing::warn!(trigger = %format!("trigger.http[{i}]"), component = %t.component.get_ref(), "the HTTP trigger is not part of this build yet; this route is not served");
     }
-    for (i, t) in m.triggers.mqtt.iter().enumerate() {
-        tracing::warn!(trigger = %format!("trigger.mqtt[{i}]"), component = %t.component.get_ref(), "the MQTT trigger is not part of this build yet; this subscription is not made");
-    }
+    let mqtt = if m.triggers.mqtt.is_empty() {
+        None
+    } else {
+        let (options, receive_maximum) = crate::trigger::mqtt::client_options(m)
+            .map_err(|e| Fatal(format!("{}: {e}", m.path.display())))?
+            .ok_or_else(|| {
+                Fatal(format!(
+                    "{}: [[trigger.mqtt]] needs an [mqtt] section with the broker",
+                    m.path.display()
+                ))
+            })?;
+        Some((options, receive_maximum))
+    };
     let dead_letters = Arc::new(
         DeadLetterStore::open(&m.dead_letter_path(), m.dead_letters.bounds()).map_err(Fatal)?,
     );
@@ -628,6 +638,15 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
         crate::delivery::RetryPolicy::default(),
         shutdown.clone(),
     ));
+    if let Some((options, receive_maximum)) = mqtt {
+        let specs = crate::trigger::mqtt::specs(m, &gateway.components);
+        for s in &specs {
+            tracing::info!(trigger = %s.label, component = %s.component.name, topic = %s.filter.raw, qos = s.qos, max_in_flight = s.max_in_flight, "MQTT trigger armed");
+        }
+        let trigger = crate::trigger::mqtt::MqttTriggers::new(options, receive_maximum, specs)
+            .with_dead_letters(dead_letters.clone());
+        tasks.spawn(trigger.run(tasks.clone(), shutdown.clone()));
+    }
     let scheduler = start_timers(
         &gateway,
         timer_state.clone(),
@@ -638,6 +657,7 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
     tracing::info!(
         gateway = %m.gateway.name,
         timers = m.triggers.timer.len(),
+        mqtt_triggers = m.triggers.mqtt.len(),
         components = gateway.components.len(),
         startup_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1000.0),
         "ready"

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use toml::Spanned;
 
 /// Why a manifest was refused.
@@ -170,32 +171,47 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-/// `[mqtt]`: the broker connection.
+/// `[mqtt]`: the broker connection (see `trigger::mqtt` for how it is used).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
-    /// `"embedded"`, `"mqtt://host:1883"` or `"mqtts://host:8883"`.
+    /// `"mqtt://host:1883"` or `"mqtts://host:8883"`; `"embedded"` (the
+    /// default) names a broker inside the host, which is not available yet.
     #[serde(default = "default_broker")]
-    pub broker: String,
-    /// Client id; defaults to the gateway name.
-    pub client_id: Option<String>,
+    pub broker: Spanned<String>,
+    /// Client id; defaults to the gateway name. With a persistent session the
+    /// broker keeps this client's unacknowledged messages under this id, so
+    /// two hosts must not share it.
+    pub client_id: Option<Spanned<String>>,
     /// Username for the broker.
     pub username: Option<String>,
-    /// Password for the broker.
-    pub password: Option<String>,
-    /// CA certificate (PEM) to verify an `mqtts://` broker.
-    pub ca: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS.
-    pub cert: Option<PathBuf>,
-    /// Client key (PEM) for mutual TLS.
-    pub key: Option<PathBuf>,
-    /// MQTT protocol version: 3 (3.1.1) or 5.
+    /// Password for the broker (needs `username`).
+    pub password: Option<Spanned<String>>,
+    /// CA certificate (PEM) that signed the broker's certificate; required
+    /// for an `mqtts://` broker.
+    pub ca: Option<Spanned<PathBuf>>,
+    /// Client certificate chain (PEM) for mutual TLS; needs `key`.
+    pub cert: Option<Spanned<PathBuf>>,
+    /// Client private key (PEM) for mutual TLS; needs `cert`.
+    pub key: Option<Spanned<PathBuf>>,
+    /// MQTT protocol version: 5 (3.1.1 is not supported yet).
     #[serde(default = "default_mqtt_version")]
     pub version: Spanned<u8>,
+    /// Keep-alive interval (default 30 s): how often an idle connection is
+    /// checked; a dead broker is noticed after about 1.5 times this.
+    pub keep_alive: Option<Spanned<HumanDuration>>,
+    /// How long the broker keeps this client's session (subscriptions and
+    /// unacknowledged messages) after a disconnect (default 1 day). Messages
+    /// published while the host is down longer than this are lost.
+    pub session_expiry: Option<Spanned<HumanDuration>>,
+    /// Receive Maximum sent to the broker (default 100): at most this many
+    /// QoS 1/2 messages are unacknowledged at once. It bounds the host's
+    /// memory for messages in progress and is the backpressure to the broker.
+    pub receive_maximum: Option<Spanned<u32>>,
 }
 
-fn default_broker() -> String {
-    "embedded".into()
+fn default_broker() -> Spanned<String> {
+    Spanned::new(0..0, "embedded".into())
 }
 
 fn default_mqtt_version() -> Spanned<u8> {
@@ -319,6 +335,13 @@ pub struct MqttTrigger {
     /// Subscription QoS: 0, 1 or 2.
     #[serde(default = "default_qos")]
     pub qos: Spanned<u8>,
+    /// Deliver one message at a time, in arrival order (default false).
+    #[serde(default)]
+    pub ordered: bool,
+    /// Without `ordered`: most messages of this trigger handled at once
+    /// (default 16). Past it the trigger stops taking messages until one is
+    /// settled.
+    pub max_in_flight: Option<Spanned<u32>>,
     /// Retry policy for failed deliveries.
     pub retry: Option<RetryConfig>,
 }
@@ -544,14 +567,7 @@ impl Manifest {
             self.components.insert(name.into_inner(), config);
         }
         if let Some(mqtt) = &self.mqtt {
-            let version = *mqtt.version.get_ref();
-            if version != 3 && version != 5 {
-                return Err(self.invalid(
-                    mqtt.version.span(),
-                    "mqtt.version",
-                    format!("{version} is not a supported MQTT version: use 3 (3.1.1) or 5"),
-                ));
-            }
+            self.check_mqtt(mqtt)?;
         }
         if let Some(m) = &self.dead_letters.max_records
             && *m.get_ref() == 0
@@ -611,6 +627,23 @@ impl Manifest {
                     &format!("{key}.qos"),
                     format!("{} is not a QoS: use 0, 1 or 2", t.qos.get_ref()),
                 ));
+            }
+            if let Some(m) = &t.max_in_flight {
+                if *m.get_ref() == 0 || *m.get_ref() > 10_000 {
+                    return Err(self.invalid(
+                        m.span(),
+                        &format!("{key}.max_in_flight"),
+                        format!("{} is out of range: use 1 to 10000", m.get_ref()),
+                    ));
+                }
+                if t.ordered {
+                    return Err(self.invalid(
+                        m.span(),
+                        &format!("{key}.max_in_flight"),
+                        "`ordered = true` handles one message at a time; remove one of the two"
+                            .into(),
+                    ));
+                }
             }
             if let Some(r) = &t.retry {
                 r.check(&self, &format!("{key}.retry"))?;
@@ -718,6 +751,112 @@ impl Manifest {
             }
         }
         Ok(self)
+    }
+
+    fn check_mqtt(&self, mqtt: &MqttConfig) -> Result<(), ManifestError> {
+        let version = *mqtt.version.get_ref();
+        match version {
+            5 => {}
+            3 => {
+                return Err(self.invalid(
+                    mqtt.version.span(),
+                    "mqtt.version",
+                    "MQTT 3.1.1 is not supported yet: use version = 5".into(),
+                ));
+            }
+            _ => {
+                return Err(self.invalid(
+                    mqtt.version.span(),
+                    "mqtt.version",
+                    format!("{version} is not a supported MQTT version: use 5"),
+                ));
+            }
+        }
+        let tls = match crate::trigger::mqtt::BrokerUrl::parse(mqtt.broker.get_ref()) {
+            Ok(url) => url.map(|u| u.tls),
+            Err(message) => return Err(self.invalid(mqtt.broker.span(), "mqtt.broker", message)),
+        };
+        if tls != Some(true) {
+            for (key, value) in [("ca", &mqtt.ca), ("cert", &mqtt.cert), ("key", &mqtt.key)] {
+                if let Some(v) = value {
+                    return Err(self.invalid(
+                        v.span(),
+                        &format!("mqtt.{key}"),
+                        "applies only to an mqtts:// broker".into(),
+                    ));
+                }
+            }
+        }
+        if tls == Some(true) && mqtt.ca.is_none() {
+            return Err(self.invalid(
+                mqtt.broker.span(),
+                "mqtt.ca",
+                "an mqtts:// broker needs `ca`, the CA certificate (PEM) that signed the broker's certificate".into(),
+            ));
+        }
+        match (&mqtt.cert, &mqtt.key) {
+            (Some(c), None) => {
+                return Err(self.invalid(
+                    c.span(),
+                    "mqtt.cert",
+                    "mutual TLS needs both `cert` and `key`".into(),
+                ));
+            }
+            (None, Some(k)) => {
+                return Err(self.invalid(
+                    k.span(),
+                    "mqtt.key",
+                    "mutual TLS needs both `cert` and `key`".into(),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(p) = &mqtt.password
+            && mqtt.username.is_none()
+        {
+            return Err(self.invalid(
+                p.span(),
+                "mqtt.password",
+                "a password needs a `username`".into(),
+            ));
+        }
+        if let Some(id) = &mqtt.client_id
+            && (id.get_ref().is_empty() || id.get_ref().len() > 256)
+        {
+            return Err(self.invalid(
+                id.span(),
+                "mqtt.client_id",
+                "must be 1 to 256 characters".into(),
+            ));
+        }
+        if let Some(k) = &mqtt.keep_alive
+            && !(Duration::from_secs(1)..=Duration::from_secs(65_535)).contains(&k.get_ref().0)
+        {
+            return Err(self.invalid(
+                k.span(),
+                "mqtt.keep_alive",
+                "must be between 1s and 65535s".into(),
+            ));
+        }
+        if let Some(e) = &mqtt.session_expiry
+            && e.get_ref().0 > Duration::from_secs(u32::MAX as u64)
+        {
+            return Err(self.invalid(
+                e.span(),
+                "mqtt.session_expiry",
+                "must be at most 4294967295s (about 136 years)".into(),
+            ));
+        }
+        if let Some(r) = &mqtt.receive_maximum
+            && !(1..=65_535).contains(r.get_ref())
+        {
+            return Err(self.invalid(
+                r.span(),
+                "mqtt.receive_maximum",
+                format!("{} is out of range: use 1 to 65535", r.get_ref()),
+            ));
+        }
+        Ok(())
     }
 
     fn check_component_ref(

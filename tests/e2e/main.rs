@@ -6,5 +6,6 @@ mod cli;
 mod dlq;
 mod limits;
 mod manifest;
+mod mqtt;
 mod timer;
 mod util;

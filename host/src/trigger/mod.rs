@@ -5,9 +5,12 @@
 //! `CancellationToken` is cancelled and spawn their deliveries on a shared
 //! `TaskTracker`, so `wasmgate up` can stop accepting work and then drain.
 //!
-//! Built so far: [`timer`]. HTTP and MQTT follow.
+//! Built so far: [`timer`] and [`mqtt`] (its pure logic in [`acks`]). HTTP
+//! follows.
 
+pub mod acks;
 pub mod clock;
+pub mod mqtt;
 pub mod schedule;
 pub mod state;
 pub mod timer;

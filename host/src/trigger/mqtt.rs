@@ -1,0 +1,885 @@
+//! The MQTT trigger: one connection to the broker (MQTT 5, rumqttc) that
+//! feeds every `[[trigger.mqtt]]`.
+//!
+//! - **Connection**: `mqtt://` or `mqtts://` (rustls with the `ring`
+//!   provider; a CA file, and a client certificate and key for mutual TLS),
+//!   TCP_NODELAY, a persistent session (clean start off, a session expiry) so
+//!   the broker keeps unacknowledged messages across restarts of the host or
+//!   the broker, and an explicit Receive Maximum: the broker never has more
+//!   than that many QoS 1/2 messages unacknowledged with this host, which
+//!   bounds the memory the host spends on messages in progress. A broker that
+//!   cannot be reached is retried with exponential backoff and jitter (also at
+//!   start-up); refused credentials and TLS failures are logged naming the
+//!   setting. Subscriptions are made again on every connect.
+//! - **One owner of the event loop**: a single task polls rumqttc and never
+//!   blocks on handlers. Messages go, in arrival order, to a dispatcher that
+//!   starts each trigger's deliveries under that trigger's in-flight bound
+//!   (`ordered = true` is a bound of one), so a slow trigger holds back the
+//!   dispatch of later messages rather than growing a queue.
+//! - **Acknowledgements**: manual. A QoS 1/2 message is acknowledged once
+//!   every delivery of it is settled — the handler succeeded, or the message
+//!   was rejected or ran out of retries and its dead letter is committed —
+//!   and only after every message that arrived before it ([`AckTracker`]).
+//!   A delivery that could not be settled (its dead letter could not be
+//!   written) is never acknowledged: the broker redelivers it after the next
+//!   reconnect. Acknowledgements of a connection that dropped are discarded,
+//!   never sent on the next one (packet ids there mean other messages); the
+//!   broker redelivers those messages instead (at least once).
+//! - **Guest publishes**: the messages a handler published (after the ACL
+//!   check in [`crate::invoke`]) are sent once the handler succeeded, before
+//!   the acknowledgement of the message it handled, with their QoS, retain
+//!   flag and MQTT 5 properties. Publishes of failed attempts are discarded,
+//!   so a retried handler does not publish twice.
+//! - **Message expiry**: a message whose MQTT 5 expiry interval passed while
+//!   it waited for its turn is not delivered (counted) and is acknowledged.
+
+pub use super::acks::{AckTracker, Backoff, Subscription, route, subscriptions};
+use crate::deadletter::DeadLetterStore;
+use crate::delivery::{RetryPolicy, deliver};
+use crate::invoke::{Event, Invocable, InvocationContext, MqttMessage};
+use crate::manifest::Manifest;
+use crate::topic::TopicFilter;
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{
+    ConnectReturnCode, Filter, Packet, Publish, PublishProperties, RetainForwardRule,
+    SubscribeProperties, SubscribeReasonCode,
+};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event as MqttEvent, MqttOptions};
+use rumqttc::{NetworkOptions, Outgoing, Transport};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Largest MQTT packet the host accepts (the Maximum Packet Size it tells
+/// the broker): 1 MiB. The broker does not send larger messages to this
+/// client (MQTT 5 §3.1.2.11.4), so the memory for messages in progress is at
+/// most about `receive_maximum` × 1 MiB.
+pub const MAX_PACKET_SIZE: u32 = 1024 * 1024;
+/// Default keep-alive.
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// Default session expiry: one day.
+pub const DEFAULT_SESSION_EXPIRY: Duration = Duration::from_secs(24 * 3600);
+/// Default Receive Maximum.
+pub const DEFAULT_RECEIVE_MAXIMUM: u16 = 100;
+/// Default `max_in_flight` of a trigger.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 16;
+/// QoS 0 messages that may wait for dispatch; past it new ones are dropped
+/// (counted): QoS 0 is at most once, and the broker applies no bound to it.
+pub const QOS0_BUFFER: usize = 1024;
+/// Reconnect backoff: first delay.
+pub const RECONNECT_INITIAL: Duration = Duration::from_millis(100);
+/// Reconnect backoff: longest delay.
+pub const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// A parsed `mqtt://` or `mqtts://` broker address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// `mqtts://`.
+    pub tls: bool,
+    /// Host name or IP address.
+    pub host: String,
+    /// Port (default 1883, or 8883 with TLS).
+    pub port: u16,
+}
+
+impl BrokerUrl {
+    /// Parses `mqtt://host[:port]` or `mqtts://host[:port]`; `"embedded"`
+    /// gives `None`.
+    pub fn parse(s: &str) -> Result<Option<Self>, String> {
+        if s == "embedded" {
+            return Ok(None);
+        }
+        let (tls, rest) = if let Some(r) = s.strip_prefix("mqtts://") {
+            (true, r)
+        } else if let Some(r) = s.strip_prefix("mqtt://") {
+            (false, r)
+        } else {
+            return Err(format!(
+                "{s:?} is not a broker URL: write \"mqtt://host:1883\", \"mqtts://host:8883\" or \"embedded\""
+            ));
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains(['/', '?', '#', '@']) {
+            return Err(format!(
+                "{s:?}: only a host and port are allowed (credentials go in `username`/`password`)"
+            ));
+        }
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let Some((h, after)) = v6.split_once(']') else {
+                return Err(format!("{s:?}: unterminated IPv6 address"));
+            };
+            (h.to_string(), after.strip_prefix(':'))
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (rest.to_string(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{s:?} has no host"));
+        }
+        let port = match port {
+            None => {
+                if tls {
+                    8883
+                } else {
+                    1883
+                }
+            }
+            Some(p) => match p.parse::<u16>() {
+                Ok(p) if p > 0 => p,
+                _ => return Err(format!("{s:?}: {p:?} is not a port (1-65535)")),
+            },
+        };
+        Ok(Some(Self { tls, host, port }))
+    }
+}
+
+/// The client options for a manifest's `[mqtt]`: `Ok(None)` without
+/// `[mqtt]`; an error naming the setting when a file cannot be read or the
+/// broker is `embedded` (not available yet).
+pub fn client_options(m: &Manifest) -> Result<Option<(MqttOptions, u16)>, String> {
+    let Some(c) = &m.mqtt else {
+        return Ok(None);
+    };
+    let url = BrokerUrl::parse(c.broker.get_ref())
+        .map_err(|e| format!("mqtt.broker: {e}"))?
+        .ok_or_else(|| {
+            "mqtt.broker: the embedded broker is not available yet: set broker = \"mqtt://host:1883\" (e.g. a local Mosquitto)".to_string()
+        })?;
+    let client_id = c
+        .client_id
+        .as_ref()
+        .map_or_else(|| m.gateway.name.clone(), |id| id.get_ref().clone());
+    let mut o = MqttOptions::new(client_id, url.host.clone(), url.port);
+    let keep_alive = c
+        .keep_alive
+        .as_ref()
+        .map_or(DEFAULT_KEEP_ALIVE, |k| k.get_ref().0);
+    let expiry = c
+        .session_expiry
+        .as_ref()
+        .map_or(DEFAULT_SESSION_EXPIRY, |e| e.get_ref().0);
+    let receive_maximum = c
+        .receive_maximum
+        .as_ref()
+        .map_or(DEFAULT_RECEIVE_MAXIMUM, |r| *r.get_ref() as u16);
+    o.set_keep_alive(keep_alive)
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(expiry.as_secs().min(u32::MAX as u64) as u32))
+        .set_receive_maximum(Some(receive_maximum))
+        .set_max_packet_size(Some(MAX_PACKET_SIZE))
+        .set_manual_acks(true)
+        .set_connection_timeout(10)
+        .set_request_channel_capacity(receive_maximum as usize * 2 + 1024);
+    if let Some(user) = &c.username {
+        let password = c
+            .password
+            .as_ref()
+            .map_or(String::new(), |p| p.get_ref().clone());
+        o.set_credentials(user.clone(), password);
+    }
+    let mut net = NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    net.set_connection_timeout(10);
+    o.set_network_options(net);
+    if url.tls {
+        o.set_transport(Transport::tls_with_config(tls_config(m, c)?.into()));
+    }
+    Ok(Some((o, receive_maximum)))
+}
+
+fn tls_config(
+    m: &Manifest,
+    c: &crate::manifest::MqttConfig,
+) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let Some(ca) = &c.ca else {
+        return Err("mqtt.ca: an mqtts:// broker needs `ca`, the CA certificate (PEM) that signed the broker's certificate".into());
+    };
+    let ca_path = m.resolve(ca.get_ref());
+    let read_certs = |key: &str, path: &std::path::Path| {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .and_then(|i| i.collect::<Result<_, _>>())
+            .map_err(|e| format!("mqtt.{key}: cannot read {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "mqtt.{key}: {} holds no PEM certificate",
+                path.display()
+            ));
+        }
+        Ok(certs)
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in read_certs("ca", &ca_path)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("mqtt.ca: {}: {e}", ca_path.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("mqtt: TLS setup: {e}"))?
+        .with_root_certificates(roots);
+    match (&c.cert, &c.key) {
+        (Some(cert), Some(key)) => {
+            let cert_path = m.resolve(cert.get_ref());
+            let key_path = m.resolve(key.get_ref());
+            let chain = read_certs("cert", &cert_path)?;
+            let key = PrivateKeyDer::from_pem_file(&key_path)
+                .map_err(|e| format!("mqtt.key: cannot read {}: {e}", key_path.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("mqtt.cert / mqtt.key: {e}"))
+        }
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// One `[[trigger.mqtt]]`, resolved.
+#[derive(Debug, Clone)]
+pub struct MqttSpec {
+    /// `trigger.mqtt[N]`, for logs.
+    pub label: String,
+    /// The handling component.
+    pub component: Arc<Invocable>,
+    /// The topic filter.
+    pub filter: TopicFilter,
+    /// Subscription QoS.
+    pub qos: u8,
+    /// Most deliveries at once (1 with `ordered = true`).
+    pub max_in_flight: u32,
+    /// Retries of a failed delivery.
+    pub retry: RetryPolicy,
+}
+
+/// The MQTT triggers of a manifest, bound to their components.
+pub fn specs(m: &Manifest, components: &BTreeMap<String, Arc<Invocable>>) -> Vec<MqttSpec> {
+    m.triggers
+        .mqtt
+        .iter()
+        .enumerate()
+        .map(|(i, t)| MqttSpec {
+            label: format!("trigger.mqtt[{i}]"),
+            component: components[t.component.get_ref()].clone(),
+            filter: TopicFilter::parse(t.topic.get_ref()).expect("validated with the manifest"),
+            qos: *t.qos.get_ref(),
+            max_in_flight: if t.ordered {
+                1
+            } else {
+                t.max_in_flight
+                    .as_ref()
+                    .map_or(DEFAULT_MAX_IN_FLIGHT, |m| *m.get_ref())
+            },
+            retry: t
+                .retry
+                .as_ref()
+                .map_or_else(RetryPolicy::default, RetryPolicy::from),
+        })
+        .collect()
+}
+
+/// Counters of the MQTT trigger, and the recent acknowledgement order.
+#[derive(Debug, Default)]
+pub struct MqttStats {
+    /// Successful connections (CONNACK received).
+    pub connects: AtomicU64,
+    /// Connections on which every subscription was confirmed (SUBACK).
+    pub subscribed: AtomicU64,
+    /// Failed connection attempts and dropped connections.
+    pub connection_errors: AtomicU64,
+    /// Messages received.
+    pub received: AtomicU64,
+    /// Deliveries whose handler succeeded.
+    pub succeeded: AtomicU64,
+    /// Deliveries that failed for good (dead-lettered).
+    pub failed: AtomicU64,
+    /// Deliveries that failed and could not be dead-lettered (left unacknowledged).
+    pub unsettled: AtomicU64,
+    /// Messages not delivered because their message expiry passed.
+    pub expired: AtomicU64,
+    /// QoS 0 messages dropped because the dispatch buffer was full.
+    pub dropped_qos0: AtomicU64,
+    /// Messages that matched no trigger (acknowledged).
+    pub unrouted: AtomicU64,
+    /// Acknowledgements handed to the connection.
+    pub acks_sent: AtomicU64,
+    /// Acknowledgements discarded because their connection had dropped.
+    pub acks_discarded: AtomicU64,
+    /// Guest publishes sent to the broker.
+    pub published: AtomicU64,
+    /// Guest publishes the ACL refused.
+    pub publish_denied: AtomicU64,
+    /// Guest publishes that could not be handed to the connection.
+    pub publish_failed: AtomicU64,
+    order: Mutex<AckOrder>,
+}
+
+#[derive(Debug, Default)]
+struct AckOrder {
+    arrived: VecDeque<u16>,
+    acked: VecDeque<u16>,
+    settled: VecDeque<u16>,
+}
+
+/// Packet ids remembered by [`MqttStats::recent_order`].
+pub const RECENT_ORDER: usize = 1024;
+
+fn remember(q: &mut VecDeque<u16>, pkid: u16) {
+    if q.len() == RECENT_ORDER {
+        q.pop_front();
+    }
+    q.push_back(pkid);
+}
+
+/// The packet ids of the most recent QoS 1/2 messages, in the order they
+/// arrived, the order their deliveries settled, and the order their
+/// acknowledgements were sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentOrder {
+    /// Arrival order.
+    pub arrived: Vec<u16>,
+    /// Order in which the handlers settled.
+    pub settled: Vec<u16>,
+    /// Order of the acknowledgements.
+    pub acked: Vec<u16>,
+}
+
+impl MqttStats {
+    /// The recent arrival, settle and acknowledgement orders.
+    pub fn recent_order(&self) -> RecentOrder {
+        let o = self.order.lock().expect("stats lock");
+        RecentOrder {
+            arrived: o.arrived.iter().copied().collect(),
+            settled: o.settled.iter().copied().collect(),
+            acked: o.acked.iter().copied().collect(),
+        }
+    }
+}
+
+/// What an acknowledgement needs: the packet id and QoS of the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AckToken {
+    pkid: u16,
+    qos: QoS,
+}
+
+impl AckToken {
+    fn publish(self) -> Publish {
+        let mut p = Publish::new("", self.qos, Bytes::new(), None);
+        p.pkid = self.pkid;
+        p
+    }
+}
+
+/// Acknowledgement state shared by the event-loop owner and the deliveries.
+/// Acks are handed to the connection only under this lock, and the owner
+/// changes `generation` (dropping everything pending) under it when a
+/// connection drops, so no ack of an old connection reaches a new one.
+#[derive(Debug, Default)]
+struct Acks {
+    generation: u64,
+    tracker: AckTracker<AckToken>,
+    /// Acks due but not yet accepted by the client's request channel (full).
+    backlog: VecDeque<AckToken>,
+}
+
+struct Shared {
+    client: AsyncClient,
+    acks: Mutex<Acks>,
+    stats: Arc<MqttStats>,
+}
+
+impl Shared {
+    /// One delivery of message `seq` of connection `generation` settled.
+    fn settle(&self, generation: u64, seq: u64, pkid: u16) {
+        let mut acks = self.acks.lock().expect("acks lock");
+        remember(
+            &mut self.stats.order.lock().expect("stats lock").settled,
+            pkid,
+        );
+        if acks.generation != generation {
+            self.stats.acks_discarded.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let due = acks.tracker.settle(seq);
+        self.release(&mut acks, due);
+    }
+
+    /// Hands due acks to the client in order; what the channel does not take
+    /// now waits in the backlog (flushed by the event-loop owner).
+    fn release(&self, acks: &mut Acks, due: Vec<AckToken>) {
+        acks.backlog.extend(due);
+        while let Some(token) = acks.backlog.front().copied() {
+            if self.client.try_ack(&token.publish()).is_err() {
+                break;
+            }
+            acks.backlog.pop_front();
+            self.stats.acks_sent.fetch_add(1, Ordering::Relaxed);
+            remember(
+                &mut self.stats.order.lock().expect("stats lock").acked,
+                token.pkid,
+            );
+        }
+    }
+}
+
+/// A message on its way to the dispatcher.
+struct Arrival {
+    message: MqttMessage,
+    routes: Vec<usize>,
+    /// `(generation, seq, pkid)` of a QoS 1/2 message.
+    ack: Option<(u64, u64, u16)>,
+    expires: Option<Instant>,
+}
+
+/// Every `[[trigger.mqtt]]` of a host on one broker connection.
+pub struct MqttTriggers {
+    options: MqttOptions,
+    receive_maximum: u16,
+    specs: Vec<MqttSpec>,
+    dead_letters: Option<Arc<DeadLetterStore>>,
+    stats: Arc<MqttStats>,
+}
+
+impl std::fmt::Debug for MqttTriggers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttTriggers")
+            .field("broker", &self.options.broker_address())
+            .field("specs", &self.specs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MqttTriggers {
+    /// Binds the triggers to a connection with `options` (from
+    /// [`client_options`]).
+    pub fn new(options: MqttOptions, receive_maximum: u16, specs: Vec<MqttSpec>) -> Self {
+        Self {
+            options,
+            receive_maximum,
+            specs,
+            dead_letters: None,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Dead-letters messages that fail for good in `store`.
+    pub fn with_dead_letters(mut self, store: Arc<DeadLetterStore>) -> Self {
+        self.dead_letters = Some(store);
+        self
+    }
+
+    /// Its counters (shared: readable while it runs).
+    pub fn stats(&self) -> Arc<MqttStats> {
+        self.stats.clone()
+    }
+
+    /// Connects (retrying), subscribes and delivers until `shutdown` is
+    /// cancelled; then takes no new messages, lets the deliveries in progress
+    /// settle and sends their acknowledgements, and disconnects. Deliveries
+    /// are spawned on `tasks`.
+    pub async fn run(mut self, tasks: TaskTracker, shutdown: CancellationToken) {
+        let capacity = self.options.request_channel_capacity();
+        let (client, mut eventloop) = AsyncClient::new(self.options.clone(), capacity);
+        let shared = Arc::new(Shared {
+            client: client.clone(),
+            acks: Mutex::default(),
+            stats: self.stats.clone(),
+        });
+        let filters: Vec<(TopicFilter, u8)> = self
+            .specs
+            .iter()
+            .map(|s| (s.filter.clone(), s.qos))
+            .collect();
+        let subs = Arc::new(subscriptions(&filters));
+        let (tx, rx) = mpsc::channel::<Arrival>(self.receive_maximum as usize + QOS0_BUFFER);
+        let dispatched = CancellationToken::new();
+        let specs = Arc::new(std::mem::take(&mut self.specs));
+        tasks.spawn(dispatch(
+            rx,
+            specs.clone(),
+            shared.clone(),
+            self.dead_letters.clone(),
+            tasks.clone(),
+            shutdown.clone(),
+            dispatched.clone(),
+        ));
+        // Once the dispatcher is done and every due ack is handed over, a
+        // DISCONNECT (queued behind the acks) ends the session cleanly.
+        {
+            let shared = shared.clone();
+            let dispatched = dispatched.clone();
+            tasks.spawn(async move {
+                dispatched.cancelled().await;
+                loop {
+                    if shared.acks.lock().expect("acks lock").backlog.is_empty() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let _ = shared.client.disconnect().await;
+            });
+        }
+        let broker = self.options.broker_address();
+        let broker = format!("{}:{}", broker.0, broker.1);
+        let mut backoff = Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX, 0.5);
+        let mut subacks_expected = 0usize;
+        loop {
+            let event = eventloop.poll().await;
+            match event {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(connack))) => {
+                    backoff.reset();
+                    self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%broker, session_present = connack.session_present, "MQTT connected");
+                    subacks_expected = subs.len();
+                    let client = client.clone();
+                    let subs = subs.clone();
+                    tokio::spawn(async move {
+                        for (i, s) in subs.iter().enumerate() {
+                            let mut filter = Filter::new(s.filter.raw.clone(), qos(s.qos));
+                            filter.retain_forward_rule = RetainForwardRule::OnNewSubscribe;
+                            let props = SubscribeProperties {
+                                id: Some(Subscription::identifier(i)),
+                                user_properties: Vec::new(),
+                            };
+                            if client
+                                .subscribe_many_with_properties([filter], props)
+                                .await
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
+                    });
+                }
+                Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
+                    for code in &ack.return_codes {
+                        if !matches!(code, SubscribeReasonCode::Success(_)) {
+                            tracing::error!(%broker, reason = ?code, "the broker refused a subscription (check the topic filters and the broker's ACL)");
+                        }
+                    }
+                    subacks_expected = subacks_expected.saturating_sub(1);
+                    if subacks_expected == 0 {
+                        self.stats.subscribed.fetch_add(1, Ordering::Relaxed);
+                        let filters: Vec<&str> =
+                            subs.iter().map(|s| s.filter.raw.as_str()).collect();
+                        tracing::info!(%broker, subscriptions = %filters.join(", "), "MQTT subscribed");
+                    }
+                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    self.stats.received.fetch_add(1, Ordering::Relaxed);
+                    if shutdown.is_cancelled() {
+                        // Not taken: without an ack the broker redelivers it.
+                        continue;
+                    }
+                    let arrival = self.arrival(&shared, &subs, p);
+                    if arrival.ack.is_none() {
+                        if tx.try_send(arrival).is_err() {
+                            self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+                        }
+                    } else if tx.send(arrival).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(MqttEvent::Incoming(Packet::Disconnect(d))) => {
+                    tracing::warn!(%broker, reason = ?d.reason_code, "the broker closed the MQTT session");
+                }
+                Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) => {
+                    tracing::info!(%broker, "MQTT disconnected");
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+                    {
+                        // Under the lock: no delivery can hand over an ack
+                        // between here and the new generation.
+                        let mut acks = shared.acks.lock().expect("acks lock");
+                        acks.generation += 1;
+                        let dropped = acks.tracker.len() as u64;
+                        acks.tracker.clear();
+                        acks.backlog.clear();
+                        self.stats
+                            .acks_discarded
+                            .fetch_add(dropped, Ordering::Relaxed);
+                        eventloop.clean();
+                        eventloop.pending.retain(|r| {
+                            !matches!(
+                                r,
+                                rumqttc::v5::Request::PubAck(_) | rumqttc::v5::Request::PubRec(_)
+                            )
+                        });
+                    }
+                    if dispatched.is_cancelled() || shutdown.is_cancelled() {
+                        break;
+                    }
+                    let delay = backoff.next_delay();
+                    log_connection_error(&broker, &e, delay);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
+                }
+            }
+            let mut acks = shared.acks.lock().expect("acks lock");
+            if !acks.backlog.is_empty() {
+                shared.release(&mut acks, Vec::new());
+            }
+        }
+        drop(tx);
+        // Without the event loop, guest publishes still waiting for room in
+        // the request channel fail (counted) instead of waiting forever.
+        drop(eventloop);
+        shared.acks.lock().expect("acks lock").backlog.clear();
+        dispatched.cancelled().await;
+    }
+
+    fn arrival(&self, shared: &Shared, subs: &[Subscription], p: Publish) -> Arrival {
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        let props = p.properties.clone().unwrap_or_default();
+        let routes = route(subs, &topic, &props.subscription_identifiers);
+        if routes.is_empty() {
+            self.stats.unrouted.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%topic, "a message matched no trigger (a subscription left in the session by an earlier manifest?); acknowledged");
+        }
+        let ack = if p.qos == QoS::AtMostOnce {
+            None
+        } else {
+            let mut acks = shared.acks.lock().expect("acks lock");
+            remember(
+                &mut self.stats.order.lock().expect("stats lock").arrived,
+                p.pkid,
+            );
+            let token = AckToken {
+                pkid: p.pkid,
+                qos: p.qos,
+            };
+            let seq = acks.tracker.arrive(token, routes.len() as u32);
+            if routes.is_empty() {
+                let due = acks.tracker.settle_ready();
+                shared.release(&mut acks, due);
+            }
+            Some((acks.generation, seq, p.pkid))
+        };
+        let expires = props
+            .message_expiry_interval
+            .map(|s| Instant::now() + Duration::from_secs(s as u64));
+        Arrival {
+            message: MqttMessage {
+                topic,
+                payload: p.payload.to_vec(),
+                qos: match p.qos {
+                    QoS::AtMostOnce => 0,
+                    QoS::AtLeastOnce => 1,
+                    QoS::ExactlyOnce => 2,
+                },
+                retain: p.retain,
+                content_type: props.content_type,
+                response_topic: props.response_topic,
+                correlation_data: props.correlation_data.map(|b| b.to_vec()),
+                user_properties: props.user_properties,
+            },
+            routes,
+            ack,
+            expires,
+        }
+    }
+}
+
+fn qos(q: u8) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn log_connection_error(broker: &str, e: &ConnectionError, delay: Duration) {
+    let retry_in_ms = delay.as_millis() as u64;
+    match e {
+        ConnectionError::ConnectionRefused(code) => {
+            let hint = match code {
+                ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized => {
+                    "the broker refused the credentials: check mqtt.username and mqtt.password"
+                }
+                ConnectReturnCode::ClientIdentifierNotValid | ConnectReturnCode::BadClientId => {
+                    "the broker refused the client id: check mqtt.client_id"
+                }
+                ConnectReturnCode::UnsupportedProtocolVersion
+                | ConnectReturnCode::RefusedProtocolVersion => {
+                    "the broker does not speak MQTT 5 (mqtt.version)"
+                }
+                _ => "the broker refused the connection",
+            };
+            tracing::error!(%broker, reason = ?code, retry_in_ms, "{hint}");
+        }
+        ConnectionError::Tls(t) => {
+            tracing::error!(%broker, error = %t, retry_in_ms, "TLS with the broker failed: check mqtt.broker (host name), mqtt.ca, mqtt.cert and mqtt.key");
+        }
+        other => {
+            tracing::warn!(%broker, error = %other, retry_in_ms, "MQTT broker unreachable or connection lost; reconnecting");
+        }
+    }
+}
+
+/// Takes arrivals in order and starts their deliveries under each trigger's
+/// in-flight bound. On shutdown it stops taking arrivals and waits for the
+/// deliveries it started.
+async fn dispatch(
+    mut rx: mpsc::Receiver<Arrival>,
+    specs: Arc<Vec<MqttSpec>>,
+    shared: Arc<Shared>,
+    dead_letters: Option<Arc<DeadLetterStore>>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    done: CancellationToken,
+) {
+    let slots: Vec<Arc<Semaphore>> = specs
+        .iter()
+        .map(|s| Arc::new(Semaphore::new(s.max_in_flight as usize)))
+        .collect();
+    let inflight = TaskTracker::new();
+    'arrivals: loop {
+        let arrival = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            a = rx.recv() => match a {
+                Some(a) => a,
+                None => break,
+            },
+        };
+        if arrival.expires.is_some_and(|t| Instant::now() >= t) {
+            shared.stats.expired.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(topic = %arrival.message.topic, "message expired before delivery; not delivered");
+            if let Some((generation, seq, pkid)) = arrival.ack {
+                for _ in &arrival.routes {
+                    shared.settle(generation, seq, pkid);
+                }
+            }
+            continue;
+        }
+        for &r in &arrival.routes {
+            let permit = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break 'arrivals,
+                p = slots[r].clone().acquire_owned() => p.expect("semaphore never closes"),
+            };
+            let spec = specs[r].clone();
+            let shared = shared.clone();
+            let dead_letters = dead_letters.clone();
+            let message = arrival.message.clone();
+            let ack = arrival.ack;
+            let delivery = async move {
+                let trigger = format!("mqtt:{}", spec.filter.raw);
+                let d = deliver(
+                    &spec.component,
+                    Event::Mqtt(message),
+                    InvocationContext::new(trigger),
+                    &spec.retry,
+                    dead_letters.as_deref(),
+                )
+                .await;
+                let stats = &shared.stats;
+                stats
+                    .publish_denied
+                    .fetch_add(d.outcome.publish_denied, Ordering::Relaxed);
+                if d.outcome.is_ok() {
+                    stats.succeeded.fetch_add(1, Ordering::Relaxed);
+                    for m in d.outcome.published {
+                        let props = PublishProperties {
+                            content_type: m.content_type,
+                            response_topic: m.response_topic,
+                            correlation_data: m.correlation_data.map(Bytes::from),
+                            user_properties: m.user_properties,
+                            ..PublishProperties::default()
+                        };
+                        match shared
+                            .client
+                            .publish_with_properties(
+                                m.topic,
+                                qos(m.qos),
+                                m.retain,
+                                m.payload,
+                                props,
+                            )
+                            .await
+                        {
+                            Ok(()) => {
+                                stats.published.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(_) => {
+                                stats.publish_failed.fetch_add(1, Ordering::Relaxed);
+                                tracing::error!(component = %spec.component.name, trigger = %spec.label, "a guest publish could not be handed to the MQTT connection (it is closed)");
+                            }
+                        }
+                    }
+                } else {
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                if !d.settled {
+                    stats.unsettled.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(component = %spec.component.name, trigger = %spec.label, "the message failed and could not be dead-lettered; it stays unacknowledged and the broker redelivers it after a reconnect");
+                    drop(permit);
+                    return;
+                }
+                if let Some((generation, seq, pkid)) = ack {
+                    shared.settle(generation, seq, pkid);
+                }
+                drop(permit);
+            };
+            inflight.spawn(tasks.track_future(delivery));
+        }
+    }
+    inflight.close();
+    inflight.wait().await;
+    done.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls_parse() {
+        let ok = |tls, host: &str, port| {
+            Ok(Some(BrokerUrl {
+                tls,
+                host: host.into(),
+                port,
+            }))
+        };
+        for (url, want) in [
+            ("mqtt://broker", ok(false, "broker", 1883)),
+            ("mqtts://broker", ok(true, "broker", 8883)),
+            ("mqtt://10.0.0.1:1884", ok(false, "10.0.0.1", 1884)),
+            ("mqtts://b.example:443/", ok(true, "b.example", 443)),
+            ("mqtt://[::1]:1883", ok(false, "::1", 1883)),
+            ("mqtt://[::1]", ok(false, "::1", 1883)),
+            ("embedded", Ok(None)),
+        ] {
+            assert_eq!(BrokerUrl::parse(url), want, "{url}");
+        }
+        for bad in [
+            "tcp://broker",
+            "broker:1883",
+            "mqtt://",
+            "mqtt://:1883",
+            "mqtt://b:0",
+            "mqtt://b:70000",
+            "mqtt://b:x",
+            "mqtt://user:pw@b",
+            "mqtt://b/topic",
+            "mqtt://[::1",
+        ] {
+            assert!(BrokerUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

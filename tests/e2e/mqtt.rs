@@ -1,0 +1,640 @@
+//! The MQTT trigger against a real Mosquitto, spawned per test on an
+//! ephemeral port with a config the test writes (no discarding of QoS 1
+//! messages, TCP_NODELAY, persistence in the test's directory), and real
+//! clients (rumqttc).
+
+use crate::util::{invocable, wasmgate};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event as MqttEvent, MqttOptions};
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use wasmgate::deadletter::{Bounds, DeadLetterStore};
+use wasmgate::delivery::RetryPolicy;
+use wasmgate::limits::Limits;
+use wasmgate::manifest::Manifest;
+use wasmgate::topic::TopicFilter;
+use wasmgate::trigger::mqtt::{MqttSpec, MqttStats, MqttTriggers, client_options};
+use wasmgate_test_artifacts::{ECHO_MQTT, HOSTILE};
+
+/// Failure guard for waits; never a claim about speed.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A Mosquitto on 127.0.0.1 with a config written by the test.
+struct Mosquitto {
+    child: Child,
+    port: u16,
+    conf: PathBuf,
+}
+
+impl Mosquitto {
+    fn start(dir: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(dir, port)
+    }
+
+    fn start_on(dir: &Path, port: u16) -> Self {
+        let data = dir.join("mosquitto");
+        std::fs::create_dir_all(&data).unwrap();
+        let conf = dir.join("mosquitto.conf");
+        // No loss by design: no cap on queued QoS 1/2 messages per client,
+        // persistence (saved on a clean stop) for the restart tests.
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n\
+                 max_queued_messages 0\nmax_inflight_messages 0\npersistence true\n\
+                 persistence_location {}/\nlog_dest stderr\nlog_type error\n",
+                data.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("mosquitto is installed");
+        let deadline = Instant::now() + PATIENCE;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, port, conf }
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it cleanly (SIGTERM: it saves its persistence file).
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        let dir = self.conf.parent().unwrap().to_path_buf();
+        *self = Self::start_on(&dir, self.port);
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A test client with automatic acks and a persistent session; received
+/// publishes come out of the channel.
+struct TestClient {
+    client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Publish>,
+    stop: CancellationToken,
+}
+
+impl TestClient {
+    async fn connect(port: u16, id: &str, subscribe: &[(&str, QoS)]) -> Self {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_clean_start(false)
+            .set_session_expiry_interval(Some(3600))
+            .set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(Some(1024 * 1024));
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        o.set_network_options(net);
+        let (client, mut eventloop) = AsyncClient::new(o, 4096);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut ready_tx = Some(ready_tx);
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let subs: Vec<(String, QoS)> = subscribe.iter().map(|(t, q)| (t.to_string(), *q)).collect();
+        let sub_client = client.clone();
+        tokio::spawn(async move {
+            let mut subacks = 0;
+            loop {
+                let ev = tokio::select! {
+                    _ = stopped.cancelled() => break,
+                    ev = eventloop.poll() => ev,
+                };
+                match ev {
+                    Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                        for (t, q) in &subs {
+                            sub_client.subscribe(t.clone(), *q).await.unwrap();
+                        }
+                        if subs.is_empty()
+                            && let Some(r) = ready_tx.take()
+                        {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                        subacks += 1;
+                        if subacks == subs.len()
+                            && let Some(r) = ready_tx.take()
+                        {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send(p);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(PATIENCE, ready_rx)
+            .await
+            .expect("test client connects")
+            .unwrap();
+        Self { client, rx, stop }
+    }
+
+    async fn publish(&self, topic: &str, qos: QoS, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, qos, false, payload.into())
+            .await
+            .unwrap();
+    }
+
+    /// Collects publishes until `done` says so.
+    async fn collect(
+        &mut self,
+        mut done: impl FnMut(&[rumqttc::v5::mqttbytes::v5::Publish]) -> bool,
+    ) -> Vec<rumqttc::v5::mqttbytes::v5::Publish> {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !done(&got) {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(p)) => got.push(p),
+                _ => {
+                    let mut seen: Vec<u64> = payloads(&got)
+                        .iter()
+                        .filter_map(|p| p.parse().ok())
+                        .collect();
+                    seen.sort();
+                    let missing: Vec<u64> = (0..seen.last().copied().unwrap_or(0))
+                        .filter(|i| seen.binary_search(i).is_err())
+                        .collect();
+                    panic!(
+                        "timed out; received {} messages ({} distinct); missing below the highest: {missing:?}",
+                        got.len(),
+                        payloads(&got).len()
+                    )
+                }
+            }
+        }
+        got
+    }
+}
+
+impl Drop for TestClient {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Client options as `wasmgate up` builds them from a manifest's `[mqtt]`.
+fn options(url: &str, client_id: &str) -> (MqttOptions, u16) {
+    let text = format!(
+        "[gateway]\nname = \"{client_id}\"\n[mqtt]\nbroker = \"{url}\"\nkeep_alive = \"5s\"\n"
+    );
+    let m = Manifest::parse(Path::new("wasmgate.toml"), text).unwrap();
+    client_options(&m).unwrap().unwrap()
+}
+
+fn spec(path: &str, publish: &[&str], topic: &str, qos: u8, max_in_flight: u32) -> MqttSpec {
+    MqttSpec {
+        label: format!("trigger.mqtt {topic}"),
+        component: Arc::new(invocable(path, Limits::default(), publish)),
+        filter: TopicFilter::parse(topic).unwrap(),
+        qos,
+        max_in_flight,
+        retry: RetryPolicy {
+            attempts: 2,
+            backoff: Duration::from_millis(10),
+            ..RetryPolicy::default()
+        },
+    }
+}
+
+/// A running trigger set; stopped (and drained) by `stop`.
+struct Running {
+    stats: Arc<MqttStats>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Running {
+    async fn start(
+        url: &str,
+        client_id: &str,
+        specs: Vec<MqttSpec>,
+        dead_letters: Option<Arc<DeadLetterStore>>,
+    ) -> Self {
+        let (o, receive_maximum) = options(url, client_id);
+        let mut t = MqttTriggers::new(o, receive_maximum, specs);
+        if let Some(d) = dead_letters {
+            t = t.with_dead_letters(d);
+        }
+        let stats = t.stats();
+        let tasks = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        tasks.spawn(t.run(tasks.clone(), shutdown.clone()));
+        let r = Self {
+            stats,
+            tasks,
+            shutdown,
+        };
+        r.wait_for(|s| s.subscribed.load(Relaxed) >= 1).await;
+        r
+    }
+
+    async fn wait_for(&self, mut cond: impl FnMut(&MqttStats) -> bool) {
+        let deadline = Instant::now() + PATIENCE;
+        while !cond(&self.stats) {
+            assert!(Instant::now() < deadline, "timed out: {:?}", self.stats);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        tokio::time::timeout(PATIENCE, self.tasks.wait())
+            .await
+            .expect("the trigger drains and stops");
+    }
+}
+
+use std::sync::atomic::Ordering::Relaxed;
+
+fn payloads(got: &[rumqttc::v5::mqttbytes::v5::Publish]) -> std::collections::BTreeSet<String> {
+    got.iter()
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_0_1_2_and_wildcards_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let mut replies = TestClient::connect(
+        broker.port,
+        "replies-qos",
+        &[("sensors/+/temp/reply", QoS::ExactlyOnce)],
+    )
+    .await;
+    let specs = vec![spec(
+        ECHO_MQTT,
+        &["sensors/+/temp/reply"],
+        "sensors/+/temp",
+        2,
+        8,
+    )];
+    let host = Running::start(&broker.url(), "host-qos", specs, None).await;
+    let publisher = TestClient::connect(broker.port, "pub-qos", &[]).await;
+    let n = 20;
+    for (q, qos) in [
+        (0, QoS::AtMostOnce),
+        (1, QoS::AtLeastOnce),
+        (2, QoS::ExactlyOnce),
+    ] {
+        for i in 0..n {
+            publisher
+                .publish(&format!("sensors/{q}-{i}/temp"), qos, format!("{q}-{i}"))
+                .await;
+        }
+    }
+    let got = replies.collect(|g| payloads(g).len() == 3 * n).await;
+    for p in &got {
+        let text = String::from_utf8_lossy(&p.payload);
+        let want = match &text[..1] {
+            "0" => QoS::AtMostOnce,
+            "1" => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        };
+        assert_eq!(p.qos, want, "the reply to {text} keeps its QoS");
+        assert_eq!(
+            String::from_utf8_lossy(&p.topic),
+            format!("sensors/{text}/temp/reply")
+        );
+    }
+    host.wait_for(|s| s.acks_sent.load(Relaxed) == 2 * n as u64)
+        .await;
+    assert_eq!(host.stats.succeeded.load(Relaxed), 3 * n as u64);
+    assert_eq!(host.stats.published.load(Relaxed), 3 * n as u64);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_response_through_the_response_topic_with_correlation_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let mut requester = TestClient::connect(
+        broker.port,
+        "requester",
+        &[("replies/me", QoS::AtLeastOnce)],
+    )
+    .await;
+    // `allow.mqtt_publish = []`: only the response topic may be published to;
+    // `#` matches the request topic at any depth.
+    let specs = vec![spec(ECHO_MQTT, &[], "requests/#", 1, 4)];
+    let host = Running::start(&broker.url(), "host-rr", specs, None).await;
+    let props = PublishProperties {
+        response_topic: Some("replies/me".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"\x00corr-42\xff")),
+        content_type: Some("text/plain".into()),
+        user_properties: vec![("k".into(), "v".into())],
+        ..PublishProperties::default()
+    };
+    requester
+        .client
+        .publish_with_properties("requests/a/b/c", QoS::AtLeastOnce, false, "ping", props)
+        .await
+        .unwrap();
+    let got = requester.collect(|g| !g.is_empty()).await;
+    let reply = &got[0];
+    assert_eq!(&reply.payload[..], b"ping");
+    let p = reply.properties.as_ref().expect("MQTT 5 properties");
+    assert_eq!(p.correlation_data.as_deref(), Some(&b"\x00corr-42\xff"[..]));
+    assert_eq!(p.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(p.user_properties, vec![("k".to_string(), "v".to_string())]);
+    assert_eq!(p.response_topic, None);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_outside_the_acl_is_denied_counted_and_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let store =
+        Arc::new(DeadLetterStore::open(&dir.path().join("dl.sqlite"), Bounds::default()).unwrap());
+    let specs = vec![spec(ECHO_MQTT, &["allowed/#"], "acl/+", 1, 4)];
+    let host = Running::start(&broker.url(), "host-acl", specs, Some(store.clone())).await;
+    let publisher = TestClient::connect(broker.port, "pub-acl", &[]).await;
+    // echo-mqtt replies on `acl/x/reply`, which `allowed/#` does not grant:
+    // the guest sees `denied` and rejects the message.
+    publisher.publish("acl/x", QoS::AtLeastOnce, "secret").await;
+    host.wait_for(|s| s.acks_sent.load(Relaxed) == 1).await;
+    assert_eq!(host.stats.publish_denied.load(Relaxed), 1);
+    assert_eq!(host.stats.published.load(Relaxed), 0);
+    assert_eq!(host.stats.failed.load(Relaxed), 1);
+    let records = store.list(None, None).unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].trigger, "mqtt:acl/+");
+    assert_eq!(records[0].last_error.outcome, "reject");
+    assert!(
+        records[0].last_error.message.contains("not allowed"),
+        "{:?}",
+        records[0].last_error
+    );
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_go_out_in_arrival_order_when_handlers_finish_out_of_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let specs = vec![spec(HOSTILE, &[], "sleep", 1, 8)];
+    let host = Running::start(&broker.url(), "host-order", specs, None).await;
+    let publisher = TestClient::connect(broker.port, "pub-order", &[]).await;
+    // The first handler sleeps longest, so later ones finish first.
+    let sleeps = [600, 5, 5, 5, 300, 5, 5, 5];
+    for ms in sleeps {
+        publisher
+            .publish("sleep", QoS::AtLeastOnce, ms.to_string())
+            .await;
+    }
+    let n = sleeps.len() as u64;
+    host.wait_for(|s| s.acks_sent.load(Relaxed) == n).await;
+    let order = host.stats.recent_order();
+    assert_eq!(order.arrived.len(), sleeps.len());
+    assert_ne!(
+        order.settled, order.arrived,
+        "the handlers finished out of order"
+    );
+    assert_eq!(order.acked, order.arrived, "acks in arrival order");
+    // Nothing was redelivered: every message arrived once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(host.stats.received.load(Relaxed), n);
+    assert_eq!(host.stats.succeeded.load(Relaxed), n);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_at_start_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let (o, receive_maximum) = options(&url, "host-late");
+    let t = MqttTriggers::new(o, receive_maximum, vec![spec(HOSTILE, &[], "ok", 1, 1)]);
+    let stats = t.stats();
+    let tasks = TaskTracker::new();
+    let shutdown = CancellationToken::new();
+    tasks.spawn(t.run(tasks.clone(), shutdown.clone()));
+    let deadline = Instant::now() + PATIENCE;
+    while stats.connection_errors.load(Relaxed) < 2 {
+        assert!(Instant::now() < deadline, "no connection attempts");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let broker = Mosquitto::start_on(dir.path(), port);
+    let host = Running {
+        stats,
+        tasks,
+        shutdown,
+    };
+    host.wait_for(|s| s.subscribed.load(Relaxed) == 1).await;
+    let publisher = TestClient::connect(broker.port, "pub-late", &[]).await;
+    publisher.publish("ok", QoS::AtLeastOnce, "").await;
+    host.wait_for(|s| s.succeeded.load(Relaxed) == 1).await;
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_stream_loses_no_qos1_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Mosquitto::start(dir.path());
+    let mut replies = TestClient::connect(
+        broker.port,
+        "replies-restart",
+        &[("stream/+/reply", QoS::AtLeastOnce)],
+    )
+    .await;
+    let specs = vec![spec(ECHO_MQTT, &["stream/+/reply"], "stream/+", 1, 8)];
+    let host = Running::start(&broker.url(), "host-restart", specs, None).await;
+    let publisher = TestClient::connect(broker.port, "pub-restart", &[]).await;
+    let n = 400;
+    for i in 0..n / 2 {
+        publisher
+            .publish(&format!("stream/{i}"), QoS::AtLeastOnce, i.to_string())
+            .await;
+    }
+    // Stop the broker while the first half is in flight, then bring it back.
+    let first = replies.collect(|g| payloads(g).len() >= 20).await;
+    broker.restart();
+    for i in n / 2..n {
+        publisher
+            .publish(&format!("stream/{i}"), QoS::AtLeastOnce, i.to_string())
+            .await;
+    }
+    let mut seen = payloads(&first);
+    let rest = replies
+        .collect(|g| seen.union(&payloads(g)).count() == n)
+        .await;
+    seen.extend(payloads(&rest));
+    let want: std::collections::BTreeSet<String> = (0..n).map(|i| i.to_string()).collect();
+    assert_eq!(seen, want, "every QoS 1 message was handled");
+    assert!(
+        host.stats.connects.load(Relaxed) >= 2,
+        "the host reconnected"
+    );
+    host.stop().await;
+}
+
+/// A manifest for `wasmgate up`: `hostile` on `retry` (always fails), two
+/// attempts, dead letters in the state directory.
+fn sigkill_manifest(dir: &Path, url: &str) -> String {
+    let path = dir.join("wasmgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[gateway]
+name = "sigkill-host"
+state_dir = "{state}"
+
+[mqtt]
+broker = "{url}"
+keep_alive = "5s"
+
+[component.hostile]
+source = "{hostile}"
+
+[[trigger.mqtt]]
+component = "hostile"
+topic = "retry"
+qos = 1
+max_in_flight = 8
+retry = {{ attempts = 2, backoff = "40ms" }}
+"#,
+            state = dir.join("state").display(),
+            hostile = HOSTILE,
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn spawn_host(file: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut host = wasmgate()
+        .args(["up", "-f", file])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(host.stderr.take().unwrap()).lines();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (host, rx)
+}
+
+fn wait_line(rx: &std::sync::mpsc::Receiver<String>, needle: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return,
+            Ok(_) => {}
+            Err(_) => panic!("the host never logged {needle:?}"),
+        }
+    }
+}
+
+fn dead_lettered(dir: &Path) -> std::collections::BTreeSet<String> {
+    let path = dir.join("state/dead-letters.sqlite");
+    if !path.exists() {
+        return Default::default();
+    }
+    let store = DeadLetterStore::open(&path, Bounds::default()).unwrap();
+    store
+        .list(None, None)
+        .unwrap()
+        .into_iter()
+        .map(|d| d.last_error.message)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_host_mid_stream_loses_no_failing_qos1_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let file = sigkill_manifest(dir.path(), &broker.url());
+    // The first run makes the persistent session and its subscription.
+    let (mut host, lines) = spawn_host(&file);
+    wait_line(&lines, "MQTT subscribed");
+    let publisher = TestClient::connect(broker.port, "pub-sigkill", &[]).await;
+    let n = 300;
+    for i in 0..n {
+        publisher
+            .publish("retry", QoS::AtLeastOnce, format!("m{i}"))
+            .await;
+    }
+    let want: std::collections::BTreeSet<String> = (0..n).map(|i| format!("m{i}")).collect();
+    // Kill the host at seeded-random points and restart it until every
+    // message is in the dead-letter store.
+    let mut rng = fastrand::Rng::with_seed(0x5eed);
+    let mut kills = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(rng.u64(50..400)));
+        let stored = dead_lettered(dir.path());
+        if stored.is_superset(&want) {
+            break;
+        }
+        assert!(
+            kills < 40,
+            "not drained after {kills} SIGKILLs: {} of {n} stored",
+            stored.len()
+        );
+        host.kill().unwrap(); // SIGKILL
+        host.wait().unwrap();
+        kills += 1;
+        host = spawn_host(&file).0;
+    }
+    let stored = dead_lettered(dir.path());
+    assert_eq!(stored, want, "every message is in the store, none lost");
+    eprintln!("all {n} messages dead-lettered across {kills} SIGKILLs");
+    assert!(kills >= 1, "the host was never killed mid-stream");
+    // A clean stop (SIGTERM) drains and exits 0.
+    let _ = Command::new("kill")
+        .args(["-TERM", &host.id().to_string()])
+        .status();
+    assert_eq!(host.wait().unwrap().code(), Some(0));
+}
