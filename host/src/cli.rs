@@ -609,18 +609,24 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
     for (i, t) in m.triggers.http.iter().enumerate() {
         tracing::warn!(trigger = %format!("trigger.http[{i}]"), component = %t.component.get_ref(), "the HTTP trigger is not part of this build yet; this route is not served");
     }
+    // Without `[mqtt]` the broker defaults to "embedded" too.
+    let embedded = m
+        .mqtt
+        .as_ref()
+        .is_none_or(|c| c.broker.get_ref() == "embedded");
     let mqtt = if m.triggers.mqtt.is_empty() {
         None
+    } else if embedded {
+        // The rest of the gateway (HTTP, timers) still runs, as the quick
+        // start expects; the MQTT triggers wait for the embedded broker.
+        tracing::error!(
+            triggers = m.triggers.mqtt.len(),
+            "mqtt.broker = \"embedded\": the embedded broker is not available yet, so the MQTT triggers are not served; set broker = \"mqtt://host:1883\" (e.g. a local Mosquitto)"
+        );
+        None
     } else {
-        let (options, receive_maximum) = crate::trigger::mqtt::client_options(m)
+        crate::trigger::mqtt::client_options(m)
             .map_err(|e| Fatal(format!("{}: {e}", m.path.display())))?
-            .ok_or_else(|| {
-                Fatal(format!(
-                    "{}: [[trigger.mqtt]] needs an [mqtt] section with the broker",
-                    m.path.display()
-                ))
-            })?;
-        Some((options, receive_maximum))
     };
     let dead_letters = Arc::new(
         DeadLetterStore::open(&m.dead_letter_path(), m.dead_letters.bounds()).map_err(Fatal)?,

@@ -473,23 +473,24 @@ async fn an_unreachable_broker_at_start_is_retried() {
     host.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broker_restart_mid_stream_loses_no_qos1_message() {
+/// Streams `n` messages at `qos` through echo-mqtt and restarts the broker
+/// half-way; every message must be handled (its reply collected).
+async fn broker_restart_mid_stream(qos: QoS, tag: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = Mosquitto::start(dir.path());
     let mut replies = TestClient::connect(
         broker.port,
-        "replies-restart",
-        &[("stream/+/reply", QoS::AtLeastOnce)],
+        &format!("replies-restart-{tag}"),
+        &[("stream/+/reply", qos)],
     )
     .await;
-    let specs = vec![spec(ECHO_MQTT, &["stream/+/reply"], "stream/+", 1, 8)];
-    let host = Running::start(&broker.url(), "host-restart", specs, None).await;
-    let publisher = TestClient::connect(broker.port, "pub-restart", &[]).await;
+    let specs = vec![spec(ECHO_MQTT, &["stream/+/reply"], "stream/+", 2, 8)];
+    let host = Running::start(&broker.url(), &format!("host-restart-{tag}"), specs, None).await;
+    let publisher = TestClient::connect(broker.port, &format!("pub-restart-{tag}"), &[]).await;
     let n = 400;
     for i in 0..n / 2 {
         publisher
-            .publish(&format!("stream/{i}"), QoS::AtLeastOnce, i.to_string())
+            .publish(&format!("stream/{i}"), qos, i.to_string())
             .await;
     }
     // Stop the broker while the first half is in flight, then bring it back.
@@ -497,7 +498,7 @@ async fn a_broker_restart_mid_stream_loses_no_qos1_message() {
     broker.restart();
     for i in n / 2..n {
         publisher
-            .publish(&format!("stream/{i}"), QoS::AtLeastOnce, i.to_string())
+            .publish(&format!("stream/{i}"), qos, i.to_string())
             .await;
     }
     let mut seen = payloads(&first);
@@ -506,12 +507,22 @@ async fn a_broker_restart_mid_stream_loses_no_qos1_message() {
         .await;
     seen.extend(payloads(&rest));
     let want: std::collections::BTreeSet<String> = (0..n).map(|i| i.to_string()).collect();
-    assert_eq!(seen, want, "every QoS 1 message was handled");
+    assert_eq!(seen, want, "every {tag} message was handled");
     assert!(
         host.stats.connects.load(Relaxed) >= 2,
         "the host reconnected"
     );
     host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_stream_loses_no_qos1_message() {
+    broker_restart_mid_stream(QoS::AtLeastOnce, "qos1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_stream_loses_no_qos2_message() {
+    broker_restart_mid_stream(QoS::ExactlyOnce, "qos2").await;
 }
 
 /// A manifest for `wasmgate up`: `hostile` on `retry` (always fails), two

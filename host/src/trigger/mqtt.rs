@@ -41,11 +41,14 @@ use crate::manifest::Manifest;
 use crate::topic::TopicFilter;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::PubComp;
 use rumqttc::v5::mqttbytes::v5::{
     ConnectReturnCode, Filter, Packet, Publish, PublishProperties, RetainForwardRule,
     SubscribeProperties, SubscribeReasonCode,
 };
-use rumqttc::v5::{AsyncClient, ConnectionError, Event as MqttEvent, MqttOptions};
+use rumqttc::v5::{
+    AsyncClient, ConnectionError, Event as MqttEvent, MqttOptions, Request, StateError,
+};
 use rumqttc::{NetworkOptions, Outgoing, Transport};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -610,12 +613,21 @@ impl MqttTriggers {
                             .acks_discarded
                             .fetch_add(dropped, Ordering::Relaxed);
                         eventloop.clean();
-                        eventloop.pending.retain(|r| {
-                            !matches!(
-                                r,
-                                rumqttc::v5::Request::PubAck(_) | rumqttc::v5::Request::PubRec(_)
-                            )
-                        });
+                        eventloop
+                            .pending
+                            .retain(|r| !matches!(r, Request::PubAck(_) | Request::PubRec(_)));
+                        // rumqttc forgets incoming QoS 2 state on a
+                        // disconnect, so the broker's PUBREL for a message
+                        // this host had PUBREC'd before it is "unsolicited"
+                        // and drops the next connection too. Completing it
+                        // with a PUBCOMP queued for the next connection ends
+                        // that loop (the message itself was handled).
+                        if let ConnectionError::MqttState(StateError::Unsolicited(pkid)) = &e {
+                            let comp = Request::PubComp(PubComp::new(*pkid, None));
+                            if !eventloop.pending.contains(&comp) {
+                                eventloop.pending.push_back(comp);
+                            }
+                        }
                     }
                     if dispatched.is_cancelled() || shutdown.is_cancelled() {
                         break;
