@@ -22,7 +22,9 @@
 //!   behind `wasmgate dlq`; [`queue`] is the durable queue behind
 //!   `wasmgate invoke --async`.
 //! - [`trigger`] holds the event sources: the timer trigger (cron and
-//!   intervals, time zones, overlap and catch-up policies) so far.
+//!   intervals, time zones, overlap and catch-up policies) and the MQTT
+//!   trigger (one broker connection, in-order acks after settlement, guest
+//!   publishes).
 //! - [`topic`] is MQTT topic-filter validation and matching (pure logic).
 //! - [`cli`] is the `wasmgate` command line.
 

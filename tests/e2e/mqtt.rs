@@ -34,14 +34,51 @@ struct Mosquitto {
     conf: PathBuf,
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + PATIENCE;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "mosquitto did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl Mosquitto {
     fn start(dir: &Path) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(dir, port)
+        Self::start_on(dir, free_port())
+    }
+
+    /// A broker with `extra` appended to the config (more listeners,
+    /// authentication); `port` is its plain listener. `wait` lists ports to
+    /// wait for besides it.
+    fn start_with(dir: &Path, port: u16, extra: &str, wait: &[u16]) -> Self {
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\nper_listener_settings false\nlog_dest stderr\nlog_type error\n\
+                 set_tcp_nodelay true\nmax_queued_messages 0\nlistener {port} 127.0.0.1\n{extra}"
+            ),
+        )
+        .unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("mosquitto is installed");
+        for p in std::iter::once(&port).chain(wait) {
+            wait_for_port(*p);
+        }
+        Self { child, port, conf }
     }
 
     fn start_on(dir: &Path, port: u16) -> Self {
@@ -67,11 +104,7 @@ impl Mosquitto {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("mosquitto is installed");
-        let deadline = Instant::now() + PATIENCE;
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_port(port);
         Self { child, port, conf }
     }
 
@@ -214,8 +247,13 @@ impl Drop for TestClient {
 
 /// Client options as `wasmgate up` builds them from a manifest's `[mqtt]`.
 fn options(url: &str, client_id: &str) -> (MqttOptions, u16) {
+    options_with(url, client_id, "")
+}
+
+/// [`options`] with more `[mqtt]` settings (`extra`, TOML lines).
+fn options_with(url: &str, client_id: &str, extra: &str) -> (MqttOptions, u16) {
     let text = format!(
-        "[gateway]\nname = \"{client_id}\"\n[mqtt]\nbroker = \"{url}\"\nkeep_alive = \"5s\"\n"
+        "[gateway]\nname = \"{client_id}\"\n[mqtt]\nbroker = \"{url}\"\nkeep_alive = \"5s\"\n{extra}"
     );
     let m = Manifest::parse(Path::new("wasmgate.toml"), text).unwrap();
     client_options(&m).unwrap().unwrap()
@@ -250,7 +288,17 @@ impl Running {
         specs: Vec<MqttSpec>,
         dead_letters: Option<Arc<DeadLetterStore>>,
     ) -> Self {
-        let (o, receive_maximum) = options(url, client_id);
+        let r = Self::spawn(options(url, client_id), specs, dead_letters);
+        r.wait_for(|s| s.subscribed.load(Relaxed) >= 1).await;
+        r
+    }
+
+    /// Starts the triggers without waiting for the connection.
+    fn spawn(
+        (o, receive_maximum): (MqttOptions, u16),
+        specs: Vec<MqttSpec>,
+        dead_letters: Option<Arc<DeadLetterStore>>,
+    ) -> Self {
         let mut t = MqttTriggers::new(o, receive_maximum, specs);
         if let Some(d) = dead_letters {
             t = t.with_dead_letters(d);
@@ -259,13 +307,11 @@ impl Running {
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
         tasks.spawn(t.run(tasks.clone(), shutdown.clone()));
-        let r = Self {
+        Self {
             stats,
             tasks,
             shutdown,
-        };
-        r.wait_for(|s| s.subscribed.load(Relaxed) >= 1).await;
-        r
+        }
     }
 
     async fn wait_for(&self, mut cond: impl FnMut(&MqttStats) -> bool) {
@@ -648,4 +694,210 @@ async fn sigkill_of_the_host_mid_stream_loses_no_failing_qos1_message() {
         .args(["-TERM", &host.id().to_string()])
         .status();
     assert_eq!(host.wait().unwrap().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_message_is_not_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let mut ordered = spec(HOSTILE, &[], "sleep", 1, 1);
+    ordered.max_in_flight = 1;
+    let host = Running::start(&broker.url(), "host-expiry", vec![ordered], None).await;
+    let publisher = TestClient::connect(broker.port, "pub-expiry", &[]).await;
+    publisher.publish("sleep", QoS::AtLeastOnce, "2500").await;
+    // Expires 1 s after it is sent, while it waits behind the sleeper.
+    let props = PublishProperties {
+        message_expiry_interval: Some(1),
+        ..PublishProperties::default()
+    };
+    publisher
+        .client
+        .publish_with_properties("sleep", QoS::AtLeastOnce, false, "1", props)
+        .await
+        .unwrap();
+    host.wait_for(|s| s.acks_sent.load(Relaxed) == 2).await;
+    assert_eq!(host.stats.expired.load(Relaxed), 1);
+    assert_eq!(host.stats.succeeded.load(Relaxed), 1);
+    host.stop().await;
+}
+
+/// A host in shared-subscription group `g`, with a short session expiry so
+/// that the broker stops giving it a share soon after it goes away.
+async fn share_worker(url: &str, id: &str) -> Running {
+    let specs = vec![spec(ECHO_MQTT, &["work/+/reply"], "$share/g/work/+", 1, 4)];
+    let r = Running::spawn(
+        options_with(url, id, "session_expiry = \"1s\"\n"),
+        specs,
+        None,
+    );
+    r.wait_for(|s| s.subscribed.load(Relaxed) >= 1).await;
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_on_a_shared_subscription_split_the_work_and_one_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let mut replies = TestClient::connect(
+        broker.port,
+        "replies-share",
+        &[("work/+/reply", QoS::AtLeastOnce)],
+    )
+    .await;
+    let url = broker.url();
+    let a = share_worker(&url, "host-share-a").await;
+    let b = share_worker(&url, "host-share-b").await;
+    let publisher = TestClient::connect(broker.port, "pub-share", &[]).await;
+    let n = 100;
+    for i in 0..n {
+        publisher
+            .publish(&format!("work/{i}"), QoS::AtLeastOnce, i.to_string())
+            .await;
+    }
+    let first = replies.collect(|g| payloads(g).len() == n).await;
+    let (done_a, done_b) = (
+        a.stats.succeeded.load(Relaxed),
+        b.stats.succeeded.load(Relaxed),
+    );
+    assert!(done_a > 0 && done_b > 0, "split: {done_a} + {done_b}");
+    assert!(done_a + done_b >= n as u64);
+    // One host goes away. While its session lasts Mosquitto keeps queueing
+    // its share for it; once the session expired the other host gets every
+    // new message.
+    a.stop().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in n..2 * n {
+        publisher
+            .publish(&format!("work/{i}"), QoS::AtLeastOnce, i.to_string())
+            .await;
+    }
+    let mut seen = payloads(&first);
+    let rest = replies
+        .collect(|g| seen.union(&payloads(g)).count() == 2 * n)
+        .await;
+    seen.extend(payloads(&rest));
+    assert_eq!(seen.len(), 2 * n);
+    assert!(b.stats.succeeded.load(Relaxed) >= done_b + n as u64);
+    b.stop().await;
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made
+/// with the openssl command line.
+fn make_certs(dir: &Path) {
+    let script = r#"set -e
+ec="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+openssl req -x509 $ec -keyout ca.key -out ca.pem -days 2 -subj /CN=wasmgate-test-ca \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+for who in server client; do
+  openssl req $ec -keyout $who.key -out $who.csr -subj /CN=$who
+done
+printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > server.ext
+printf 'basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n' > client.ext
+for who in server client; do
+  openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $who.pem -days 2 -extfile $who.ext
+done
+"#;
+    let out = Command::new("sh")
+        .args(["-c", script])
+        .current_dir(dir)
+        .output()
+        .expect("openssl is installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_with_certificates_made_by_the_test() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let d = dir.path().display();
+    let (plain, tls) = (free_port(), free_port());
+    let broker = Mosquitto::start_with(
+        dir.path(),
+        plain,
+        &format!(
+            "allow_anonymous true\nlistener {tls} 127.0.0.1\ncafile {d}/ca.pem\n\
+             certfile {d}/server.pem\nkeyfile {d}/server.key\nrequire_certificate true\n"
+        ),
+        &[tls],
+    );
+    let url = format!("mqtts://127.0.0.1:{tls}");
+    // Without a client certificate the broker refuses the handshake.
+    let refused = Running::spawn(
+        options_with(&url, "host-no-cert", &format!("ca = \"{d}/ca.pem\"\n")),
+        vec![spec(ECHO_MQTT, &[], "tls/req", 1, 1)],
+        None,
+    );
+    refused
+        .wait_for(|s| s.connection_errors.load(Relaxed) >= 2)
+        .await;
+    assert_eq!(refused.stats.connects.load(Relaxed), 0);
+    refused.stop().await;
+    // With it, request/response works over TLS.
+    let with_cert = options_with(
+        &url,
+        "host-mtls",
+        &format!("ca = \"{d}/ca.pem\"\ncert = \"{d}/client.pem\"\nkey = \"{d}/client.key\"\n"),
+    );
+    let host = Running::spawn(with_cert, vec![spec(ECHO_MQTT, &[], "tls/req", 1, 1)], None);
+    host.wait_for(|s| s.subscribed.load(Relaxed) >= 1).await;
+    let mut requester = TestClient::connect(
+        broker.port,
+        "requester-tls",
+        &[("tls/reply", QoS::AtLeastOnce)],
+    )
+    .await;
+    let props = PublishProperties {
+        response_topic: Some("tls/reply".into()),
+        ..PublishProperties::default()
+    };
+    requester
+        .client
+        .publish_with_properties("tls/req", QoS::AtLeastOnce, false, "over tls", props)
+        .await
+        .unwrap();
+    let got = requester.collect(|g| !g.is_empty()).await;
+    assert_eq!(&got[0].payload[..], b"over tls");
+    host.stop().await;
+}
+
+#[test]
+fn refused_credentials_are_logged_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = dir.path().join("passwords");
+    let status = Command::new("mosquitto_passwd")
+        .args(["-c", "-b"])
+        .arg(&passwords)
+        .args(["gw", "right"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let port = free_port();
+    let _broker = Mosquitto::start_with(
+        dir.path(),
+        port,
+        &format!(
+            "allow_anonymous false\npassword_file {}\n",
+            passwords.display()
+        ),
+        &[],
+    );
+    let file = dir.path().join("wasmgate.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[gateway]\nstate_dir = \"{state}\"\n[mqtt]\nbroker = \"mqtt://127.0.0.1:{port}\"\n\
+             username = \"gw\"\npassword = \"wrong\"\n[component.hostile]\nsource = \"{HOSTILE}\"\n\
+             [[trigger.mqtt]]\ncomponent = \"hostile\"\ntopic = \"ok\"\n",
+            state = dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let (mut host, lines) = spawn_host(file.to_str().unwrap());
+    wait_line(&lines, "check mqtt.username and mqtt.password");
+    host.kill().unwrap();
+    host.wait().unwrap();
 }

@@ -768,22 +768,26 @@ async fn dispatch(
                 None => break,
             },
         };
-        if arrival.expires.is_some_and(|t| Instant::now() >= t) {
-            shared.stats.expired.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(topic = %arrival.message.topic, "message expired before delivery; not delivered");
-            if let Some((generation, seq, pkid)) = arrival.ack {
-                for _ in &arrival.routes {
-                    shared.settle(generation, seq, pkid);
-                }
-            }
-            continue;
-        }
+        let mut expired = false;
         for &r in &arrival.routes {
             let permit = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break 'arrivals,
                 p = slots[r].clone().acquire_owned() => p.expect("semaphore never closes"),
             };
+            // Checked once the message's turn has come: the wait for a slot
+            // is where it ages.
+            if arrival.expires.is_some_and(|t| Instant::now() >= t) {
+                if !expired {
+                    expired = true;
+                    shared.stats.expired.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(topic = %arrival.message.topic, "message expired before delivery; not delivered");
+                }
+                if let Some((generation, seq, pkid)) = arrival.ack {
+                    shared.settle(generation, seq, pkid);
+                }
+                continue;
+            }
             let spec = specs[r].clone();
             let shared = shared.clone();
             let dead_letters = dead_letters.clone();
