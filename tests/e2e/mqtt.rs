@@ -901,3 +901,75 @@ fn refused_credentials_are_logged_naming_the_setting() {
     host.kill().unwrap();
     host.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_messages_in_flight_finish_and_acks_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let file = dir.path().join("wasmgate.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[gateway]\nname = \"drain-host\"\nstate_dir = \"{state}\"\n[mqtt]\nbroker = \"{url}\"\n\
+             [component.hostile]\nsource = \"{HOSTILE}\"\n\
+             [[trigger.mqtt]]\ncomponent = \"hostile\"\ntopic = \"sleep\"\nmax_in_flight = 4\n",
+            state = dir.path().join("state").display(),
+            url = broker.url(),
+        ),
+    )
+    .unwrap();
+    let file = file.to_str().unwrap().to_string();
+    let run = |file: String| {
+        let mut host = wasmgate()
+            .args(["up", "-f", &file, "--log-format", "json"])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(host.stderr.take().unwrap()).lines();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        (host, rx)
+    };
+    let (host, lines) = run(file.clone());
+    wait_line(&lines, "MQTT subscribed");
+    let publisher = TestClient::connect(broker.port, "pub-drain", &[]).await;
+    for _ in 0..3 {
+        publisher.publish("sleep", QoS::AtLeastOnce, "2000").await;
+    }
+    // Let the three handlers start (they sleep 2 s), then ask the host to stop.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &host.id().to_string()])
+        .status();
+    let stop = |mut host: Child, lines: std::sync::mpsc::Receiver<String>| {
+        let code = host.wait().unwrap().code();
+        let invocations: Vec<serde_json::Value> = lines
+            .into_iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+            .filter(|v| v["message"] == "invocation")
+            .collect();
+        (code, invocations)
+    };
+    let (code, invocations) = stop(host, lines);
+    assert_eq!(code, Some(0));
+    assert_eq!(invocations.len(), 3, "the in-flight messages finished");
+    assert!(invocations.iter().all(|v| v["outcome"] == "ok"));
+    // Their acks went out before the disconnect: a restarted host (same
+    // session) gets nothing redelivered.
+    let (host, lines) = run(file);
+    wait_line(&lines, "MQTT subscribed");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &host.id().to_string()])
+        .status();
+    let (code, invocations) = stop(host, lines);
+    assert_eq!(code, Some(0));
+    assert!(invocations.is_empty(), "redelivered: {invocations:?}");
+}
