@@ -973,3 +973,52 @@ async fn sigterm_lets_messages_in_flight_finish_and_acks_them() {
     assert_eq!(code, Some(0));
     assert!(invocations.is_empty(), "redelivered: {invocations:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_empty_and_large_payloads_arrive_intact_and_oversized_ones_are_not_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let mut replies = TestClient::connect(
+        broker.port,
+        "replies-size",
+        &[("size/+/reply", QoS::AtLeastOnce)],
+    )
+    .await;
+    let specs = vec![spec(ECHO_MQTT, &["size/+/reply"], "size/+", 1, 4)];
+    let host = Running::start(&broker.url(), "host-size", specs, None).await;
+    let publisher = TestClient::connect(broker.port, "pub-size", &[]).await;
+    let binary: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+    let large: Vec<u8> = (0..900 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    // Past the 1 MiB Maximum Packet Size the host announces: the broker
+    // does not send it.
+    let oversized = vec![0xAB; 2 * 1024 * 1024];
+    publisher
+        .publish("size/empty", QoS::AtLeastOnce, Vec::new())
+        .await;
+    publisher
+        .publish("size/binary", QoS::AtLeastOnce, binary.clone())
+        .await;
+    publisher
+        .publish("size/oversized", QoS::AtLeastOnce, oversized)
+        .await;
+    publisher
+        .publish("size/large", QoS::AtLeastOnce, large.clone())
+        .await;
+    let got = replies.collect(|g| g.len() == 3).await;
+    let by_topic = |t: &str| {
+        got.iter()
+            .find(|p| p.topic == t.as_bytes())
+            .unwrap_or_else(|| panic!("no reply on {t}"))
+            .payload
+            .to_vec()
+    };
+    assert_eq!(by_topic("size/empty/reply"), Vec::<u8>::new());
+    assert_eq!(by_topic("size/binary/reply"), binary);
+    assert_eq!(by_topic("size/large/reply"), large);
+    assert_eq!(
+        host.stats.received.load(Relaxed),
+        3,
+        "the oversized one never came"
+    );
+    host.stop().await;
+}
