@@ -21,10 +21,12 @@
 //!   was rejected or ran out of retries and its dead letter is committed —
 //!   and only after every message that arrived before it ([`AckTracker`]).
 //!   A delivery that could not be settled (its dead letter could not be
-//!   written) is never acknowledged: the broker redelivers it after the next
-//!   reconnect. Acknowledgements of a connection that dropped are discarded,
-//!   never sent on the next one (packet ids there mean other messages); the
-//!   broker redelivers those messages instead (at least once).
+//!   written) is never acknowledged: it is delivered again every
+//!   [`UNSETTLED_RETRY`] until it settles, or, if the host stops first, the
+//!   broker redelivers it at the next start. Acknowledgements of a
+//!   connection that dropped are discarded, never sent on the next one
+//!   (packet ids there mean other messages); the broker redelivers those
+//!   messages instead (at least once).
 //! - **Guest publishes**: the messages a handler published (after the ACL
 //!   check in [`crate::invoke`]) are sent once the handler succeeded, before
 //!   the acknowledgement of the message it handled, with their QoS, retain
@@ -74,6 +76,9 @@ pub const DEFAULT_MAX_IN_FLIGHT: u32 = 16;
 /// QoS 0 messages that may wait for dispatch; past it new ones are dropped
 /// (counted): QoS 0 is at most once, and the broker applies no bound to it.
 pub const QOS0_BUFFER: usize = 1024;
+/// How long a delivery whose dead letter could not be written waits before
+/// it is delivered again.
+pub const UNSETTLED_RETRY: Duration = Duration::from_secs(5);
 /// Reconnect backoff: first delay.
 pub const RECONNECT_INITIAL: Duration = Duration::from_millis(100);
 /// Reconnect backoff: longest delay.
@@ -303,7 +308,8 @@ pub struct MqttStats {
     pub succeeded: AtomicU64,
     /// Deliveries that failed for good (dead-lettered).
     pub failed: AtomicU64,
-    /// Deliveries that failed and could not be dead-lettered (left unacknowledged).
+    /// Deliveries that failed and could not be dead-lettered (each is
+    /// delivered again until it settles).
     pub unsettled: AtomicU64,
     /// Messages not delivered because their message expiry passed.
     pub expired: AtomicU64,
@@ -793,17 +799,34 @@ async fn dispatch(
             let dead_letters = dead_letters.clone();
             let message = arrival.message.clone();
             let ack = arrival.ack;
+            let shutdown = shutdown.clone();
             let delivery = async move {
                 let trigger = format!("mqtt:{}", spec.filter.raw);
-                let d = deliver(
-                    &spec.component,
-                    Event::Mqtt(message),
-                    InvocationContext::new(trigger),
-                    &spec.retry,
-                    dead_letters.as_deref(),
-                )
-                .await;
                 let stats = &shared.stats;
+                let d = loop {
+                    let d = deliver(
+                        &spec.component,
+                        Event::Mqtt(message.clone()),
+                        InvocationContext::new(trigger.clone()),
+                        &spec.retry,
+                        dead_letters.as_deref(),
+                    )
+                    .await;
+                    if d.settled || shutdown.is_cancelled() {
+                        break d;
+                    }
+                    // The dead letter could not be written (a full disk?).
+                    // Acking would lose the message and not acking holds back
+                    // every later ack, so deliver it again until it settles;
+                    // on shutdown it stays unacknowledged and the broker
+                    // redelivers it at the next start.
+                    stats.unsettled.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(component = %spec.component.name, trigger = %spec.label, retry_in_s = UNSETTLED_RETRY.as_secs(), "the message failed and could not be dead-lettered; it stays unacknowledged and is delivered again");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break d,
+                        _ = tokio::time::sleep(UNSETTLED_RETRY) => {}
+                    }
+                };
                 stats
                     .publish_denied
                     .fetch_add(d.outcome.publish_denied, Ordering::Relaxed);
@@ -841,8 +864,6 @@ async fn dispatch(
                     stats.failed.fetch_add(1, Ordering::Relaxed);
                 }
                 if !d.settled {
-                    stats.unsettled.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(component = %spec.component.name, trigger = %spec.label, "the message failed and could not be dead-lettered; it stays unacknowledged and the broker redelivers it after a reconnect");
                     drop(permit);
                     return;
                 }
