@@ -1022,3 +1022,29 @@ async fn binary_empty_and_large_payloads_arrive_intact_and_oversized_ones_are_no
     );
     host.stop().await;
 }
+
+#[test]
+fn an_unreadable_certificate_stops_up_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wasmgate.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[gateway]\nstate_dir = \"{state}\"\n[mqtt]\nbroker = \"mqtts://127.0.0.1:8883\"\n\
+             ca = \"missing-ca.pem\"\n[component.hostile]\nsource = \"{HOSTILE}\"\n\
+             [[trigger.mqtt]]\ncomponent = \"hostile\"\ntopic = \"ok\"\n",
+            state = dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let out = wasmgate()
+        .args(["up", "-f", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("mqtt.ca: cannot read") && stderr.contains("missing-ca.pem"),
+        "{stderr}"
+    );
+}
