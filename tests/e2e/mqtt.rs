@@ -922,6 +922,7 @@ async fn sigterm_lets_messages_in_flight_finish_and_acks_them() {
     let run = |file: String| {
         let mut host = wasmgate()
             .args(["up", "-f", &file, "--log-format", "json"])
+            .env("WASMGATE_LOG", "info,wasmgate::trigger::mqtt=debug")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -943,8 +944,10 @@ async fn sigterm_lets_messages_in_flight_finish_and_acks_them() {
     for _ in 0..3 {
         publisher.publish("sleep", QoS::AtLeastOnce, "2000").await;
     }
-    // Let the three handlers start (they sleep 2 s), then ask the host to stop.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Once the three handlers run (they sleep 2 s), ask the host to stop.
+    for _ in 0..3 {
+        wait_line(&lines, "MQTT delivery started");
+    }
     let _ = Command::new("kill")
         .args(["-TERM", &host.id().to_string()])
         .status();

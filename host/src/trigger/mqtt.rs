@@ -872,6 +872,7 @@ async fn dispatch(
                 }
                 drop(permit);
             };
+            tracing::debug!(trigger = %specs[r].label, topic = %arrival.message.topic, "MQTT delivery started");
             inflight.spawn(tasks.track_future(delivery));
         }
     }
