@@ -160,6 +160,16 @@ pub fn client_options(m: &Manifest) -> Result<Option<(MqttOptions, u16)>, String
         .ok_or_else(|| {
             "mqtt.broker: the embedded broker is not available yet: set broker = \"mqtt://host:1883\" (e.g. a local Mosquitto)".to_string()
         })?;
+    client_options_for(m, &url).map(Some)
+}
+
+/// The client options of a manifest's `[mqtt]` (which must be present) for
+/// the broker at `url` — e.g. an embedded broker's listening address.
+pub fn client_options_for(m: &Manifest, url: &BrokerUrl) -> Result<(MqttOptions, u16), String> {
+    let c = m
+        .mqtt
+        .as_ref()
+        .ok_or_else(|| "the manifest has no [mqtt] section".to_string())?;
     let client_id = c
         .client_id
         .as_ref()
@@ -199,7 +209,7 @@ pub fn client_options(m: &Manifest) -> Result<Option<(MqttOptions, u16)>, String
     if url.tls {
         o.set_transport(Transport::tls_with_config(tls_config(m, c)?.into()));
     }
-    Ok(Some((o, receive_maximum)))
+    Ok((o, receive_maximum))
 }
 
 fn tls_config(
