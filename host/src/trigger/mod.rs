@@ -5,9 +5,10 @@
 //! `CancellationToken` is cancelled and spawn their deliveries on a shared
 //! `TaskTracker`, so `wasmgate up` can stop accepting work and then drain.
 //!
-//! Built so far: [`timer`]. HTTP and MQTT follow.
+//! Built so far: [`timer`] and [`http`]. MQTT follows.
 
 pub mod clock;
+pub mod http;
 pub mod schedule;
 pub mod state;
 pub mod timer;
