@@ -15,6 +15,7 @@ const GUESTS: &[&str] = &[
     "hostile",
     "counter",
     "fetch-http",
+    "wasi-hello",
 ];
 
 fn main() {
