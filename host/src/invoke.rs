@@ -717,8 +717,6 @@ impl Invocable {
         )
         .await;
         let mut outcome = self.finish(&mut run, ctx, started, result);
-        let data = run.store.into_data();
-        outcome.published = data.publish.published;
         outcome.http_response = http_response;
         outcome
     }

@@ -16,6 +16,7 @@ const GUESTS: &[&str] = &[
     "counter",
     "fetch-http",
     "wasi-hello",
+    "http-probe",
 ];
 
 fn main() {

@@ -4,6 +4,7 @@
 mod cache;
 mod cli;
 mod dlq;
+mod http;
 mod limits;
 mod manifest;
 mod timer;
