@@ -21,8 +21,10 @@
 //!   those that fail for good to [`deadletter`], the durable dead-letter store
 //!   behind `wasmgate dlq`; [`queue`] is the durable queue behind
 //!   `wasmgate invoke --async`.
-//! - [`trigger`] holds the event sources: the timer trigger (cron and
-//!   intervals, time zones, overlap and catch-up policies) so far.
+//! - [`trigger`] holds the event sources: the HTTP trigger (listener, TLS,
+//!   the pure ALB-style router, the wasi:http bridge with instance reuse)
+//!   and the timer trigger (cron and intervals, time zones, overlap and
+//!   catch-up policies).
 //! - [`topic`] is MQTT topic-filter validation and matching (pure logic).
 //! - [`cli`] is the `wasmgate` command line.
 

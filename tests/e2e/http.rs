@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use wasmgate_test_artifacts::{FETCH_HTTP, HELLO_HTTP, HTTP_PROBE};
+use wasmgate_test_artifacts::{FETCH_HTTP, HELLO_HTTP, HTTP_PROBE, WASI_HELLO};
 
 /// A running `wasmgate up` with an HTTP listener.
 struct Server {
@@ -803,4 +803,33 @@ async fn curl_over_plain_http_and_h2c() {
             "{flag}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_guest_built_with_the_upstream_wasi_crate_runs_unchanged() {
+    let server = Server::start(&format!(
+        "[component.upstream]\nsource = \"{WASI_HELLO}\"\n[[trigger.http]]\npriority = 1\ncomponent = \"upstream\"\n"
+    ));
+    let c = client();
+    let r = c
+        .get(server.url("/greet?x=1"))
+        .header("x-echo", "round trip")
+        .send()
+        .await
+        .unwrap();
+    let (status, headers, body) = text(r).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-echo"], "round trip");
+    assert!(has_id(&headers));
+    assert_eq!(body, "hello from an upstream wasi guest: GET /greet?x=1\n");
+    // A body larger than one pipe buffer streams in and back out.
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let r = c
+        .post(server.url("/body"))
+        .body(payload.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), payload.as_slice());
 }
