@@ -282,10 +282,17 @@ max_body = "4KiB"
 
 [component.probe]
 source = "{HTTP_PROBE}"
-limits = {{ fuel = 50_000_000, memory = "8MiB", timeout = "700ms", concurrency = 1 }}
+limits = {{ fuel = 50_000_000, memory = "8MiB", timeout = "700ms" }}
+[component.single]
+source = "{HTTP_PROBE}"
+limits = {{ timeout = "10s", concurrency = 1 }}
 
 [[trigger.http]]
 priority = 1
+path = "/single/*"
+component = "single"
+[[trigger.http]]
+priority = 2
 component = "probe"
 "#
     ));
@@ -357,12 +364,14 @@ component = "probe"
     // Concurrency 1: a second request while one sleeps is turned away.
     let slow = tokio::spawn({
         let c = c.clone();
-        let url = server.url("/sleep?ms=400");
+        let url = server.url("/single/sleep?ms=1500");
         async move { c.get(url).send().await.unwrap().status().as_u16() }
     });
+    // Let the slow request take the only slot first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let busy = loop {
-        let r = c.get(server.url("/x")).send().await.unwrap();
+        let r = c.get(server.url("/single/x")).send().await.unwrap();
         if r.status() == 503 || Instant::now() > deadline {
             break r;
         }
@@ -412,9 +421,11 @@ async fn malformed_and_slow_clients_get_errors_and_the_listener_goes_on() {
 [http]
 listen = "127.0.0.1:0"
 header_timeout = "1s"
+request_timeout = "1s"
 
 [component.probe]
 source = "{HTTP_PROBE}"
+limits = {{ timeout = "20s" }}
 
 [[trigger.http]]
 priority = 1
@@ -452,6 +463,11 @@ component = "probe"
             b"GET / HTTP/1.1\r\nhost: h\xe9st\r\nconnection: close\r\n\r\n",
             Duration::from_secs(5),
         ));
+        got.push(raw(
+            addr,
+            b"GET /caf\xe9 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        ));
         got
     })
     .await
@@ -472,9 +488,107 @@ component = "probe"
     assert!(got[4].starts_with("HTTP/1.1 200"), "{}", got[4]);
     assert!(got[4].contains("x-raw: caf\u{fffd}"), "{}", got[4]);
     assert!(got[5].starts_with("HTTP/1.1 400"), "{}", got[5]);
+    assert!(
+        got[6].starts_with("HTTP/1.1 400"),
+        "non-UTF-8 path: {}",
+        got[6]
+    );
+
+    // The request timeout answers 504 while the guest would still run.
+    let r = client()
+        .get(server.url("/sleep?ms=5000"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(has_id(r.headers()));
 
     let (status, _, body) = text(client().get(server.url("/ok")).send().await.unwrap()).await;
     assert_eq!((status, body.as_str()), (200, "probe GET /ok\n"));
+    let logs = server.logs();
+    assert!(logs.contains("connection ended with an error"), "{logs}");
+    assert!(logs.contains("request timed out"), "{logs}");
+}
+
+#[tokio::test]
+async fn past_max_connections_clients_wait_for_a_free_connection() {
+    let server = Server::start(&format!(
+        r#"
+[http]
+listen = "127.0.0.1:0"
+max_connections = 1
+
+[component.probe]
+source = "{HTTP_PROBE}"
+
+[[trigger.http]]
+priority = 1
+component = "probe"
+"#
+    ));
+    let addr = server.addr;
+    tokio::task::spawn_blocking(move || {
+        // The first client holds the only connection without sending.
+        let holder = TcpStream::connect(addr).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let mut waiting = TcpStream::connect(addr).unwrap();
+        waiting
+            .write_all(b"GET /second HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        waiting
+            .set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let early = waiting.read(&mut buf);
+        assert!(
+            early.is_err(),
+            "served while the only connection was taken: {early:?}"
+        );
+        drop(holder);
+        waiting
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut out = Vec::new();
+        waiting.read_to_end(&mut out).unwrap();
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.contains("probe GET /second\n"), "{out}");
+    })
+    .await
+    .unwrap();
+}
+
+#[test]
+fn bad_tls_files_stop_up_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("not.pem"), "hello\n").unwrap();
+    let cases = [
+        (
+            "cert = \"missing.pem\"\nkey = \"not.pem\"",
+            "http.tls.cert: ",
+        ),
+        (
+            "cert = \"not.pem\"\nkey = \"not.pem\"",
+            "contains no PEM certificate",
+        ),
+    ];
+    for (tls, want) in cases {
+        let path = dir.path().join("wasmgate.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[http]\nlisten = \"127.0.0.1:0\"\n[http.tls]\n{tls}\n[component.hello]\nsource = \"{HELLO_HTTP}\"\n[[trigger.http]]\npriority = 1\ncomponent = \"hello\"\n"
+            ),
+        )
+        .unwrap();
+        let out = wasmgate()
+            .args(["up", "-f", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(want), "{want:?} not in {stderr}");
+    }
 }
 
 #[tokio::test]
@@ -558,7 +672,7 @@ component = "probe"
     let c = client();
     let in_flight = tokio::spawn({
         let c = c.clone();
-        let url = server.url("/sleep?ms=1500");
+        let url = server.url("/single/sleep?ms=1500");
         async move { text(c.get(url).send().await.unwrap()).await }
     });
     // Give the request time to reach the guest, then ask the host to stop.

@@ -181,7 +181,7 @@ impl HttpServer {
                     }
                 };
                 if let Err(e) = result {
-                    tracing::debug!(peer = %peer, error = %e, "http: connection ended with an error");
+                    tracing::info!(peer = %peer, error = %e, "http: connection ended with an error");
                 }
                 drop(permit);
             });
