@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use wasmgate_test_artifacts::{FETCH_HTTP, HELLO_HTTP, HTTP_PROBE, WASI_HELLO};
+use wasmgate_test_artifacts::{FETCH_HTTP, HELLO_HTTP, HTTP_PROBE, TICK_TIMER, WASI_HELLO};
 
 /// A running `wasmgate up` with an HTTP listener.
 struct Server {
@@ -946,4 +946,106 @@ async fn a_guest_built_with_the_upstream_wasi_crate_runs_unchanged() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap().as_ref(), payload.as_slice());
+}
+
+/// A small tmpfs mounted for the test's lifetime.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// The state directory fills up while a timer keeps failing: the dead
+/// letters that cannot be written are reported (with a running count), HTTP
+/// goes on, and once space is free dead letters are written again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_reported_and_http_keeps_serving() {
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "cannot mount a tmpfs at {}",
+        state.display()
+    );
+    let _mount = Tmpfs(state.clone());
+    let server = Server::start_in(
+        dir,
+        &format!(
+            r#"
+[component.hello]
+source = "{HELLO_HTTP}"
+[component.tick]
+source = "{TICK_TIMER}"
+env = {{ TICK_FAIL = "sensor offline" }}
+
+[[trigger.http]]
+priority = 1
+component = "hello"
+
+[[trigger.timer]]
+component = "tick"
+every = "300ms"
+retry = {{ attempts = 1 }}
+"#
+        ),
+    );
+    let wait_for = |text: &str, after: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let logs = server.logs();
+            if logs[after.min(logs.len())..].contains(text) {
+                return logs.len();
+            }
+            assert!(Instant::now() < deadline, "{text:?} never logged:\n{logs}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let mark = wait_for("event dead-lettered", 0);
+
+    // Fill the disk.
+    let filler = state.join("filler");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 16 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let mark = wait_for("could not be dead-lettered", mark);
+    assert!(
+        server.logs().contains("\"write_failures\":"),
+        "no failure count logged"
+    );
+    let c = client();
+    for _ in 0..5 {
+        let r = c.get(server.url("/still-serving")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    // Space again: dead letters are written again.
+    std::fs::remove_file(&filler).unwrap();
+    wait_for("event dead-lettered", mark);
+    let r = c.get(server.url("/after")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
 }
