@@ -25,9 +25,13 @@
 //!   the pure ALB-style router, the wasi:http bridge with instance reuse)
 //!   and the timer trigger (cron and intervals, time zones, overlap and
 //!   catch-up policies).
+//! - `broker` (feature `embedded-broker`, on by default) is the embedded MQTT
+//!   broker for `[mqtt] broker = "embedded"`.
 //! - [`topic`] is MQTT topic-filter validation and matching (pure logic).
 //! - [`cli`] is the `wasmgate` command line.
 
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
 pub mod cli;
 pub mod component;
 pub mod deadletter;

@@ -1,6 +1,8 @@
 //! End-to-end tests: real guests built from `guests/`, the real `wasmgate`
 //! binary, and the host library's invocation path.
 
+#[cfg(feature = "embedded-broker")]
+mod broker;
 mod cache;
 mod cli;
 mod dlq;
