@@ -374,7 +374,7 @@ fn check(args: CheckArgs) -> Result<ExitCode, Fatal> {
         let path = x
             .path
             .as_ref()
-            .map_or("/*".to_string(), |p| p.get_ref().clone());
+            .map_or("/*".to_string(), |p| p.get_ref().values().join(","));
         let methods: Vec<&str> = x.methods.iter().map(|m| m.get_ref().as_str()).collect();
         let methods = if methods.is_empty() {
             "ANY".to_string()
@@ -382,9 +382,15 @@ fn check(args: CheckArgs) -> Result<ExitCode, Fatal> {
             methods.join(",")
         };
         println!(
-            "trigger.http[{i}] {methods} {path} -> {}",
-            x.component.get_ref()
+            "trigger.http[{i}] priority {} {methods} {path} -> {}",
+            x.priority.get_ref(),
+            x.action_text()
         );
+    }
+    if let Ok(router) = crate::trigger::http::router::Router::build(m) {
+        for warning in router.warnings() {
+            println!("warning: {warning}");
+        }
     }
     for (i, x) in t.mqtt.iter().enumerate() {
         println!(
@@ -606,9 +612,6 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
     };
     let gateway = Gateway::load(manifest, options)?;
     let m = &gateway.manifest;
-    for (i, t) in m.triggers.http.iter().enumerate() {
-        tracing::warn!(trigger = %format!("trigger.http[{i}]"), component = %t.component.get_ref(), "the HTTP trigger is not part of this build yet; this route is not served");
-    }
     // Without `[mqtt]` the broker defaults to "embedded" too.
     let embedded = m
         .mqtt
@@ -637,6 +640,23 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
         Arc::new(EventQueue::open(&m.state_dir().join(crate::queue::FILE_NAME)).map_err(Fatal)?);
     let tasks = TaskTracker::new();
     let shutdown = CancellationToken::new();
+    let http = crate::trigger::http::HttpServer::bind(&gateway)
+        .await
+        .map_err(Fatal)?;
+    let mut http_drain = std::time::Duration::ZERO;
+    if let Some(server) = http {
+        let addr = server
+            .local_addr()
+            .map_err(|e| Fatal(format!("http.listen: {e}")))?;
+        http_drain = m.http.clone().unwrap_or_default().limits().drain_timeout;
+        tracing::info!(
+            address = %addr,
+            scheme = if server.is_tls() { "https" } else { "http" },
+            rules = m.triggers.http.len(),
+            "http listening"
+        );
+        tasks.spawn(server.run(shutdown.clone()));
+    }
     tasks.spawn(crate::queue::consume(
         queue,
         gateway.components.clone(),
@@ -675,7 +695,7 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
     );
     shutdown.cancel();
     tasks.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait())
+    if tokio::time::timeout(DRAIN_TIMEOUT.max(http_drain), tasks.wait())
         .await
         .is_err()
     {

@@ -199,8 +199,13 @@ async fn dead_letter(
                 true
             }
             Err(e) => {
+                let write_failures = store
+                    .stats()
+                    .write_failures
+                    .load(std::sync::atomic::Ordering::Relaxed);
                 tracing::error!(
                     %id, component = %invocable.name, %trigger, ?condition, attempts, %outcome, error = %e,
+                    write_failures,
                     "event failed and could not be dead-lettered"
                 );
                 false

@@ -78,7 +78,11 @@ impl Gateway {
             t.http
                 .iter()
                 .enumerate()
-                .map(|(i, x)| (format!("trigger.http[{i}]"), &x.component, Handler::Http))
+                .flat_map(|(i, x)| {
+                    x.components()
+                        .into_iter()
+                        .map(move |c| (format!("trigger.http[{i}]"), c, Handler::Http))
+                })
                 .chain(
                     t.mqtt
                         .iter()

@@ -531,6 +531,39 @@ impl Outcome {
     }
 }
 
+/// A store for one invocation (or, with reuse, for several in a row).
+pub(crate) struct StoreRun {
+    pub(crate) store: Store<State>,
+    stdout: CapturedOutput,
+    stderr: CapturedOutput,
+    /// When the current invocation's time is up.
+    pub(crate) deadline: Instant,
+}
+
+impl StoreRun {
+    /// Gives the store a full fuel budget and a deadline `limits.timeout`
+    /// after `started`, enforced through epoch interruption.
+    pub(crate) fn arm(&mut self, invocable: &Invocable, started: Instant) {
+        let limits = invocable.limits;
+        if invocable.fuel {
+            self.store
+                .set_fuel(limits.fuel)
+                .expect("fuel is enabled on this engine");
+        }
+        let deadline = started + limits.timeout;
+        self.deadline = deadline;
+        self.store.data_mut().limiter.breached = false;
+        self.store.set_epoch_deadline(1);
+        self.store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Err(DeadlineExceeded.into())
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+    }
+}
+
 /// A component ready to be invoked: its pre-instantiated code, limits,
 /// grants, and concurrency slots.
 pub struct Invocable {
@@ -606,29 +639,7 @@ impl Invocable {
         admission: Admission,
     ) -> Outcome {
         let outcome = self.invoke_quiet(event, ctx, admission).await;
-        tracing::info!(
-            target: "wasmgate::invocation",
-            id = %outcome.invocation_id,
-            component = %outcome.component,
-            trigger = %outcome.trigger,
-            attempt = outcome.attempt,
-            outcome = outcome.status.name(),
-            duration_us = outcome.duration_us,
-            fuel = outcome.fuel_consumed,
-            memory_peak = outcome.memory_peak_bytes,
-            "invocation"
-        );
-        for (stream, text) in [("stdout", &outcome.stdout), ("stderr", &outcome.stderr)] {
-            for line in text.lines() {
-                tracing::info!(
-                    target: "wasmgate::guest",
-                    id = %outcome.invocation_id,
-                    component = %outcome.component,
-                    stream,
-                    "{line}"
-                );
-            }
-        }
+        log_outcome(&outcome);
         outcome
     }
 
@@ -691,7 +702,41 @@ impl Invocable {
 
     async fn run(&self, event: Event, ctx: &InvocationContext, started: Instant) -> Outcome {
         let _ticking = self.ticker.busy();
-        let limits = self.limits;
+        let response_topic = match &event {
+            Event::Mqtt(m) => m.response_topic.clone(),
+            _ => None,
+        };
+        let mut run = self.new_store(response_topic);
+        run.arm(self, started);
+        let wit_ctx = self.wit_invocation(ctx, started);
+        let mut http_response = None;
+        let remaining = run.deadline.saturating_duration_since(Instant::now());
+        let result = tokio::time::timeout(
+            remaining,
+            self.call(&mut run.store, event, &wit_ctx, &mut http_response),
+        )
+        .await;
+        let mut outcome = self.finish(&mut run, ctx, started, result);
+        outcome.http_response = http_response;
+        outcome
+    }
+
+    /// The `invocation` record the guest sees.
+    pub(crate) fn wit_invocation(&self, ctx: &InvocationContext, started: Instant) -> Invocation {
+        Invocation {
+            id: ctx.id.clone(),
+            component: self.name.clone(),
+            trigger: ctx.trigger.clone(),
+            attempt: ctx.attempt,
+            deadline_ms: unix_ms(
+                SystemTime::now() + self.limits.timeout.saturating_sub(started.elapsed()),
+            ),
+        }
+    }
+
+    /// A new store with its own WASI context, output capture, memory
+    /// limiter and publish state. [`StoreRun::arm`] sets fuel and deadline.
+    pub(crate) fn new_store(&self, response_topic: Option<String>) -> StoreRun {
         let stdout = CapturedOutput::new(OUTPUT_CAPTURE_BYTES);
         let stderr = CapturedOutput::new(OUTPUT_CAPTURE_BYTES);
         let wasi = WasiCtx::builder()
@@ -705,10 +750,6 @@ impl Invocable {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
-        let response_topic = match &event {
-            Event::Mqtt(m) => m.response_topic.clone(),
-            _ => None,
-        };
         let state = State {
             wasi,
             table: ResourceTable::new(),
@@ -717,7 +758,7 @@ impl Invocable {
                 allowed: self.outbound_http.clone(),
             },
             limiter: MemoryLimiter {
-                limit: limits.memory,
+                limit: self.limits.memory,
                 current: 0,
                 peak: 0,
                 breached: false,
@@ -732,40 +773,28 @@ impl Invocable {
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
-        if self.fuel {
-            store
-                .set_fuel(limits.fuel)
-                .expect("fuel is enabled on this engine");
+        StoreRun {
+            store,
+            stdout,
+            stderr,
+            deadline: Instant::now(),
         }
-        let deadline = started + limits.timeout;
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            if Instant::now() >= deadline {
-                Err(DeadlineExceeded.into())
-            } else {
-                Ok(UpdateDeadline::Yield(1))
-            }
-        });
-        let wit_ctx = Invocation {
-            id: ctx.id.clone(),
-            component: self.name.clone(),
-            trigger: ctx.trigger.clone(),
-            attempt: ctx.attempt,
-            deadline_ms: unix_ms(
-                SystemTime::now() + limits.timeout.saturating_sub(started.elapsed()),
-            ),
-        };
+    }
 
-        let mut http_response = None;
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let result = tokio::time::timeout(
-            remaining,
-            self.call(&mut store, event, &wit_ctx, &mut http_response),
-        )
-        .await;
-
+    /// Turns the result of a call into an [`Outcome`]; takes the captured
+    /// output and the publish counters (the store stays usable).
+    pub(crate) fn finish(
+        &self,
+        run: &mut StoreRun,
+        ctx: &InvocationContext,
+        started: Instant,
+        result: Result<wasmtime::Result<Result<(), HandlerError>>, tokio::time::error::Elapsed>,
+    ) -> Outcome {
+        let limits = self.limits;
         let fuel_consumed = if self.fuel {
-            limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0))
+            limits
+                .fuel
+                .saturating_sub(run.store.get_fuel().unwrap_or(0))
         } else {
             0
         };
@@ -782,11 +811,11 @@ impl Invocable {
                 kind: HandlerErrorKind::Reject,
                 message,
             },
-            Ok(Err(e)) => classify(&e, &limits, store.data().limiter.breached),
+            Ok(Err(e)) => classify(&e, &limits, run.store.data().limiter.breached),
         };
-        let (out, out_dropped) = stdout.take();
-        let (err, err_dropped) = stderr.take();
-        let data = store.into_data();
+        let (out, out_dropped) = run.stdout.take();
+        let (err, err_dropped) = run.stderr.take();
+        let data = run.store.data_mut();
         Outcome {
             fuel_consumed,
             memory_peak_bytes: data.limiter.peak,
@@ -794,11 +823,44 @@ impl Invocable {
             stderr: String::from_utf8_lossy(&err).into_owned(),
             stdout_dropped_bytes: out_dropped,
             stderr_dropped_bytes: err_dropped,
-            published: data.publish.published,
-            publish_denied: data.publish.denied,
-            http_response,
+            published: std::mem::take(&mut data.publish.published),
+            publish_denied: std::mem::take(&mut data.publish.denied),
+            http_response: None,
             ..self.bare_outcome(ctx, status, started)
         }
+    }
+
+    /// The outcome of an invocation refused for want of a concurrency slot.
+    pub(crate) fn throttled(&self, ctx: &InvocationContext) -> Outcome {
+        self.bare_outcome(
+            ctx,
+            Status::Throttled {
+                concurrency: self.limits.concurrency,
+            },
+            Instant::now(),
+        )
+    }
+
+    /// A concurrency slot, if one is free.
+    pub(crate) fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        self.invocations.fetch_add(1, Ordering::Relaxed);
+        Some(permit)
+    }
+
+    /// The pre-instantiated component.
+    pub(crate) fn pre(&self) -> &InstancePre<State> {
+        &self.pre
+    }
+
+    /// The `wasi:http/incoming-handler` export, if the component has one.
+    pub(crate) fn http_indices(&self) -> Option<&HttpHandlerIndices> {
+        self.http.as_ref()
+    }
+
+    /// Keeps the engine's epoch ticker running while the guard lives.
+    pub(crate) fn ticking(&self) -> crate::engine::TickerGuard {
+        self.ticker.busy()
     }
 
     /// Instantiates and calls the handler for `event`. The outer `Result` is a
@@ -898,6 +960,34 @@ impl Invocable {
                     )),
                 }
             }
+        }
+    }
+}
+
+/// Logs one line with an invocation's outcome, then the guest's output, one
+/// line each, tagged with the invocation id.
+pub fn log_outcome(outcome: &Outcome) {
+    tracing::info!(
+        target: "wasmgate::invocation",
+        id = %outcome.invocation_id,
+        component = %outcome.component,
+        trigger = %outcome.trigger,
+        attempt = outcome.attempt,
+        outcome = outcome.status.name(),
+        duration_us = outcome.duration_us,
+        fuel = outcome.fuel_consumed,
+        memory_peak = outcome.memory_peak_bytes,
+        "invocation"
+    );
+    for (stream, text) in [("stdout", &outcome.stdout), ("stderr", &outcome.stderr)] {
+        for line in text.lines() {
+            tracing::info!(
+                target: "wasmgate::guest",
+                id = %outcome.invocation_id,
+                component = %outcome.component,
+                stream,
+                "{line}"
+            );
         }
     }
 }

@@ -21,13 +21,18 @@
 //!   those that fail for good to [`deadletter`], the durable dead-letter store
 //!   behind `wasmgate dlq`; [`queue`] is the durable queue behind
 //!   `wasmgate invoke --async`.
-//! - [`trigger`] holds the event sources: the timer trigger (cron and
-//!   intervals, time zones, overlap and catch-up policies) and the MQTT
-//!   trigger (one broker connection, in-order acks after settlement, guest
-//!   publishes).
+//! - [`trigger`] holds the event sources: the HTTP trigger (listener, TLS,
+//!   the pure ALB-style router, the wasi:http bridge with instance reuse),
+//!   the MQTT trigger (one broker connection, in-order acks after
+//!   settlement, guest publishes) and the timer trigger (cron and intervals,
+//!   time zones, overlap and catch-up policies).
+//! - `broker` (feature `embedded-broker`, on by default) is the embedded MQTT
+//!   broker for `[mqtt] broker = "embedded"`.
 //! - [`topic`] is MQTT topic-filter validation and matching (pure logic).
 //! - [`cli`] is the `wasmgate` command line.
 
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
 pub mod cli;
 pub mod component;
 pub mod deadletter;

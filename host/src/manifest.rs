@@ -10,11 +10,16 @@ use crate::limits::{HumanDuration, Limits, Size};
 use crate::topic::TopicFilter;
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use toml::Spanned;
+
+mod http;
+pub use http::{
+    FixedResponse, HttpConfig, HttpLimits, HttpTrigger, OneOrMany, Redirect, TlsConfig, TlsFiles,
+    WeightedTarget,
+};
 
 /// Why a manifest was refused.
 #[derive(Debug, thiserror::Error)]
@@ -146,31 +151,6 @@ impl Default for GatewayConfig {
     }
 }
 
-/// `[http]`: the HTTP listener.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpConfig {
-    /// Address to listen on.
-    #[serde(default = "default_http_listen")]
-    pub listen: SocketAddr,
-    /// TLS certificate and key (PEM). Without it the listener speaks plain HTTP.
-    pub tls: Option<TlsFiles>,
-}
-
-fn default_http_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 8080))
-}
-
-/// A PEM certificate chain and its private key.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    /// Certificate chain, PEM.
-    pub cert: PathBuf,
-    /// Private key, PEM.
-    pub key: PathBuf,
-}
-
 /// `[mqtt]`: the broker connection (see `trigger::mqtt` for how it is used).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -236,6 +216,17 @@ pub struct ComponentConfig {
     /// Environment variables the guest sees (and nothing of the host's).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// HTTP only: how many requests one instance may serve, one after the
+    /// other, before it is dropped (default 1: a fresh instance per request).
+    /// State left by one request is visible to the next.
+    pub reuse: Option<Spanned<u32>>,
+}
+
+impl ComponentConfig {
+    /// Requests per instance (see [`ComponentConfig::reuse`]).
+    pub fn reuse(&self) -> u32 {
+        self.reuse.as_ref().map_or(1, |r| *r.get_ref())
+    }
 }
 
 fn default_limits() -> Spanned<LimitsConfig> {
@@ -307,21 +298,6 @@ pub struct Triggers {
     /// Schedules.
     #[serde(default)]
     pub timer: Vec<TimerTrigger>,
-}
-
-/// One HTTP route to a component.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpTrigger {
-    /// The component that answers.
-    pub component: Spanned<String>,
-    /// Rule priority: the lowest number wins.
-    pub priority: Option<u32>,
-    /// Path pattern, e.g. `/api/*`; defaults to every path.
-    pub path: Option<Spanned<String>>,
-    /// Methods the rule matches; empty means all.
-    #[serde(default)]
-    pub methods: Vec<Spanned<String>>,
 }
 
 /// One MQTT subscription bound to a component.
@@ -564,6 +540,15 @@ impl Manifest {
                     ));
                 }
             }
+            if let Some(r) = &config.reuse
+                && *r.get_ref() == 0
+            {
+                return Err(self.invalid(
+                    r.span(),
+                    &format!("{key}.reuse"),
+                    "must be at least 1 (1 means a fresh instance per request)".into(),
+                ));
+            }
             self.components.insert(name.into_inner(), config);
         }
         if let Some(mqtt) = &self.mqtt {
@@ -590,31 +575,14 @@ impl Manifest {
         let triggers = self.triggers.clone();
         for (i, t) in triggers.http.iter().enumerate() {
             let key = format!("trigger.http[{i}]");
-            self.check_component_ref(&t.component, &key)?;
-            if let Some(path) = &t.path
-                && !path.get_ref().starts_with('/')
-            {
-                return Err(self.invalid(
-                    path.span(),
-                    &format!("{key}.path"),
-                    format!("{:?} must start with '/'", path.get_ref()),
-                ));
-            }
-            for m in &t.methods {
-                let ok =
-                    !m.get_ref().is_empty() && m.get_ref().bytes().all(|b| b.is_ascii_uppercase());
-                if !ok {
-                    return Err(self.invalid(
-                        m.span(),
-                        &format!("{key}.methods"),
-                        format!(
-                            "{:?} is not an HTTP method (write e.g. \"GET\")",
-                            m.get_ref()
-                        ),
-                    ));
-                }
+            for component in t.components() {
+                self.check_component_ref(component, &key)?;
             }
         }
+        if let Some(http) = &self.http {
+            self.check_http_limits(http)?;
+        }
+        crate::trigger::http::router::Router::build(&self)?;
         for (i, t) in triggers.mqtt.iter().enumerate() {
             let key = format!("trigger.mqtt[{i}]");
             self.check_component_ref(&t.component, &key)?;
@@ -854,6 +822,39 @@ impl Manifest {
                 r.span(),
                 "mqtt.receive_maximum",
                 format!("{} is out of range: use 1 to 65535", r.get_ref()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_http_limits(&self, http: &HttpConfig) -> Result<(), ManifestError> {
+        if let Some(b) = &http.max_body
+            && b.get_ref().0 == 0
+        {
+            return Err(self.invalid(
+                b.span(),
+                "http.max_body",
+                "must be greater than zero".into(),
+            ));
+        }
+        for (key, value) in [
+            ("http.header_timeout", &http.header_timeout),
+            ("http.request_timeout", &http.request_timeout),
+            ("http.drain_timeout", &http.drain_timeout),
+        ] {
+            if let Some(t) = value
+                && t.get_ref().0.is_zero()
+            {
+                return Err(self.invalid(t.span(), key, "must be greater than zero".into()));
+            }
+        }
+        if let Some(n) = &http.max_connections
+            && *n.get_ref() == 0
+        {
+            return Err(self.invalid(
+                n.span(),
+                "http.max_connections",
+                "must be at least 1".into(),
             ));
         }
         Ok(())

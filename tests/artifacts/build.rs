@@ -15,6 +15,8 @@ const GUESTS: &[&str] = &[
     "hostile",
     "counter",
     "fetch-http",
+    "wasi-hello",
+    "http-probe",
 ];
 
 fn main() {

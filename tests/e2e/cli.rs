@@ -288,7 +288,7 @@ fn check_prints_components_and_triggers() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("trigger.http[0] GET,POST /api/* -> web"),
+        stdout.contains("trigger.http[0] priority 10 GET,POST /api/* -> web"),
         "{stdout}"
     );
     assert!(

@@ -5,11 +5,11 @@
 //! `CancellationToken` is cancelled and spawn their deliveries on a shared
 //! `TaskTracker`, so `wasmgate up` can stop accepting work and then drain.
 //!
-//! Built so far: [`timer`] and [`mqtt`] (its pure logic in [`acks`]). HTTP
-//! follows.
+//! Built: [`timer`], [`http`] and [`mqtt`] (its pure logic in [`acks`]).
 
 pub mod acks;
 pub mod clock;
+pub mod http;
 pub mod mqtt;
 pub mod schedule;
 pub mod state;
