@@ -318,7 +318,12 @@ pub fn main() -> ExitCode {
 
 fn init_tracing(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WASMGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+        // The embedded broker's own log is quiet unless asked for.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!(
+                "{default_level},rmqtt=warn,rmqtt_net=warn,rmqtt_codec=warn"
+            ))
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -612,24 +617,20 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
     };
     let gateway = Gateway::load(manifest, options)?;
     let m = &gateway.manifest;
-    // Without `[mqtt]` the broker defaults to "embedded" too.
-    let embedded = m
-        .mqtt
-        .as_ref()
-        .is_none_or(|c| c.broker.get_ref() == "embedded");
-    let mqtt = if m.triggers.mqtt.is_empty() {
-        None
-    } else if embedded {
-        // The rest of the gateway (HTTP, timers) still runs, as the quick
-        // start expects; the MQTT triggers wait for the embedded broker.
-        tracing::error!(
-            triggers = m.triggers.mqtt.len(),
-            "mqtt.broker = \"embedded\": the embedded broker is not available yet, so the MQTT triggers are not served; set broker = \"mqtt://host:1883\" (e.g. a local Mosquitto)"
-        );
-        None
+    // Without `[mqtt]` the broker defaults to "embedded" too; it starts when
+    // MQTT triggers need it or `[mqtt]` asks for it.
+    let mqtt_config = m.mqtt.clone().unwrap_or_default();
+    let wants_embedded =
+        mqtt_config.is_embedded() && (m.mqtt.is_some() || !m.triggers.mqtt.is_empty());
+    // Held until `up` returns: the broker outlives the triggers' drain.
+    let (_embedded_broker, mqtt) = if wants_embedded {
+        start_embedded_broker(m, &mqtt_config).await?
+    } else if m.triggers.mqtt.is_empty() {
+        (None, None)
     } else {
-        crate::trigger::mqtt::client_options(m)
-            .map_err(|e| Fatal(format!("{}: {e}", m.path.display())))?
+        let options = crate::trigger::mqtt::client_options(m)
+            .map_err(|e| Fatal(format!("{}: {e}", m.path.display())))?;
+        (None, options)
     };
     let dead_letters = Arc::new(
         DeadLetterStore::open(&m.dead_letter_path(), m.dead_letters.bounds()).map_err(Fatal)?,
@@ -709,6 +710,76 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
     }
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(feature = "embedded-broker")]
+type EmbeddedBroker = crate::broker::EmbeddedBroker;
+#[cfg(not(feature = "embedded-broker"))]
+type EmbeddedBroker = ();
+
+/// Starts the embedded broker and, when there are MQTT triggers, the client
+/// options to reach it.
+#[cfg(feature = "embedded-broker")]
+async fn start_embedded_broker(
+    m: &Manifest,
+    config: &crate::manifest::MqttConfig,
+) -> Result<
+    (
+        Option<EmbeddedBroker>,
+        Option<(rumqttc::v5::MqttOptions, u16)>,
+    ),
+    Fatal,
+> {
+    let mut options = crate::broker::EmbeddedOptions::default();
+    if let Some(e) = &config.embedded {
+        let e = e.get_ref();
+        if let Some(listen) = e.listen {
+            options.listen = listen;
+        }
+        if let Some(q) = &e.max_queued {
+            options.max_queued = *q.get_ref() as usize;
+        }
+    }
+    let broker = crate::broker::EmbeddedBroker::start(options)
+        .await
+        .map_err(|e| Fatal(format!("{}: {e}", m.path.display())))?;
+    let client = if m.triggers.mqtt.is_empty() {
+        None
+    } else {
+        let addr = broker.local_addr();
+        let host = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            addr.ip().to_string()
+        };
+        let url = crate::trigger::mqtt::BrokerUrl {
+            tls: false,
+            host,
+            port: addr.port(),
+        };
+        Some(
+            crate::trigger::mqtt::client_options_for(m, &url)
+                .map_err(|e| Fatal(format!("{}: {e}", m.path.display())))?,
+        )
+    };
+    Ok((Some(broker), client))
+}
+
+#[cfg(not(feature = "embedded-broker"))]
+async fn start_embedded_broker(
+    m: &Manifest,
+    _config: &crate::manifest::MqttConfig,
+) -> Result<
+    (
+        Option<EmbeddedBroker>,
+        Option<(rumqttc::v5::MqttOptions, u16)>,
+    ),
+    Fatal,
+> {
+    Err(Fatal(format!(
+        "{}: mqtt.broker = \"embedded\": this build has no embedded broker (cargo feature `embedded-broker`); set broker = \"mqtt://host:1883\"",
+        m.path.display()
+    )))
 }
 
 /// How long `up` waits for in-flight invocations after SIGINT/SIGTERM.

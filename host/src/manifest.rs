@@ -156,7 +156,8 @@ impl Default for GatewayConfig {
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
     /// `"mqtt://host:1883"` or `"mqtts://host:8883"`; `"embedded"` (the
-    /// default) names a broker inside the host, which is not available yet.
+    /// default) starts a broker inside the host (see [`EmbeddedBrokerConfig`])
+    /// and connects to it.
     #[serde(default = "default_broker")]
     pub broker: Spanned<String>,
     /// Client id; defaults to the gateway name. With a persistent session the
@@ -188,6 +189,33 @@ pub struct MqttConfig {
     /// QoS 1/2 messages are unacknowledged at once. It bounds the host's
     /// memory for messages in progress and is the backpressure to the broker.
     pub receive_maximum: Option<Spanned<u32>>,
+    /// The embedded broker's settings (with `broker = "embedded"` only).
+    pub embedded: Option<Spanned<EmbeddedBrokerConfig>>,
+}
+
+/// `[mqtt] embedded = { listen, max_queued }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedBrokerConfig {
+    /// Address the gateway's devices connect to (default 127.0.0.1:1883;
+    /// `0.0.0.0:1883` for devices on the network).
+    pub listen: Option<std::net::SocketAddr>,
+    /// Messages queued per offline or slow session before the oldest is
+    /// dropped (default 100,000).
+    pub max_queued: Option<Spanned<u64>>,
+}
+
+impl MqttConfig {
+    /// Whether the broker is the embedded one.
+    pub fn is_embedded(&self) -> bool {
+        self.broker.get_ref() == "embedded"
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("every [mqtt] key has a default")
+    }
 }
 
 fn default_broker() -> Spanned<String> {
@@ -737,6 +765,24 @@ impl Manifest {
                     mqtt.version.span(),
                     "mqtt.version",
                     format!("{version} is not a supported MQTT version: use 5"),
+                ));
+            }
+        }
+        if let Some(e) = &mqtt.embedded {
+            if !mqtt.is_embedded() {
+                return Err(self.invalid(
+                    e.span(),
+                    "mqtt.embedded",
+                    "applies only with broker = \"embedded\"".into(),
+                ));
+            }
+            if let Some(q) = &e.get_ref().max_queued
+                && *q.get_ref() == 0
+            {
+                return Err(self.invalid(
+                    q.span(),
+                    "mqtt.embedded.max_queued",
+                    "must be at least 1".into(),
                 ));
             }
         }

@@ -90,3 +90,82 @@ async fn the_embedded_broker_routes_queues_for_offline_sessions_and_shares() {
         "{taken}"
     );
 }
+
+/// `up` with `broker = "embedded"`: devices publish to the host's own
+/// broker and the MQTT trigger answers on the response topic.
+#[test]
+fn up_serves_mqtt_triggers_through_the_embedded_broker() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("wasmgate.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"
+[gateway]
+state_dir = "state"
+[mqtt]
+broker = "embedded"
+embedded = {{ listen = "127.0.0.1:0" }}
+[component.echo]
+source = "{}"
+allow = {{ mqtt_publish = [] }}
+[[trigger.mqtt]]
+component = "echo"
+topic = "devices/+/temperature"
+qos = 1
+"#,
+            wasmgate_test_artifacts::ECHO_MQTT
+        ),
+    )
+    .unwrap();
+    let mut child = crate::util::wasmgate()
+        .args([
+            "up",
+            "-f",
+            manifest.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut port = None;
+    let mut seen = Vec::new();
+    while let Some(Ok(line)) = lines.next() {
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}\n{}", seen.join("\n")));
+        if v["message"] == "embedded MQTT broker listening" {
+            let addr: std::net::SocketAddr = v["address"].as_str().unwrap().parse().unwrap();
+            port = Some(addr.port());
+        }
+        seen.push(line);
+        if v["message"] == "MQTT subscribed" {
+            break;
+        }
+    }
+    let port = port.unwrap_or_else(|| panic!("no broker address logged:\n{}", seen.join("\n")));
+    let reply = sub(port, &["-t", "replies/#", "-C", "1", "-W", "20", "-v"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let status = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+        ])
+        .args(["-t", "devices/7/temperature", "-m", "21.5"])
+        .args(["-D", "publish", "response-topic", "replies/7"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(output(reply), "replies/7 21.5\n");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -150,7 +150,8 @@ impl BrokerUrl {
 
 /// The client options for a manifest's `[mqtt]`: `Ok(None)` without
 /// `[mqtt]`; an error naming the setting when a file cannot be read or the
-/// broker is `embedded` (not available yet).
+/// broker is `embedded` (which `up` starts and reaches with
+/// [`client_options_for`]).
 pub fn client_options(m: &Manifest) -> Result<Option<(MqttOptions, u16)>, String> {
     let Some(c) = &m.mqtt else {
         return Ok(None);
@@ -158,7 +159,7 @@ pub fn client_options(m: &Manifest) -> Result<Option<(MqttOptions, u16)>, String
     let url = BrokerUrl::parse(c.broker.get_ref())
         .map_err(|e| format!("mqtt.broker: {e}"))?
         .ok_or_else(|| {
-            "mqtt.broker: the embedded broker is not available yet: set broker = \"mqtt://host:1883\" (e.g. a local Mosquitto)".to_string()
+            "mqtt.broker: \"embedded\" is started by `up`, not reached by URL".to_string()
         })?;
     client_options_for(m, &url).map(Some)
 }
@@ -166,10 +167,8 @@ pub fn client_options(m: &Manifest) -> Result<Option<(MqttOptions, u16)>, String
 /// The client options of a manifest's `[mqtt]` (which must be present) for
 /// the broker at `url` — e.g. an embedded broker's listening address.
 pub fn client_options_for(m: &Manifest, url: &BrokerUrl) -> Result<(MqttOptions, u16), String> {
-    let c = m
-        .mqtt
-        .as_ref()
-        .ok_or_else(|| "the manifest has no [mqtt] section".to_string())?;
+    let defaults = crate::manifest::MqttConfig::default();
+    let c = m.mqtt.as_ref().unwrap_or(&defaults);
     let client_id = c
         .client_id
         .as_ref()
