@@ -69,7 +69,12 @@ impl EmbeddedBroker {
             .local_addr()
             .map_err(|e| format!("mqtt.embedded.listen: {e}"))?;
         let task = tokio::spawn(async move {
-            if let Err(e) = MqttServer::new(scx).listener(listener).build().run().await {
+            if let Err(e) = MqttServer::new(scx)
+                .listener_by_id(listener, 1)
+                .build()
+                .run()
+                .await
+            {
                 tracing::error!(error = %e, "the embedded MQTT broker stopped");
             }
         });

@@ -622,16 +622,37 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
     let mqtt_config = m.mqtt.clone().unwrap_or_default();
     let wants_embedded =
         mqtt_config.is_embedded() && (m.mqtt.is_some() || !m.triggers.mqtt.is_empty());
-    // Held until `up` returns: the broker outlives the triggers' drain.
+    // Components that may publish need the connection too (their publishes
+    // go through the outbox), when there is an `[mqtt]` to connect to.
+    let publishers: Vec<&String> = m
+        .components
+        .iter()
+        .filter(|(_, c)| c.allow.mqtt_publish.as_ref().is_some_and(|v| !v.is_empty()))
+        .map(|(name, _)| name)
+        .collect();
+    let needs_connection =
+        !m.triggers.mqtt.is_empty() || (!publishers.is_empty() && m.mqtt.is_some());
     let (_embedded_broker, mqtt) = if wants_embedded {
-        start_embedded_broker(m, &mqtt_config).await?
-    } else if m.triggers.mqtt.is_empty() {
-        (None, None)
-    } else {
+        start_embedded_broker(m, &mqtt_config, needs_connection).await?
+    } else if needs_connection {
         let options = crate::trigger::mqtt::client_options(m)
             .map_err(|e| Fatal(format!("{}: {e}", m.path.display())))?;
         (None, options)
+    } else {
+        (None, None)
     };
+    let (outbox, outbox_rx) = if mqtt.is_some() {
+        let (outbox, rx) = crate::outbox::Outbox::connected(crate::outbox::OUTBOX_CAPACITY);
+        (Arc::new(outbox), Some(rx))
+    } else {
+        if !publishers.is_empty() {
+            tracing::warn!(components = ?publishers, "these components may publish MQTT messages but there is no [mqtt] connection: their publishes are dropped (counted and logged)");
+        }
+        (Arc::new(crate::outbox::Outbox::disconnected()), None)
+    };
+    for c in gateway.components.values() {
+        c.set_outbox(outbox.clone());
+    }
     let dead_letters = Arc::new(
         DeadLetterStore::open(&m.dead_letter_path(), m.dead_letters.bounds()).map_err(Fatal)?,
     );
@@ -670,8 +691,11 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
         for s in &specs {
             tracing::info!(trigger = %s.label, component = %s.component.name, topic = %s.filter.raw, qos = s.qos, max_in_flight = s.max_in_flight, "MQTT trigger armed");
         }
-        let trigger = crate::trigger::mqtt::MqttTriggers::new(options, receive_maximum, specs)
+        let mut trigger = crate::trigger::mqtt::MqttTriggers::new(options, receive_maximum, specs)
             .with_dead_letters(dead_letters.clone());
+        if let Some(rx) = outbox_rx {
+            trigger = trigger.with_outbox(rx);
+        }
         tasks.spawn(trigger.run(tasks.clone(), shutdown.clone()));
     }
     let scheduler = start_timers(
@@ -723,6 +747,7 @@ type EmbeddedBroker = ();
 async fn start_embedded_broker(
     m: &Manifest,
     config: &crate::manifest::MqttConfig,
+    needs_client: bool,
 ) -> Result<
     (
         Option<EmbeddedBroker>,
@@ -743,7 +768,7 @@ async fn start_embedded_broker(
     let broker = crate::broker::EmbeddedBroker::start(options)
         .await
         .map_err(|e| Fatal(format!("{}: {e}", m.path.display())))?;
-    let client = if m.triggers.mqtt.is_empty() {
+    let client = if !needs_client {
         None
     } else {
         let addr = broker.local_addr();
@@ -769,6 +794,7 @@ async fn start_embedded_broker(
 async fn start_embedded_broker(
     m: &Manifest,
     _config: &crate::manifest::MqttConfig,
+    _needs_client: bool,
 ) -> Result<
     (
         Option<EmbeddedBroker>,

@@ -582,6 +582,7 @@ pub struct Invocable {
     fuel: bool,
     ticker: crate::engine::EpochTicker,
     invocations: AtomicU64,
+    outbox: std::sync::OnceLock<Arc<crate::outbox::Outbox>>,
 }
 
 impl std::fmt::Debug for Invocable {
@@ -617,6 +618,7 @@ impl Invocable {
             fuel: engine.fuel(),
             ticker: engine.ticker().clone(),
             invocations: AtomicU64::new(0),
+            outbox: std::sync::OnceLock::new(),
         }
     }
 
@@ -624,6 +626,23 @@ impl Invocable {
     pub fn with_env(mut self, env: Vec<(String, String)>) -> Self {
         self.env = Arc::new(env);
         self
+    }
+
+    /// Sends the publishes of successful invocations that no MQTT message
+    /// triggered (timers, HTTP, queued events) to `outbox`. Without one (as
+    /// in `wasmgate invoke`) publishes are only recorded in the outcome.
+    pub fn set_outbox(&self, outbox: Arc<crate::outbox::Outbox>) {
+        let _ = self.outbox.set(outbox);
+    }
+
+    /// Hands a successful non-MQTT invocation's publishes to the outbox.
+    pub(crate) fn forward_publishes(&self, outcome: &Outcome) {
+        if let Some(outbox) = self.outbox.get()
+            && outcome.is_ok()
+            && !outcome.published.is_empty()
+        {
+            outbox.send(&self.name, &outcome.published);
+        }
     }
 
     /// Invocations started so far.
@@ -638,8 +657,14 @@ impl Invocable {
         ctx: InvocationContext,
         admission: Admission,
     ) -> Outcome {
+        let mqtt = matches!(event, Event::Mqtt(_));
         let outcome = self.invoke_quiet(event, ctx, admission).await;
         log_outcome(&outcome);
+        // An MQTT trigger publishes its handler's messages itself, before
+        // the ack; everything else goes through the outbox.
+        if !mqtt {
+            self.forward_publishes(&outcome);
+        }
         outcome
     }
 
@@ -967,18 +992,39 @@ impl Invocable {
 /// Logs one line with an invocation's outcome, then the guest's output, one
 /// line each, tagged with the invocation id.
 pub fn log_outcome(outcome: &Outcome) {
-    tracing::info!(
-        target: "wasmgate::invocation",
-        id = %outcome.invocation_id,
-        component = %outcome.component,
-        trigger = %outcome.trigger,
-        attempt = outcome.attempt,
-        outcome = outcome.status.name(),
-        duration_us = outcome.duration_us,
-        fuel = outcome.fuel_consumed,
-        memory_peak = outcome.memory_peak_bytes,
-        "invocation"
-    );
+    log_invocation(outcome, false);
+}
+
+/// Like [`log_outcome`], for HTTP requests: a request that succeeded logs
+/// its `invocation` line at debug level (HTTP is high volume; set
+/// `WASMGATE_LOG=info,wasmgate::invocation=debug` to see every one); a
+/// failed one at info, and what the guest wrote always at info.
+pub fn log_http_outcome(outcome: &Outcome) {
+    log_invocation(outcome, true);
+}
+
+fn log_invocation(outcome: &Outcome, quiet_success: bool) {
+    macro_rules! line {
+        ($level:ident) => {
+            tracing::$level!(
+                target: "wasmgate::invocation",
+                id = %outcome.invocation_id,
+                component = %outcome.component,
+                trigger = %outcome.trigger,
+                attempt = outcome.attempt,
+                outcome = outcome.status.name(),
+                duration_us = outcome.duration_us,
+                fuel = outcome.fuel_consumed,
+                memory_peak = outcome.memory_peak_bytes,
+                "invocation"
+            )
+        };
+    }
+    if quiet_success && outcome.is_ok() {
+        line!(debug);
+    } else {
+        line!(info);
+    }
     for (stream, text) in [("stdout", &outcome.stdout), ("stderr", &outcome.stderr)] {
         for line in text.lines() {
             tracing::info!(

@@ -42,6 +42,7 @@ pub mod gateway;
 pub mod invoke;
 pub mod limits;
 pub mod manifest;
+pub mod outbox;
 pub mod queue;
 pub mod topic;
 pub mod trigger;

@@ -17,6 +17,7 @@ const GUESTS: &[&str] = &[
     "fetch-http",
     "wasi-hello",
     "http-probe",
+    "publish-timer",
 ];
 
 fn main() {

@@ -169,3 +169,66 @@ qos = 1
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A timer guest's publishes reach subscribers through the outbox and the
+/// host's MQTT connection (here to the embedded broker).
+#[test]
+fn a_timer_guests_publishes_reach_the_broker() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("wasmgate.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"
+[gateway]
+state_dir = "state"
+[mqtt]
+broker = "embedded"
+embedded = {{ listen = "127.0.0.1:0" }}
+[component.tick]
+source = "{}"
+env = {{ PUBLISH_TOPIC = "gateway/ticks" }}
+allow = {{ mqtt_publish = ["gateway/#"] }}
+[[trigger.timer]]
+component = "tick"
+every = "300ms"
+"#,
+            wasmgate_test_artifacts::PUBLISH_TIMER
+        ),
+    )
+    .unwrap();
+    let mut child = crate::util::wasmgate()
+        .args([
+            "up",
+            "-f",
+            manifest.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut port = None;
+    while let Some(Ok(line)) = lines.next() {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["message"] == "embedded MQTT broker listening" {
+            let addr: std::net::SocketAddr = v["address"].as_str().unwrap().parse().unwrap();
+            port = Some(addr.port());
+            break;
+        }
+    }
+    let port = port.expect("the broker's address is logged");
+    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    let got = output(sub(port, &["-t", "gateway/#", "-C", "2", "-W", "20", "-v"]));
+    let _ = child.kill();
+    let logs = rest.join().unwrap().join("\n");
+    let got: Vec<&str> = got.lines().collect();
+    assert_eq!(got.len(), 2, "{got:?}\n{logs}");
+    for line in got {
+        assert!(line.starts_with("gateway/ticks tick "), "{line}");
+    }
+    let _ = child.wait();
+}

@@ -464,6 +464,7 @@ pub struct MqttTriggers {
     specs: Vec<MqttSpec>,
     dead_letters: Option<Arc<DeadLetterStore>>,
     stats: Arc<MqttStats>,
+    outbox: Option<mpsc::Receiver<MqttMessage>>,
 }
 
 impl std::fmt::Debug for MqttTriggers {
@@ -485,7 +486,14 @@ impl MqttTriggers {
             specs,
             dead_letters: None,
             stats: Arc::default(),
+            outbox: None,
         }
+    }
+
+    /// Also sends what other invocations publish (see [`crate::outbox`]).
+    pub fn with_outbox(mut self, outbox: mpsc::Receiver<MqttMessage>) -> Self {
+        self.outbox = Some(outbox);
+        self
     }
 
     /// Dead-letters messages that fail for good in `store`.
@@ -511,6 +519,14 @@ impl MqttTriggers {
             acks: Mutex::default(),
             stats: self.stats.clone(),
         });
+        if let Some(outbox) = self.outbox.take() {
+            tasks.spawn(drain_outbox(
+                outbox,
+                client.clone(),
+                self.stats.clone(),
+                shutdown.clone(),
+            ));
+        }
         let filters: Vec<(TopicFilter, u8)> = self
             .specs
             .iter()
@@ -717,6 +733,53 @@ impl MqttTriggers {
             routes,
             ack,
             expires,
+        }
+    }
+}
+
+/// Sends the outbox's publishes in order until shutdown; then sends what is
+/// already queued and stops.
+async fn drain_outbox(
+    mut outbox: mpsc::Receiver<MqttMessage>,
+    client: AsyncClient,
+    stats: Arc<MqttStats>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let m = tokio::select! {
+            biased;
+            m = outbox.recv() => match m {
+                Some(m) => m,
+                None => return,
+            },
+            _ = shutdown.cancelled() => {
+                outbox.close();
+                match outbox.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => return,
+                }
+            }
+        };
+        let props = PublishProperties {
+            content_type: m.content_type,
+            response_topic: m.response_topic,
+            correlation_data: m.correlation_data.map(Bytes::from),
+            user_properties: m.user_properties,
+            ..PublishProperties::default()
+        };
+        match client
+            .publish_with_properties(m.topic, qos(m.qos), m.retain, m.payload, props)
+            .await
+        {
+            Ok(()) => {
+                stats.published.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                stats.publish_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    "a guest publish could not be handed to the MQTT connection (it is closed)"
+                );
+            }
         }
     }
 }

@@ -8,7 +8,7 @@
 //! With `reuse = N` a finished, healthy instance is kept and serves the next
 //! request (one at a time), up to N requests; a failed one is dropped.
 
-use crate::invoke::{Invocable, InvocationContext, Outcome, StoreRun, log_outcome};
+use crate::invoke::{Invocable, InvocationContext, Outcome, StoreRun, log_http_outcome};
 use bytes::Bytes;
 use hyper::body::Body;
 use std::sync::{Arc, Mutex};
@@ -69,7 +69,7 @@ impl HttpComponent {
     {
         let Some(permit) = self.invocable.try_slot() else {
             let outcome = self.invocable.throttled(&ctx);
-            log_outcome(&outcome);
+            log_http_outcome(&outcome);
             return Served::Failed(Box::new(outcome));
         };
         let started = Instant::now();
@@ -94,7 +94,7 @@ impl HttpComponent {
             Ok(r) => r,
             Err(e) => {
                 let outcome = self.invocable.finish(&mut run, &ctx, started, Ok(Err(e)));
-                log_outcome(&outcome);
+                log_http_outcome(&outcome);
                 return Served::Failed(Box::new(outcome));
             }
         };
@@ -113,7 +113,8 @@ impl HttpComponent {
             let outcome =
                 this.invocable
                     .finish(&mut run, &ctx, started, result.map(|r| r.map(|()| Ok(()))));
-            log_outcome(&outcome);
+            log_http_outcome(&outcome);
+            this.invocable.forward_publishes(&outcome);
             if healthy
                 && served + 1 < this.reuse
                 && let Some(guest) = guest

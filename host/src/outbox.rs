@@ -1,0 +1,74 @@
+//! Guest publishes from invocations that no MQTT message triggered (timers,
+//! HTTP requests, queued events): once such an invocation succeeded, its
+//! publishes (already checked against the component's `allow.mqtt_publish`)
+//! go to the host's MQTT connection through this bounded outbox, in order.
+//!
+//! MQTT-triggered invocations publish through their trigger instead, before
+//! the message they handled is acknowledged. Without an MQTT connection, or
+//! when the outbox is full (the connection is down for long), a publish is
+//! dropped, counted and logged as an error; the outbox is memory only.
+
+use crate::invoke::MqttMessage;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::mpsc;
+
+/// Publishes the outbox holds before it drops new ones.
+pub const OUTBOX_CAPACITY: usize = 10_000;
+
+/// The way from non-MQTT invocations to the MQTT connection.
+#[derive(Debug)]
+pub struct Outbox {
+    tx: Option<mpsc::Sender<MqttMessage>>,
+    /// Publishes handed to the connection's sender.
+    pub queued: AtomicU64,
+    /// Publishes dropped (no connection, or the outbox full).
+    pub dropped: AtomicU64,
+}
+
+impl Outbox {
+    /// An outbox drained by an MQTT connection (see
+    /// [`crate::trigger::mqtt::MqttTriggers::with_outbox`]).
+    pub fn connected(capacity: usize) -> (Self, mpsc::Receiver<MqttMessage>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (
+            Self {
+                tx: Some(tx),
+                queued: AtomicU64::new(0),
+                dropped: AtomicU64::new(0),
+            },
+            rx,
+        )
+    }
+
+    /// An outbox with no connection behind it: every publish is dropped and
+    /// counted.
+    pub fn disconnected() -> Self {
+        Self {
+            tx: None,
+            queued: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Queues the publishes of one successful invocation of `component`.
+    pub fn send(&self, component: &str, messages: &[MqttMessage]) {
+        for m in messages {
+            let sent = match &self.tx {
+                Some(tx) => tx.try_send(m.clone()).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => "the outbox is full",
+                    mpsc::error::TrySendError::Closed(_) => "the MQTT connection has stopped",
+                }),
+                None => Err("the host has no MQTT connection (add [mqtt])"),
+            };
+            match sent {
+                Ok(()) => {
+                    self.queued.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(reason) => {
+                    let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    tracing::error!(component, topic = %m.topic, dropped, reason, "a guest publish was dropped");
+                }
+            }
+        }
+    }
+}
