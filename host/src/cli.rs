@@ -630,8 +630,13 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
         .filter(|(_, c)| c.allow.mqtt_publish.as_ref().is_some_and(|v| !v.is_empty()))
         .map(|(name, _)| name)
         .collect();
-    let needs_connection =
-        !m.triggers.mqtt.is_empty() || (!publishers.is_empty() && m.mqtt.is_some());
+    let dead_letter_topic = m
+        .dead_letters
+        .mqtt_topic
+        .as_ref()
+        .map(|t| t.get_ref().clone());
+    let needs_connection = !m.triggers.mqtt.is_empty()
+        || ((!publishers.is_empty() || dead_letter_topic.is_some()) && m.mqtt.is_some());
     let (_embedded_broker, mqtt) = if wants_embedded {
         start_embedded_broker(m, &mqtt_config, needs_connection).await?
     } else if needs_connection {
@@ -643,10 +648,18 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
     };
     let (outbox, outbox_rx) = if mqtt.is_some() {
         let (outbox, rx) = crate::outbox::Outbox::connected(crate::outbox::OUTBOX_CAPACITY);
-        (Arc::new(outbox), Some(rx))
+        (
+            Arc::new(outbox.with_dead_letter_topic(dead_letter_topic)),
+            Some(rx),
+        )
     } else {
         if !publishers.is_empty() {
             tracing::warn!(components = ?publishers, "these components may publish MQTT messages but there is no [mqtt] connection: their publishes are dropped (counted and logged)");
+        }
+        if dead_letter_topic.is_some() {
+            tracing::warn!(
+                "dead_letters.mqtt_topic is set but there is no [mqtt] connection: dead letters are only stored"
+            );
         }
         (Arc::new(crate::outbox::Outbox::disconnected()), None)
     };

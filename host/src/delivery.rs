@@ -189,9 +189,16 @@ async fn dead_letter(
         record.attempts,
     );
     let outcome = record.last_error.outcome.clone();
+    let published = invocable
+        .outbox()
+        .map(|outbox| (outbox.clone(), record.clone()));
     match store {
         Some(store) => match store.put(record).await {
             Ok(()) => {
+                // Only once committed: a published dead letter is in the store.
+                if let Some((outbox, record)) = published {
+                    outbox.dead_letter(&record);
+                }
                 tracing::error!(
                     %id, component = %invocable.name, %trigger, ?condition, attempts, %outcome,
                     "event dead-lettered"

@@ -635,6 +635,11 @@ impl Invocable {
         let _ = self.outbox.set(outbox);
     }
 
+    /// The outbox, once `up` has set one.
+    pub(crate) fn outbox(&self) -> Option<&Arc<crate::outbox::Outbox>> {
+        self.outbox.get()
+    }
+
     /// Hands a successful non-MQTT invocation's publishes to the outbox.
     pub(crate) fn forward_publishes(&self, outcome: &Outcome) {
         if let Some(outbox) = self.outbox.get()

@@ -104,6 +104,8 @@ pub struct DeadLettersConfig {
     pub max_records: Option<Spanned<u64>>,
     /// Records older than this are removed (default 30 days).
     pub max_age: Option<Spanned<HumanDuration>>,
+    /// Also publish each dead letter (as JSON, QoS 1) to this MQTT topic.
+    pub mqtt_topic: Option<Spanned<String>>,
 }
 
 impl DeadLettersConfig {
@@ -599,6 +601,11 @@ impl Manifest {
                 "dead_letters.max_age",
                 "must be greater than zero".into(),
             ));
+        }
+        if let Some(t) = &self.dead_letters.mqtt_topic
+            && let Err(message) = crate::topic::validate_name(t.get_ref())
+        {
+            return Err(self.invalid(t.span(), "dead_letters.mqtt_topic", message));
         }
         let triggers = self.triggers.clone();
         for (i, t) in triggers.http.iter().enumerate() {

@@ -19,6 +19,7 @@ pub const OUTBOX_CAPACITY: usize = 10_000;
 #[derive(Debug)]
 pub struct Outbox {
     tx: Option<mpsc::Sender<MqttMessage>>,
+    dead_letter_topic: Option<String>,
     /// Publishes handed to the connection's sender.
     pub queued: AtomicU64,
     /// Publishes dropped (no connection, or the outbox full).
@@ -33,6 +34,7 @@ impl Outbox {
         (
             Self {
                 tx: Some(tx),
+                dead_letter_topic: None,
                 queued: AtomicU64::new(0),
                 dropped: AtomicU64::new(0),
             },
@@ -45,9 +47,34 @@ impl Outbox {
     pub fn disconnected() -> Self {
         Self {
             tx: None,
+            dead_letter_topic: None,
             queued: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         }
+    }
+
+    /// Also publishes every committed dead letter (as JSON, QoS 1) to
+    /// `topic` (`[dead_letters] mqtt_topic`).
+    pub fn with_dead_letter_topic(mut self, topic: Option<String>) -> Self {
+        self.dead_letter_topic = topic;
+        self
+    }
+
+    /// Publishes a dead letter just committed to the store, if a dead-letter
+    /// topic is set.
+    pub fn dead_letter(&self, record: &crate::deadletter::DeadLetter) {
+        let Some(topic) = &self.dead_letter_topic else {
+            return;
+        };
+        let payload = serde_json::to_vec(record).expect("dead letters serialize");
+        let message = MqttMessage {
+            topic: topic.clone(),
+            payload,
+            qos: 1,
+            content_type: Some("application/json".into()),
+            ..MqttMessage::default()
+        };
+        self.send(&record.component, std::slice::from_ref(&message));
     }
 
     /// Queues the publishes of one successful invocation of `component`.

@@ -232,3 +232,70 @@ every = "300ms"
     }
     let _ = child.wait();
 }
+
+/// `[dead_letters] mqtt_topic`: each committed dead letter is also
+/// published, as JSON.
+#[test]
+fn dead_letters_are_also_published_to_their_topic() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("wasmgate.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"
+[gateway]
+state_dir = "state"
+[dead_letters]
+mqtt_topic = "gateway/dead-letters"
+[mqtt]
+broker = "embedded"
+embedded = {{ listen = "127.0.0.1:0" }}
+[component.tick]
+source = "{}"
+env = {{ TICK_REJECT = "sensor unplugged" }}
+[[trigger.timer]]
+component = "tick"
+every = "300ms"
+"#,
+            wasmgate_test_artifacts::TICK_TIMER
+        ),
+    )
+    .unwrap();
+    let mut child = crate::util::wasmgate()
+        .args([
+            "up",
+            "-f",
+            manifest.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut port = None;
+    while let Some(Ok(line)) = lines.next() {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["message"] == "embedded MQTT broker listening" {
+            let addr: std::net::SocketAddr = v["address"].as_str().unwrap().parse().unwrap();
+            port = Some(addr.port());
+            break;
+        }
+    }
+    let port = port.expect("the broker's address is logged");
+    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    let got = output(sub(
+        port,
+        &["-t", "gateway/dead-letters", "-C", "1", "-W", "20"],
+    ));
+    let _ = child.kill();
+    let logs = rest.join().unwrap().join("\n");
+    let record: serde_json::Value = serde_json::from_str(got.trim())
+        .unwrap_or_else(|e| panic!("not a JSON dead letter ({e}): {got:?}\n{logs}"));
+    assert_eq!(record["component"], "tick");
+    assert_eq!(record["condition"], "rejected");
+    assert_eq!(record["attempts"], 1);
+    let _ = child.wait();
+}
