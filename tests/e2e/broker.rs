@@ -91,22 +91,96 @@ async fn the_embedded_broker_routes_queues_for_offline_sessions_and_shares() {
     );
 }
 
+/// A running `wasmgate up` on the embedded broker.
+struct Host {
+    child: std::process::Child,
+    port: u16,
+    logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Host {
+    /// Starts `up` on `body` (after an `[mqtt]` with the embedded broker on
+    /// a free port) and waits until `ready_message` is logged.
+    fn start(body: &str, ready_message: &str) -> Host {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("wasmgate.toml");
+        std::fs::write(
+            &manifest,
+            format!(
+                "[gateway]\nstate_dir = \"state\"\n[mqtt]\nbroker = \"embedded\"\nembedded = {{ listen = \"127.0.0.1:0\" }}\n{body}"
+            ),
+        )
+        .unwrap();
+        let mut child = crate::util::wasmgate()
+            .args([
+                "up",
+                "-f",
+                manifest.to_str().unwrap(),
+                "--log-format",
+                "json",
+            ])
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = logs.clone();
+        let ready_message = ready_message.to_string();
+        std::thread::spawn(move || {
+            let mut port = None;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["message"] == "embedded MQTT broker listening" {
+                        let addr: std::net::SocketAddr =
+                            v["address"].as_str().unwrap().parse().unwrap();
+                        port = Some(addr.port());
+                    }
+                    if v["message"] == ready_message.as_str() {
+                        let _ = tx.send(port);
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(120))
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("not ready; saw:\n{}", logs.lock().unwrap().join("\n")));
+        Host {
+            child,
+            port,
+            logs,
+            _dir: dir,
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// `up` with `broker = "embedded"`: devices publish to the host's own
 /// broker and the MQTT trigger answers on the response topic.
 #[test]
 fn up_serves_mqtt_triggers_through_the_embedded_broker() {
-    use std::io::BufRead;
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = dir.path().join("wasmgate.toml");
-    std::fs::write(
-        &manifest,
-        format!(
+    let host = Host::start(
+        &format!(
             r#"
-[gateway]
-state_dir = "state"
-[mqtt]
-broker = "embedded"
-embedded = {{ listen = "127.0.0.1:0" }}
 [component.echo]
 source = "{}"
 allow = {{ mqtt_publish = [] }}
@@ -117,36 +191,9 @@ qos = 1
 "#,
             wasmgate_test_artifacts::ECHO_MQTT
         ),
-    )
-    .unwrap();
-    let mut child = crate::util::wasmgate()
-        .args([
-            "up",
-            "-f",
-            manifest.to_str().unwrap(),
-            "--log-format",
-            "json",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut port = None;
-    let mut seen = Vec::new();
-    while let Some(Ok(line)) = lines.next() {
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}\n{}", seen.join("\n")));
-        if v["message"] == "embedded MQTT broker listening" {
-            let addr: std::net::SocketAddr = v["address"].as_str().unwrap().parse().unwrap();
-            port = Some(addr.port());
-        }
-        seen.push(line);
-        if v["message"] == "MQTT subscribed" {
-            break;
-        }
-    }
-    let port = port.unwrap_or_else(|| panic!("no broker address logged:\n{}", seen.join("\n")));
+        "MQTT subscribed",
+    );
+    let port = host.port;
     let reply = sub(port, &["-t", "replies/#", "-C", "1", "-W", "20", "-v"]);
     std::thread::sleep(Duration::from_millis(300));
     let status = Command::new("mosquitto_pub")
@@ -165,27 +212,16 @@ qos = 1
         .status()
         .unwrap();
     assert!(status.success());
-    assert_eq!(output(reply), "replies/7 21.5\n");
-    let _ = child.kill();
-    let _ = child.wait();
+    assert_eq!(output(reply), "replies/7 21.5\n", "{}", host.logs());
 }
 
 /// A timer guest's publishes reach subscribers through the outbox and the
 /// host's MQTT connection (here to the embedded broker).
 #[test]
 fn a_timer_guests_publishes_reach_the_broker() {
-    use std::io::BufRead;
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = dir.path().join("wasmgate.toml");
-    std::fs::write(
-        &manifest,
-        format!(
+    let host = Host::start(
+        &format!(
             r#"
-[gateway]
-state_dir = "state"
-[mqtt]
-broker = "embedded"
-embedded = {{ listen = "127.0.0.1:0" }}
 [component.tick]
 source = "{}"
 env = {{ PUBLISH_TOPIC = "gateway/ticks" }}
@@ -196,61 +232,28 @@ every = "300ms"
 "#,
             wasmgate_test_artifacts::PUBLISH_TIMER
         ),
-    )
-    .unwrap();
-    let mut child = crate::util::wasmgate()
-        .args([
-            "up",
-            "-f",
-            manifest.to_str().unwrap(),
-            "--log-format",
-            "json",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut port = None;
-    while let Some(Ok(line)) = lines.next() {
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v["message"] == "embedded MQTT broker listening" {
-            let addr: std::net::SocketAddr = v["address"].as_str().unwrap().parse().unwrap();
-            port = Some(addr.port());
-            break;
-        }
-    }
-    let port = port.expect("the broker's address is logged");
-    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
-    let got = output(sub(port, &["-t", "gateway/#", "-C", "2", "-W", "20", "-v"]));
-    let _ = child.kill();
-    let logs = rest.join().unwrap().join("\n");
+        "ready",
+    );
+    let got = output(sub(
+        host.port,
+        &["-t", "gateway/#", "-C", "2", "-W", "20", "-v"],
+    ));
     let got: Vec<&str> = got.lines().collect();
-    assert_eq!(got.len(), 2, "{got:?}\n{logs}");
+    assert_eq!(got.len(), 2, "{got:?}\n{}", host.logs());
     for line in got {
         assert!(line.starts_with("gateway/ticks tick "), "{line}");
     }
-    let _ = child.wait();
 }
 
 /// `[dead_letters] mqtt_topic`: each committed dead letter is also
 /// published, as JSON.
 #[test]
 fn dead_letters_are_also_published_to_their_topic() {
-    use std::io::BufRead;
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = dir.path().join("wasmgate.toml");
-    std::fs::write(
-        &manifest,
-        format!(
+    let host = Host::start(
+        &format!(
             r#"
-[gateway]
-state_dir = "state"
 [dead_letters]
 mqtt_topic = "gateway/dead-letters"
-[mqtt]
-broker = "embedded"
-embedded = {{ listen = "127.0.0.1:0" }}
 [component.tick]
 source = "{}"
 env = {{ TICK_REJECT = "sensor unplugged" }}
@@ -260,42 +263,15 @@ every = "300ms"
 "#,
             wasmgate_test_artifacts::TICK_TIMER
         ),
-    )
-    .unwrap();
-    let mut child = crate::util::wasmgate()
-        .args([
-            "up",
-            "-f",
-            manifest.to_str().unwrap(),
-            "--log-format",
-            "json",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut port = None;
-    while let Some(Ok(line)) = lines.next() {
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v["message"] == "embedded MQTT broker listening" {
-            let addr: std::net::SocketAddr = v["address"].as_str().unwrap().parse().unwrap();
-            port = Some(addr.port());
-            break;
-        }
-    }
-    let port = port.expect("the broker's address is logged");
-    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+        "ready",
+    );
     let got = output(sub(
-        port,
+        host.port,
         &["-t", "gateway/dead-letters", "-C", "1", "-W", "20"],
     ));
-    let _ = child.kill();
-    let logs = rest.join().unwrap().join("\n");
     let record: serde_json::Value = serde_json::from_str(got.trim())
-        .unwrap_or_else(|e| panic!("not a JSON dead letter ({e}): {got:?}\n{logs}"));
+        .unwrap_or_else(|e| panic!("not a JSON dead letter ({e}): {got:?}\n{}", host.logs()));
     assert_eq!(record["component"], "tick");
     assert_eq!(record["condition"], "rejected");
     assert_eq!(record["attempts"], 1);
-    let _ = child.wait();
 }

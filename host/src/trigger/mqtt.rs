@@ -760,26 +760,35 @@ async fn drain_outbox(
                 }
             }
         };
-        let props = PublishProperties {
-            content_type: m.content_type,
-            response_topic: m.response_topic,
-            correlation_data: m.correlation_data.map(Bytes::from),
-            user_properties: m.user_properties,
-            ..PublishProperties::default()
-        };
-        match client
-            .publish_with_properties(m.topic, qos(m.qos), m.retain, m.payload, props)
-            .await
-        {
-            Ok(()) => {
-                stats.published.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {
-                stats.publish_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    "a guest publish could not be handed to the MQTT connection (it is closed)"
-                );
-            }
+        if !send(&client, &stats, m).await {
+            tracing::error!(
+                "a guest publish could not be handed to the MQTT connection (it is closed)"
+            );
+        }
+    }
+}
+
+/// Hands one guest publish (with its MQTT 5 properties) to the connection
+/// and counts it; `false` when the connection has stopped.
+async fn send(client: &AsyncClient, stats: &MqttStats, m: MqttMessage) -> bool {
+    let props = PublishProperties {
+        content_type: m.content_type,
+        response_topic: m.response_topic,
+        correlation_data: m.correlation_data.map(Bytes::from),
+        user_properties: m.user_properties,
+        ..PublishProperties::default()
+    };
+    match client
+        .publish_with_properties(m.topic, qos(m.qos), m.retain, m.payload, props)
+        .await
+    {
+        Ok(()) => {
+            stats.published.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        Err(_) => {
+            stats.publish_failed.fetch_add(1, Ordering::Relaxed);
+            false
         }
     }
 }
@@ -905,31 +914,8 @@ async fn dispatch(
                 if d.outcome.is_ok() {
                     stats.succeeded.fetch_add(1, Ordering::Relaxed);
                     for m in d.outcome.published {
-                        let props = PublishProperties {
-                            content_type: m.content_type,
-                            response_topic: m.response_topic,
-                            correlation_data: m.correlation_data.map(Bytes::from),
-                            user_properties: m.user_properties,
-                            ..PublishProperties::default()
-                        };
-                        match shared
-                            .client
-                            .publish_with_properties(
-                                m.topic,
-                                qos(m.qos),
-                                m.retain,
-                                m.payload,
-                                props,
-                            )
-                            .await
-                        {
-                            Ok(()) => {
-                                stats.published.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(_) => {
-                                stats.publish_failed.fetch_add(1, Ordering::Relaxed);
-                                tracing::error!(component = %spec.component.name, trigger = %spec.label, "a guest publish could not be handed to the MQTT connection (it is closed)");
-                            }
+                        if !send(&shared.client, &stats, m).await {
+                            tracing::error!(component = %spec.component.name, trigger = %spec.label, "a guest publish could not be handed to the MQTT connection (it is closed)");
                         }
                     }
                 } else {

@@ -50,11 +50,6 @@ impl HttpComponent {
         }
     }
 
-    /// The component.
-    pub fn invocable(&self) -> &Arc<Invocable> {
-        &self.invocable
-    }
-
     /// Runs the guest for `req` (an absolute-URI request). Never waits for a
     /// concurrency slot: none free → a throttled outcome.
     pub async fn serve<B>(
