@@ -914,7 +914,7 @@ async fn dispatch(
                 if d.outcome.is_ok() {
                     stats.succeeded.fetch_add(1, Ordering::Relaxed);
                     for m in d.outcome.published {
-                        if !send(&shared.client, &stats, m).await {
+                        if !send(&shared.client, stats, m).await {
                             tracing::error!(component = %spec.component.name, trigger = %spec.label, "a guest publish could not be handed to the MQTT connection (it is closed)");
                         }
                     }
