@@ -704,8 +704,14 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
         for s in &specs {
             tracing::info!(trigger = %s.label, component = %s.component.name, topic = %s.filter.raw, qos = s.qos, max_in_flight = s.max_in_flight, "MQTT trigger armed");
         }
+        let spool = crate::spool::Spool::open(
+            &m.state_dir().join(crate::spool::FILE_NAME),
+            mqtt_config.spool.bounds(),
+        )
+        .map_err(Fatal)?;
         let mut trigger = crate::trigger::mqtt::MqttTriggers::new(options, receive_maximum, specs)
-            .with_dead_letters(dead_letters.clone());
+            .with_dead_letters(dead_letters.clone())
+            .with_spool(spool);
         if let Some(rx) = outbox_rx {
             trigger = trigger.with_outbox(rx);
         }
@@ -764,7 +770,7 @@ async fn start_embedded_broker(
 ) -> Result<
     (
         Option<EmbeddedBroker>,
-        Option<(rumqttc::v5::MqttOptions, u16)>,
+        Option<(crate::trigger::mqtt::ClientOptions, u16)>,
     ),
     Fatal,
 > {
@@ -811,7 +817,7 @@ async fn start_embedded_broker(
 ) -> Result<
     (
         Option<EmbeddedBroker>,
-        Option<(rumqttc::v5::MqttOptions, u16)>,
+        Option<(crate::trigger::mqtt::ClientOptions, u16)>,
     ),
     Fatal,
 > {

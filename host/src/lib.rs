@@ -44,6 +44,7 @@ pub mod limits;
 pub mod manifest;
 pub mod outbox;
 pub mod queue;
+pub mod spool;
 pub mod topic;
 pub mod trigger;
 

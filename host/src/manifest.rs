@@ -177,7 +177,9 @@ pub struct MqttConfig {
     pub cert: Option<Spanned<PathBuf>>,
     /// Client private key (PEM) for mutual TLS; needs `cert`.
     pub key: Option<Spanned<PathBuf>>,
-    /// MQTT protocol version: 5 (3.1.1 is not supported yet).
+    /// MQTT protocol version: 5 (the default) or 3 (MQTT 3.1.1: no
+    /// properties, no session expiry, no Receive Maximum; see
+    /// `trigger::connection`).
     #[serde(default = "default_mqtt_version")]
     pub version: Spanned<u8>,
     /// Keep-alive interval (default 30 s): how often an idle connection is
@@ -193,6 +195,43 @@ pub struct MqttConfig {
     pub receive_maximum: Option<Spanned<u32>>,
     /// The embedded broker's settings (with `broker = "embedded"` only).
     pub embedded: Option<Spanned<EmbeddedBrokerConfig>>,
+    /// Bounds of the on-disk spool for QoS 1/2 publishes made while the
+    /// broker is unreachable (`state_dir/mqtt-spool.sqlite`).
+    #[serde(default)]
+    pub spool: SpoolConfig,
+}
+
+/// `[mqtt] spool = { max_messages, max_bytes, on_full }`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Most publishes waiting (default 100,000).
+    pub max_messages: Option<Spanned<u64>>,
+    /// Most bytes of topics, payloads and properties waiting (default
+    /// 64 MiB).
+    pub max_bytes: Option<Spanned<crate::limits::Size>>,
+    /// `"drop_oldest"` (the default) or `"refuse_new"`: which publish is
+    /// lost when the spool is full.
+    #[serde(default)]
+    pub on_full: crate::spool::OnFull,
+}
+
+impl SpoolConfig {
+    /// The bounds, defaults filled in.
+    pub fn bounds(&self) -> crate::spool::SpoolBounds {
+        let d = crate::spool::SpoolBounds::default();
+        crate::spool::SpoolBounds {
+            max_messages: self
+                .max_messages
+                .as_ref()
+                .map_or(d.max_messages, |m| *m.get_ref()),
+            max_bytes: self
+                .max_bytes
+                .as_ref()
+                .map_or(d.max_bytes, |b| b.get_ref().0),
+            on_full: self.on_full,
+        }
+    }
 }
 
 /// `[mqtt] embedded = { listen, max_queued }`.
@@ -761,18 +800,54 @@ impl Manifest {
         match version {
             5 => {}
             3 => {
-                return Err(self.invalid(
-                    mqtt.version.span(),
-                    "mqtt.version",
-                    "MQTT 3.1.1 is not supported yet: use version = 5".into(),
-                ));
+                // Settings MQTT 3.1.1 has no way to send.
+                for (key, span) in [
+                    (
+                        "mqtt.session_expiry",
+                        mqtt.session_expiry.as_ref().map(|v| v.span()),
+                    ),
+                    (
+                        "mqtt.receive_maximum",
+                        mqtt.receive_maximum.as_ref().map(|v| v.span()),
+                    ),
+                ] {
+                    if let Some(span) = span {
+                        return Err(self.invalid(
+                            span,
+                            key,
+                            "exists only in MQTT 5: remove it, or use version = 5 (with 3.1.1 a session lasts until the broker drops it, and the broker's own in-flight limit applies)".into(),
+                        ));
+                    }
+                }
             }
             _ => {
                 return Err(self.invalid(
                     mqtt.version.span(),
                     "mqtt.version",
-                    format!("{version} is not a supported MQTT version: use 5"),
+                    format!(
+                        "{version} is not a supported MQTT version: use 5, or 3 for MQTT 3.1.1"
+                    ),
                 ));
+            }
+        }
+        for (key, value) in [
+            (
+                "mqtt.spool.max_messages",
+                mqtt.spool
+                    .max_messages
+                    .as_ref()
+                    .map(|v| (v.span(), *v.get_ref())),
+            ),
+            (
+                "mqtt.spool.max_bytes",
+                mqtt.spool
+                    .max_bytes
+                    .as_ref()
+                    .map(|v| (v.span(), v.get_ref().0)),
+            ),
+        ] {
+            if let Some((span, 0)) = value {
+                return Err(self.invalid(span, key, "must be at least 1".into()));
             }
         }
         if let Some(e) = &mqtt.embedded {

@@ -1,12 +1,14 @@
 //! Guest publishes from invocations that no MQTT message triggered (timers,
 //! HTTP requests, queued events): once such an invocation succeeded, its
 //! publishes (already checked against the component's `allow.mqtt_publish`)
-//! go to the host's MQTT connection through this bounded outbox, in order.
+//! go through this bounded in-memory outbox, in order, to the connection's
+//! [`Publisher`](crate::trigger::publish::Publisher), which sends them or,
+//! while the broker is unreachable, spools QoS 1/2 ones on disk.
 //!
-//! MQTT-triggered invocations publish through their trigger instead, before
+//! MQTT-triggered invocations hand theirs to the publisher directly, before
 //! the message they handled is acknowledged. Without an MQTT connection, or
-//! when the outbox is full (the connection is down for long), a publish is
-//! dropped, counted and logged as an error; the outbox is memory only.
+//! when the outbox is full (the publisher cannot keep up), a publish is
+//! dropped, counted and logged as an error.
 
 use crate::invoke::MqttMessage;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -18,10 +18,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wasmgate::deadletter::{Bounds, DeadLetterStore};
 use wasmgate::delivery::RetryPolicy;
+use wasmgate::invoke::MqttMessage;
 use wasmgate::limits::Limits;
 use wasmgate::manifest::Manifest;
+use wasmgate::spool::{OnFull, Spool, SpoolBounds};
 use wasmgate::topic::TopicFilter;
-use wasmgate::trigger::mqtt::{MqttSpec, MqttStats, MqttTriggers, client_options};
+use wasmgate::trigger::mqtt::{ClientOptions, MqttSpec, MqttStats, MqttTriggers, client_options};
 use wasmgate_test_artifacts::{ECHO_MQTT, HOSTILE};
 
 /// Failure guard for waits; never a claim about speed.
@@ -246,12 +248,12 @@ impl Drop for TestClient {
 }
 
 /// Client options as `wasmgate up` builds them from a manifest's `[mqtt]`.
-fn options(url: &str, client_id: &str) -> (MqttOptions, u16) {
+fn options(url: &str, client_id: &str) -> (ClientOptions, u16) {
     options_with(url, client_id, "")
 }
 
 /// [`options`] with more `[mqtt]` settings (`extra`, TOML lines).
-fn options_with(url: &str, client_id: &str, extra: &str) -> (MqttOptions, u16) {
+fn options_with(url: &str, client_id: &str, extra: &str) -> (ClientOptions, u16) {
     let text = format!(
         "[gateway]\nname = \"{client_id}\"\n[mqtt]\nbroker = \"{url}\"\nkeep_alive = \"5s\"\n{extra}"
     );
@@ -288,21 +290,40 @@ impl Running {
         specs: Vec<MqttSpec>,
         dead_letters: Option<Arc<DeadLetterStore>>,
     ) -> Self {
-        let r = Self::spawn(options(url, client_id), specs, dead_letters);
+        Self::start_with(options(url, client_id), specs, dead_letters).await
+    }
+
+    /// [`Running::start`] with client options of the test's choosing.
+    async fn start_with(
+        options: (ClientOptions, u16),
+        specs: Vec<MqttSpec>,
+        dead_letters: Option<Arc<DeadLetterStore>>,
+    ) -> Self {
+        let r = Self::spawn(options, specs, dead_letters);
         r.wait_for(|s| s.subscribed.load(Relaxed) >= 1).await;
         r
     }
 
     /// Starts the triggers without waiting for the connection.
     fn spawn(
-        (o, receive_maximum): (MqttOptions, u16),
+        options: (ClientOptions, u16),
         specs: Vec<MqttSpec>,
         dead_letters: Option<Arc<DeadLetterStore>>,
     ) -> Self {
-        let mut t = MqttTriggers::new(o, receive_maximum, specs);
-        if let Some(d) = dead_letters {
-            t = t.with_dead_letters(d);
-        }
+        Self::spawn_built(options, specs, |t| match dead_letters {
+            Some(d) => t.with_dead_letters(d),
+            None => t,
+        })
+    }
+
+    /// Starts the triggers, set up further by `build`, without waiting for
+    /// the connection.
+    fn spawn_built(
+        (o, receive_maximum): (ClientOptions, u16),
+        specs: Vec<MqttSpec>,
+        build: impl FnOnce(MqttTriggers) -> MqttTriggers,
+    ) -> Self {
+        let t = build(MqttTriggers::new(o, receive_maximum, specs));
         let stats = t.stats();
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
@@ -341,11 +362,21 @@ fn payloads(got: &[rumqttc::v5::mqttbytes::v5::Publish]) -> std::collections::BT
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos_0_1_2_and_wildcards_end_to_end() {
+    qos_and_wildcards("", "v5").await;
+}
+
+/// `[mqtt] version = 3`: the same over MQTT 3.1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_0_1_2_and_wildcards_end_to_end_over_mqtt_3_1_1() {
+    qos_and_wildcards("version = 3", "v3").await;
+}
+
+async fn qos_and_wildcards(extra: &str, tag: &str) {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path());
     let mut replies = TestClient::connect(
         broker.port,
-        "replies-qos",
+        &format!("replies-qos-{tag}"),
         &[("sensors/+/temp/reply", QoS::ExactlyOnce)],
     )
     .await;
@@ -356,8 +387,13 @@ async fn qos_0_1_2_and_wildcards_end_to_end() {
         2,
         8,
     )];
-    let host = Running::start(&broker.url(), "host-qos", specs, None).await;
-    let publisher = TestClient::connect(broker.port, "pub-qos", &[]).await;
+    let host = Running::start_with(
+        options_with(&broker.url(), &format!("host-qos-{tag}"), extra),
+        specs,
+        None,
+    )
+    .await;
+    let publisher = TestClient::connect(broker.port, &format!("pub-qos-{tag}"), &[]).await;
     let n = 20;
     for (q, qos) in [
         (0, QoS::AtMostOnce),
@@ -521,7 +557,7 @@ async fn an_unreachable_broker_at_start_is_retried() {
 
 /// Streams `n` messages at `qos` through echo-mqtt and restarts the broker
 /// half-way; every message must be handled (its reply collected).
-async fn broker_restart_mid_stream(qos: QoS, tag: &str) {
+async fn broker_restart_mid_stream(qos: QoS, tag: &str, extra: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = Mosquitto::start(dir.path());
     let mut replies = TestClient::connect(
@@ -531,7 +567,12 @@ async fn broker_restart_mid_stream(qos: QoS, tag: &str) {
     )
     .await;
     let specs = vec![spec(ECHO_MQTT, &["stream/+/reply"], "stream/+", 2, 8)];
-    let host = Running::start(&broker.url(), &format!("host-restart-{tag}"), specs, None).await;
+    let host = Running::start_with(
+        options_with(&broker.url(), &format!("host-restart-{tag}"), extra),
+        specs,
+        None,
+    )
+    .await;
     let publisher = TestClient::connect(broker.port, &format!("pub-restart-{tag}"), &[]).await;
     let n = 400;
     for i in 0..n / 2 {
@@ -563,12 +604,17 @@ async fn broker_restart_mid_stream(qos: QoS, tag: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_mid_stream_loses_no_qos1_message() {
-    broker_restart_mid_stream(QoS::AtLeastOnce, "qos1").await;
+    broker_restart_mid_stream(QoS::AtLeastOnce, "qos1", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_stream_loses_no_qos1_message_over_mqtt_3_1_1() {
+    broker_restart_mid_stream(QoS::AtLeastOnce, "qos1-v3", "version = 3").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_mid_stream_loses_no_qos2_message() {
-    broker_restart_mid_stream(QoS::ExactlyOnce, "qos2").await;
+    broker_restart_mid_stream(QoS::ExactlyOnce, "qos2", "").await;
 }
 
 /// A manifest for `wasmgate up`: `hostile` on `retry` (always fails), two
@@ -1050,4 +1096,253 @@ fn an_unreadable_certificate_stops_up_naming_the_setting() {
         stderr.contains("mqtt.ca: cannot read") && stderr.contains("missing-ca.pem"),
         "{stderr}"
     );
+}
+
+fn spooled(i: usize) -> MqttMessage {
+    MqttMessage {
+        topic: format!("out/{}", i % 3),
+        payload: i.to_string().into_bytes(),
+        // QoS 1 and 2 both wait in the spool.
+        qos: 1 + (i % 2) as u8,
+        ..MqttMessage::default()
+    }
+}
+
+/// Payloads in the order they first arrived (a resent one counts once).
+fn first_arrivals(got: &[rumqttc::v5::mqttbytes::v5::Publish]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    got.iter()
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .filter(|p| seen.insert(p.clone()))
+        .collect()
+}
+
+/// Asserts that the [`spooled`] messages `want` all arrived, and in order
+/// within each QoS: MQTT orders messages of one QoS (§4.6); a broker may
+/// forward a QoS 2 message after a QoS 1 message published later, as it
+/// completes the QoS 2 exchange first.
+fn assert_arrived_in_order(
+    got: &[rumqttc::v5::mqttbytes::v5::Publish],
+    want: std::ops::Range<usize>,
+) {
+    let arrived: Vec<usize> = first_arrivals(got)
+        .iter()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    for parity in 0..2 {
+        let of =
+            |v: Vec<usize>| -> Vec<usize> { v.into_iter().filter(|i| i % 2 == parity).collect() };
+        assert_eq!(
+            of(arrived.clone()),
+            of(want.clone().collect()),
+            "QoS {} publishes: all arrived, in order",
+            1 + parity
+        );
+    }
+}
+
+/// The host's own publishes (here through the outbox, the way a timer's or
+/// an HTTP handler's go) while the broker is down: written to the spool on
+/// disk, kept across a restart of the host, and sent in order once the
+/// broker is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_made_while_the_broker_is_down_wait_on_disk_and_arrive_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Mosquitto::start(dir.path());
+    let mut sub =
+        TestClient::connect(broker.port, "spool-sub", &[("out/#", QoS::AtLeastOnce)]).await;
+    let path = dir.path().join("state").join(wasmgate::spool::FILE_NAME);
+    let host_with_spool = |url: &str| {
+        let (tx, rx) = mpsc::channel(1000);
+        let spool = Spool::open(&path, SpoolBounds::default()).unwrap();
+        let host = Running::spawn_built(options(url, "spool-host"), vec![], |t| {
+            t.with_outbox(rx).with_spool(spool)
+        });
+        (host, tx)
+    };
+    let (host, outbox) = host_with_spool(&broker.url());
+    host.wait_for(|s| s.connects.load(Relaxed) >= 1).await;
+    let n = 300;
+    for i in 0..50 {
+        outbox.send(spooled(i)).await.unwrap();
+    }
+    let mut got = sub.collect(|g| payloads(g).len() >= 50).await;
+    broker.stop();
+    host.wait_for(|s| s.connection_errors.load(Relaxed) >= 1)
+        .await;
+    for i in 50..n {
+        outbox.send(spooled(i)).await.unwrap();
+    }
+    host.wait_for(|s| s.spooled.load(Relaxed) >= (n - 50) as u64)
+        .await;
+    assert_eq!(host.stats.published.load(Relaxed), 50);
+    host.stop().await;
+
+    // On disk, in order, after the host stopped.
+    {
+        let spool = Spool::open(&path, SpoolBounds::default()).unwrap();
+        let waiting: Vec<String> = spool
+            .peek(1000)
+            .unwrap()
+            .into_iter()
+            .map(|(_, m)| String::from_utf8(m.payload).unwrap())
+            .collect();
+        let want: Vec<String> = (50..n).map(|i| i.to_string()).collect();
+        // Publishes of the first 50 the broker had not acknowledged when it
+        // stopped wait too, in front.
+        assert!(waiting.ends_with(&want), "{waiting:?}");
+    }
+
+    // A new host on the same spool sends them once the broker is back.
+    broker.restart();
+    let (host, _outbox) = host_with_spool(&broker.url());
+    host.wait_for(|s| {
+        s.spool_sent.load(Relaxed) >= (n - 50) as u64 && s.spool_waiting.load(Relaxed) == 0
+    })
+    .await;
+    got.extend(
+        sub.collect(|g| {
+            let seen = payloads(g);
+            // The last of each QoS: the rest came before them.
+            [n - 2, n - 1].iter().all(|i| seen.contains(&i.to_string()))
+        })
+        .await,
+    );
+    assert_arrived_in_order(&got, 0..n);
+    host.stop().await;
+}
+
+/// A full spool applies its policy and counts what it lost: `drop_oldest`
+/// keeps the newest publishes, `refuse_new` the oldest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_drops_the_oldest_or_refuses_new_publishes_and_counts_them() {
+    for (on_full, want) in [(OnFull::DropOldest, 20..30), (OnFull::RefuseNew, 0..10)] {
+        let dir = tempfile::tempdir().unwrap();
+        // Nothing listens there yet.
+        let port = free_port();
+        let bounds = SpoolBounds {
+            max_messages: 10,
+            max_bytes: 1 << 20,
+            on_full,
+        };
+        let (outbox, rx) = mpsc::channel(100);
+        let host = Running::spawn_built(
+            options(&format!("mqtt://127.0.0.1:{port}"), "full-spool-host"),
+            vec![],
+            |t| {
+                t.with_outbox(rx)
+                    .with_spool(Spool::open_in_memory(bounds).unwrap())
+            },
+        );
+        for i in 0..30 {
+            outbox.send(spooled(i)).await.unwrap();
+        }
+        host.wait_for(|s| {
+            s.spool_waiting.load(Relaxed) == 10
+                && s.spool_dropped.load(Relaxed) + s.spool_refused.load(Relaxed) == 20
+        })
+        .await;
+        match on_full {
+            OnFull::DropOldest => assert_eq!(host.stats.spool_dropped.load(Relaxed), 20),
+            OnFull::RefuseNew => assert_eq!(host.stats.spool_refused.load(Relaxed), 20),
+        }
+        let broker = Mosquitto::start_on(dir.path(), port);
+        let mut sub = TestClient::connect(
+            broker.port,
+            "full-spool-sub",
+            &[("out/#", QoS::AtLeastOnce)],
+        )
+        .await;
+        let got = sub.collect(|g| payloads(g).len() >= 10).await;
+        assert_arrived_in_order(&got, want);
+        host.stop().await;
+    }
+}
+
+/// SIGKILL of `wasmgate up` while its timer publishes into the spool (the
+/// broker unreachable from the start): what was spooled is on disk, and the
+/// next run sends it, in order, before anything newer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spooled_publishes_survive_a_sigkill_of_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let file = dir.path().join("wasmgate.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"[gateway]
+name = "spool-kill"
+state_dir = "{state}"
+
+[mqtt]
+broker = "mqtt://127.0.0.1:{port}"
+keep_alive = "5s"
+
+[component.tick]
+source = "{source}"
+env = {{ PUBLISH_TOPIC = "gw/ticks" }}
+allow = {{ mqtt_publish = ["gw/#"] }}
+
+[[trigger.timer]]
+component = "tick"
+every = "100ms"
+"#,
+            state = dir.path().join("state").display(),
+            source = wasmgate_test_artifacts::PUBLISH_TIMER,
+        ),
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let path = dir.path().join("state").join(wasmgate::spool::FILE_NAME);
+    let (mut host, lines) = spawn_host(file);
+    wait_line(&lines, "ready");
+    let read_spool = || -> Vec<String> {
+        if !path.exists() {
+            return Vec::new();
+        }
+        Spool::open(&path, SpoolBounds::default())
+            .unwrap()
+            .peek(100_000)
+            .unwrap()
+            .into_iter()
+            .map(|(_, m)| String::from_utf8(m.payload).unwrap())
+            .collect()
+    };
+    let deadline = Instant::now() + PATIENCE;
+    while read_spool().len() < 5 {
+        assert!(Instant::now() < deadline, "nothing was spooled");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    host.kill().unwrap(); // SIGKILL
+    host.wait().unwrap();
+    let spooled = read_spool();
+    let ms = |p: &str| -> u64 { p.strip_prefix("tick ").unwrap().parse().unwrap() };
+    assert!(
+        spooled.windows(2).all(|w| ms(&w[0]) < ms(&w[1])),
+        "spooled in tick order: {spooled:?}"
+    );
+
+    let broker = Mosquitto::start_on(dir.path(), port);
+    let mut sub = TestClient::connect(
+        broker.port,
+        "spool-kill-sub",
+        &[("gw/ticks", QoS::AtLeastOnce)],
+    )
+    .await;
+    let (mut host, lines) = spawn_host(file);
+    wait_line(&lines, "will be sent once connected");
+    let got = sub
+        .collect(|g| first_arrivals(g).len() > spooled.len())
+        .await;
+    let arrived = first_arrivals(&got);
+    assert_eq!(
+        arrived[..spooled.len()],
+        spooled[..],
+        "the spooled publishes arrive first, in order"
+    );
+    assert!(ms(&arrived[spooled.len()]) > ms(spooled.last().unwrap()));
+    let _ = Command::new("kill")
+        .args(["-TERM", &host.id().to_string()])
+        .status();
+    assert_eq!(host.wait().unwrap().code(), Some(0));
 }

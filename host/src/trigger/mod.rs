@@ -9,8 +9,10 @@
 
 pub mod acks;
 pub mod clock;
+pub mod connection;
 pub mod http;
 pub mod mqtt;
+pub mod publish;
 pub mod schedule;
 pub mod state;
 pub mod timer;

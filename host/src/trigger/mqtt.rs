@@ -1,5 +1,6 @@
-//! The MQTT trigger: one connection to the broker (MQTT 5, rumqttc) that
-//! feeds every `[[trigger.mqtt]]`.
+//! The MQTT trigger: one connection to the broker (MQTT 5, or 3.1.1 with
+//! `version = 3`, over rumqttc; see [`super::connection`]) that feeds every
+//! `[[trigger.mqtt]]` and carries the host's publishes.
 //!
 //! - **Connection**: `mqtt://` or `mqtts://` (rustls with the `ring`
 //!   provider; a CA file, and a client certificate and key for mutual TLS),
@@ -28,30 +29,26 @@
 //!   (packet ids there mean other messages); the broker redelivers those
 //!   messages instead (at least once).
 //! - **Guest publishes**: the messages a handler published (after the ACL
-//!   check in [`crate::invoke`]) are sent once the handler succeeded, before
-//!   the acknowledgement of the message it handled, with their QoS, retain
-//!   flag and MQTT 5 properties. Publishes of failed attempts are discarded,
-//!   so a retried handler does not publish twice.
+//!   check in [`crate::invoke`]) are handed to the [`Publisher`] once the
+//!   handler succeeded — sent, or on disk in the spool while the broker is
+//!   unreachable — before the acknowledgement of the message it handled,
+//!   with their QoS, retain flag and MQTT 5 properties. Publishes of failed
+//!   attempts are discarded, so a retried handler does not publish twice.
 //! - **Message expiry**: a message whose MQTT 5 expiry interval passed while
 //!   it waited for its turn is not delivered (counted) and is acknowledged.
 
 pub use super::acks::{AckTracker, Backoff, Subscription, route, subscriptions};
+pub use super::connection::ClientOptions;
+use super::connection::{Event as ConnEvent, Incoming, log_connection_error};
+use super::publish::Publisher;
 use crate::deadletter::DeadLetterStore;
 use crate::delivery::{RetryPolicy, deliver};
 use crate::invoke::{Event, Invocable, InvocationContext, MqttMessage};
 use crate::manifest::Manifest;
+use crate::spool::Spool;
 use crate::topic::TopicFilter;
-use bytes::Bytes;
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::PubComp;
-use rumqttc::v5::mqttbytes::v5::{
-    ConnectReturnCode, Filter, Packet, Publish, PublishProperties, RetainForwardRule,
-    SubscribeProperties, SubscribeReasonCode,
-};
-use rumqttc::v5::{
-    AsyncClient, ConnectionError, Event as MqttEvent, MqttOptions, Request, StateError,
-};
-use rumqttc::{NetworkOptions, Outgoing, Transport};
+use rumqttc::v5::MqttOptions;
+use rumqttc::{NetworkOptions, Transport};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -152,7 +149,7 @@ impl BrokerUrl {
 /// `[mqtt]`; an error naming the setting when a file cannot be read or the
 /// broker is `embedded` (which `up` starts and reaches with
 /// [`client_options_for`]).
-pub fn client_options(m: &Manifest) -> Result<Option<(MqttOptions, u16)>, String> {
+pub fn client_options(m: &Manifest) -> Result<Option<(ClientOptions, u16)>, String> {
     let Some(c) = &m.mqtt else {
         return Ok(None);
     };
@@ -166,26 +163,56 @@ pub fn client_options(m: &Manifest) -> Result<Option<(MqttOptions, u16)>, String
 
 /// The client options of a manifest's `[mqtt]` (which must be present) for
 /// the broker at `url` — e.g. an embedded broker's listening address.
-pub fn client_options_for(m: &Manifest, url: &BrokerUrl) -> Result<(MqttOptions, u16), String> {
+pub fn client_options_for(m: &Manifest, url: &BrokerUrl) -> Result<(ClientOptions, u16), String> {
     let defaults = crate::manifest::MqttConfig::default();
     let c = m.mqtt.as_ref().unwrap_or(&defaults);
     let client_id = c
         .client_id
         .as_ref()
         .map_or_else(|| m.gateway.name.clone(), |id| id.get_ref().clone());
-    let mut o = MqttOptions::new(client_id, url.host.clone(), url.port);
     let keep_alive = c
         .keep_alive
         .as_ref()
         .map_or(DEFAULT_KEEP_ALIVE, |k| k.get_ref().0);
-    let expiry = c
-        .session_expiry
-        .as_ref()
-        .map_or(DEFAULT_SESSION_EXPIRY, |e| e.get_ref().0);
     let receive_maximum = c
         .receive_maximum
         .as_ref()
         .map_or(DEFAULT_RECEIVE_MAXIMUM, |r| *r.get_ref() as u16);
+    let mut net = NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    net.set_connection_timeout(10);
+    let credentials = c.username.as_ref().map(|user| {
+        let password = c
+            .password
+            .as_ref()
+            .map_or(String::new(), |p| p.get_ref().clone());
+        (user.clone(), password)
+    });
+    let transport = if url.tls {
+        Some(Transport::tls_with_config(tls_config(m, c)?.into()))
+    } else {
+        None
+    };
+    if *c.version.get_ref() == 3 {
+        let mut o = rumqttc::MqttOptions::new(client_id, url.host.clone(), url.port);
+        o.set_keep_alive(keep_alive)
+            .set_clean_session(false)
+            .set_max_packet_size(MAX_PACKET_SIZE as usize, MAX_PACKET_SIZE as usize)
+            .set_manual_acks(true)
+            .set_request_channel_capacity(receive_maximum as usize * 2 + 1024);
+        if let Some((user, password)) = credentials {
+            o.set_credentials(user, password);
+        }
+        if let Some(t) = transport {
+            o.set_transport(t);
+        }
+        return Ok((ClientOptions::V4(o, net), receive_maximum));
+    }
+    let mut o = MqttOptions::new(client_id, url.host.clone(), url.port);
+    let expiry = c
+        .session_expiry
+        .as_ref()
+        .map_or(DEFAULT_SESSION_EXPIRY, |e| e.get_ref().0);
     o.set_keep_alive(keep_alive)
         .set_clean_start(false)
         .set_session_expiry_interval(Some(expiry.as_secs().min(u32::MAX as u64) as u32))
@@ -194,21 +221,14 @@ pub fn client_options_for(m: &Manifest, url: &BrokerUrl) -> Result<(MqttOptions,
         .set_manual_acks(true)
         .set_connection_timeout(10)
         .set_request_channel_capacity(receive_maximum as usize * 2 + 1024);
-    if let Some(user) = &c.username {
-        let password = c
-            .password
-            .as_ref()
-            .map_or(String::new(), |p| p.get_ref().clone());
-        o.set_credentials(user.clone(), password);
+    if let Some((user, password)) = credentials {
+        o.set_credentials(user, password);
     }
-    let mut net = NetworkOptions::new();
-    net.set_tcp_nodelay(true);
-    net.set_connection_timeout(10);
     o.set_network_options(net);
-    if url.tls {
-        o.set_transport(Transport::tls_with_config(tls_config(m, c)?.into()));
+    if let Some(t) = transport {
+        o.set_transport(t);
     }
-    Ok((o, receive_maximum))
+    Ok((ClientOptions::V5(o), receive_maximum))
 }
 
 fn tls_config(
@@ -334,8 +354,23 @@ pub struct MqttStats {
     pub published: AtomicU64,
     /// Guest publishes the ACL refused.
     pub publish_denied: AtomicU64,
-    /// Guest publishes that could not be handed to the connection.
+    /// Guest publishes lost before the spool: an invalid topic, or a QoS 0
+    /// publish with the connection's queue full.
     pub publish_failed: AtomicU64,
+    /// Publishes written to the spool (the broker unreachable, or older
+    /// ones still waiting).
+    pub spooled: AtomicU64,
+    /// Spooled publishes handed to the connection after a reconnect.
+    pub spool_sent: AtomicU64,
+    /// Spooled publishes dropped by a full spool (`on_full = "drop_oldest"`).
+    pub spool_dropped: AtomicU64,
+    /// Publishes a full spool refused (`on_full = "refuse_new"`, or larger
+    /// than `max_bytes`).
+    pub spool_refused: AtomicU64,
+    /// Publishes lost because the spool could not be written (full disk?).
+    pub spool_errors: AtomicU64,
+    /// Publishes waiting in the spool now.
+    pub spool_waiting: AtomicU64,
     order: Mutex<AckOrder>,
 }
 
@@ -385,15 +420,7 @@ impl MqttStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct AckToken {
     pkid: u16,
-    qos: QoS,
-}
-
-impl AckToken {
-    fn publish(self) -> Publish {
-        let mut p = Publish::new("", self.qos, Bytes::new(), None);
-        p.pkid = self.pkid;
-        p
-    }
+    qos: u8,
 }
 
 /// Acknowledgement state shared by the event-loop owner and the deliveries.
@@ -409,7 +436,7 @@ struct Acks {
 }
 
 struct Shared {
-    client: AsyncClient,
+    publisher: Arc<Publisher>,
     acks: Mutex<Acks>,
     stats: Arc<MqttStats>,
 }
@@ -435,7 +462,7 @@ impl Shared {
     fn release(&self, acks: &mut Acks, due: Vec<AckToken>) {
         acks.backlog.extend(due);
         while let Some(token) = acks.backlog.front().copied() {
-            if self.client.try_ack(&token.publish()).is_err() {
+            if !self.publisher.client().try_ack(token.pkid, token.qos) {
                 break;
             }
             acks.backlog.pop_front();
@@ -459,10 +486,11 @@ struct Arrival {
 
 /// Every `[[trigger.mqtt]]` of a host on one broker connection.
 pub struct MqttTriggers {
-    options: MqttOptions,
+    options: ClientOptions,
     receive_maximum: u16,
     specs: Vec<MqttSpec>,
     dead_letters: Option<Arc<DeadLetterStore>>,
+    spool: Option<Spool>,
     stats: Arc<MqttStats>,
     outbox: Option<mpsc::Receiver<MqttMessage>>,
 }
@@ -470,7 +498,7 @@ pub struct MqttTriggers {
 impl std::fmt::Debug for MqttTriggers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MqttTriggers")
-            .field("broker", &self.options.broker_address())
+            .field("broker", &self.options.broker())
             .field("specs", &self.specs)
             .finish_non_exhaustive()
     }
@@ -479,12 +507,17 @@ impl std::fmt::Debug for MqttTriggers {
 impl MqttTriggers {
     /// Binds the triggers to a connection with `options` (from
     /// [`client_options`]).
-    pub fn new(options: MqttOptions, receive_maximum: u16, specs: Vec<MqttSpec>) -> Self {
+    pub fn new(
+        options: impl Into<ClientOptions>,
+        receive_maximum: u16,
+        specs: Vec<MqttSpec>,
+    ) -> Self {
         Self {
-            options,
+            options: options.into(),
             receive_maximum,
             specs,
             dead_letters: None,
+            spool: None,
             stats: Arc::default(),
             outbox: None,
         }
@@ -502,6 +535,13 @@ impl MqttTriggers {
         self
     }
 
+    /// Spools QoS 1/2 publishes in `spool` while the broker is unreachable
+    /// (without one, an in-memory spool with the default bounds is used).
+    pub fn with_spool(mut self, spool: Spool) -> Self {
+        self.spool = Some(spool);
+        self
+    }
+
     /// Its counters (shared: readable while it runs).
     pub fn stats(&self) -> Arc<MqttStats> {
         self.stats.clone()
@@ -509,24 +549,26 @@ impl MqttTriggers {
 
     /// Connects (retrying), subscribes and delivers until `shutdown` is
     /// cancelled; then takes no new messages, lets the deliveries in progress
-    /// settle and sends their acknowledgements, and disconnects. Deliveries
+    /// settle and sends their acknowledgements, spools what the broker has
+    /// not acknowledged of the host's publishes, and disconnects. Deliveries
     /// are spawned on `tasks`.
     pub async fn run(mut self, tasks: TaskTracker, shutdown: CancellationToken) {
-        let capacity = self.options.request_channel_capacity();
-        let (client, mut eventloop) = AsyncClient::new(self.options.clone(), capacity);
+        let (client, mut eventloop) = self.options.connect();
+        let spool = match self.spool.take() {
+            Some(s) => s,
+            None => Spool::open_in_memory(crate::spool::SpoolBounds::default())
+                .expect("an in-memory spool opens"),
+        };
+        let publisher = Publisher::start(client.clone(), spool, self.stats.clone());
         let shared = Arc::new(Shared {
-            client: client.clone(),
+            publisher: publisher.clone(),
             acks: Mutex::default(),
             stats: self.stats.clone(),
         });
-        if let Some(outbox) = self.outbox.take() {
-            tasks.spawn(drain_outbox(
-                outbox,
-                client.clone(),
-                self.stats.clone(),
-                shutdown.clone(),
-            ));
-        }
+        let outbox = self
+            .outbox
+            .take()
+            .map(|outbox| tokio::spawn(drain_outbox(outbox, publisher.clone(), shutdown.clone())));
         let filters: Vec<(TopicFilter, u8)> = self
             .specs
             .iter()
@@ -558,46 +600,36 @@ impl MqttTriggers {
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                let _ = shared.client.disconnect().await;
+                shared.publisher.client().disconnect().await;
             });
         }
-        let broker = self.options.broker_address();
-        let broker = format!("{}:{}", broker.0, broker.1);
+        let broker = self.options.broker();
         let mut backoff = Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX, 0.5);
         let mut subacks_expected = 0usize;
         loop {
-            let event = eventloop.poll().await;
-            match event {
-                Ok(MqttEvent::Incoming(Packet::ConnAck(connack))) => {
+            match eventloop.poll().await {
+                Ok(ConnEvent::ConnAck { session_present }) => {
                     backoff.reset();
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(%broker, session_present = connack.session_present, "MQTT connected");
+                    tracing::info!(%broker, session_present, "MQTT connected");
+                    publisher.connected();
                     subacks_expected = subs.len();
                     let client = client.clone();
                     let subs = subs.clone();
                     tokio::spawn(async move {
                         for (i, s) in subs.iter().enumerate() {
-                            let mut filter = Filter::new(s.filter.raw.clone(), qos(s.qos));
-                            filter.retain_forward_rule = RetainForwardRule::OnNewSubscribe;
-                            let props = SubscribeProperties {
-                                id: Some(Subscription::identifier(i)),
-                                user_properties: Vec::new(),
-                            };
-                            if client
-                                .subscribe_many_with_properties([filter], props)
+                            if !client
+                                .subscribe(&s.filter.raw, s.qos, Subscription::identifier(i))
                                 .await
-                                .is_err()
                             {
                                 break;
                             }
                         }
                     });
                 }
-                Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
-                    for code in &ack.return_codes {
-                        if !matches!(code, SubscribeReasonCode::Success(_)) {
-                            tracing::error!(%broker, reason = ?code, "the broker refused a subscription (check the topic filters and the broker's ACL)");
-                        }
+                Ok(ConnEvent::SubAck { refused }) => {
+                    for reason in &refused {
+                        tracing::error!(%broker, %reason, "the broker refused a subscription (check the topic filters and the broker's ACL)");
                     }
                     subacks_expected = subacks_expected.saturating_sub(1);
                     if subacks_expected == 0 {
@@ -607,7 +639,7 @@ impl MqttTriggers {
                         tracing::info!(%broker, subscriptions = %filters.join(", "), "MQTT subscribed");
                     }
                 }
-                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                Ok(ConnEvent::Publish(p)) => {
                     self.stats.received.fetch_add(1, Ordering::Relaxed);
                     if shutdown.is_cancelled() {
                         // Not taken: without an ack the broker redelivers it.
@@ -622,14 +654,14 @@ impl MqttTriggers {
                         break;
                     }
                 }
-                Ok(MqttEvent::Incoming(Packet::Disconnect(d))) => {
-                    tracing::warn!(%broker, reason = ?d.reason_code, "the broker closed the MQTT session");
+                Ok(ConnEvent::BrokerDisconnect(reason)) => {
+                    tracing::warn!(%broker, %reason, "the broker closed the MQTT session");
                 }
-                Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) => {
+                Ok(ConnEvent::Disconnected) => {
                     tracing::info!(%broker, "MQTT disconnected");
                     break;
                 }
-                Ok(_) => {}
+                Ok(ConnEvent::Other) => {}
                 Err(e) => {
                     self.stats.connection_errors.fetch_add(1, Ordering::Relaxed);
                     {
@@ -643,22 +675,7 @@ impl MqttTriggers {
                         self.stats
                             .acks_discarded
                             .fetch_add(dropped, Ordering::Relaxed);
-                        eventloop.clean();
-                        eventloop
-                            .pending
-                            .retain(|r| !matches!(r, Request::PubAck(_) | Request::PubRec(_)));
-                        // rumqttc forgets incoming QoS 2 state on a
-                        // disconnect, so the broker's PUBREL for a message
-                        // this host had PUBREC'd before it is "unsolicited"
-                        // and drops the next connection too. Completing it
-                        // with a PUBCOMP queued for the next connection ends
-                        // that loop (the message itself was handled).
-                        if let ConnectionError::MqttState(StateError::Unsolicited(pkid)) = &e {
-                            let comp = Request::PubComp(PubComp::new(*pkid, None));
-                            if !eventloop.pending.contains(&comp) {
-                                eventloop.pending.push_back(comp);
-                            }
-                        }
+                        publisher.disconnected(|| eventloop.clean(Some(&e)));
                     }
                     if dispatched.is_cancelled() || shutdown.is_cancelled() {
                         break;
@@ -678,22 +695,29 @@ impl MqttTriggers {
             }
         }
         drop(tx);
-        // Without the event loop, guest publishes still waiting for room in
-        // the request channel fail (counted) instead of waiting forever.
+        // What the broker has not acknowledged of the host's publishes waits
+        // in the spool for the next start.
+        publisher.disconnected(|| eventloop.clean(None));
+        // Without the event loop, nothing more can be handed to it.
         drop(eventloop);
         shared.acks.lock().expect("acks lock").backlog.clear();
         dispatched.cancelled().await;
+        // The outbox's last publishes go to the spool; then the spool
+        // thread writes what it was given and stops.
+        if let Some(outbox) = outbox {
+            let _ = outbox.await;
+        }
+        publisher.stop().await;
     }
 
-    fn arrival(&self, shared: &Shared, subs: &[Subscription], p: Publish) -> Arrival {
-        let topic = String::from_utf8_lossy(&p.topic).into_owned();
-        let props = p.properties.clone().unwrap_or_default();
-        let routes = route(subs, &topic, &props.subscription_identifiers);
+    fn arrival(&self, shared: &Shared, subs: &[Subscription], p: Incoming) -> Arrival {
+        let props = p.properties;
+        let routes = route(subs, &p.topic, &props.subscription_identifiers);
         if routes.is_empty() {
             self.stats.unrouted.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%topic, "a message matched no trigger (a subscription left in the session by an earlier manifest?); acknowledged");
+            tracing::warn!(topic = %p.topic, "a message matched no trigger (a subscription left in the session by an earlier manifest?); acknowledged");
         }
-        let ack = if p.qos == QoS::AtMostOnce {
+        let ack = if p.qos == 0 {
             None
         } else {
             let mut acks = shared.acks.lock().expect("acks lock");
@@ -717,13 +741,9 @@ impl MqttTriggers {
             .map(|s| Instant::now() + Duration::from_secs(s as u64));
         Arrival {
             message: MqttMessage {
-                topic,
+                topic: p.topic,
                 payload: p.payload.to_vec(),
-                qos: match p.qos {
-                    QoS::AtMostOnce => 0,
-                    QoS::AtLeastOnce => 1,
-                    QoS::ExactlyOnce => 2,
-                },
+                qos: p.qos,
                 retain: p.retain,
                 content_type: props.content_type,
                 response_topic: props.response_topic,
@@ -737,12 +757,11 @@ impl MqttTriggers {
     }
 }
 
-/// Sends the outbox's publishes in order until shutdown; then sends what is
-/// already queued and stops.
+/// Hands the outbox's publishes to the publisher in order until shutdown;
+/// then hands over what is already queued and stops.
 async fn drain_outbox(
     mut outbox: mpsc::Receiver<MqttMessage>,
-    client: AsyncClient,
-    stats: Arc<MqttStats>,
+    publisher: Arc<Publisher>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -760,72 +779,8 @@ async fn drain_outbox(
                 }
             }
         };
-        if !send(&client, &stats, m).await {
-            tracing::error!(
-                "a guest publish could not be handed to the MQTT connection (it is closed)"
-            );
-        }
-    }
-}
-
-/// Hands one guest publish (with its MQTT 5 properties) to the connection
-/// and counts it; `false` when the connection has stopped.
-async fn send(client: &AsyncClient, stats: &MqttStats, m: MqttMessage) -> bool {
-    let props = PublishProperties {
-        content_type: m.content_type,
-        response_topic: m.response_topic,
-        correlation_data: m.correlation_data.map(Bytes::from),
-        user_properties: m.user_properties,
-        ..PublishProperties::default()
-    };
-    match client
-        .publish_with_properties(m.topic, qos(m.qos), m.retain, m.payload, props)
-        .await
-    {
-        Ok(()) => {
-            stats.published.fetch_add(1, Ordering::Relaxed);
-            true
-        }
-        Err(_) => {
-            stats.publish_failed.fetch_add(1, Ordering::Relaxed);
-            false
-        }
-    }
-}
-
-fn qos(q: u8) -> QoS {
-    match q {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
-}
-
-fn log_connection_error(broker: &str, e: &ConnectionError, delay: Duration) {
-    let retry_in_ms = delay.as_millis() as u64;
-    match e {
-        ConnectionError::ConnectionRefused(code) => {
-            let hint = match code {
-                ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized => {
-                    "the broker refused the credentials: check mqtt.username and mqtt.password"
-                }
-                ConnectReturnCode::ClientIdentifierNotValid | ConnectReturnCode::BadClientId => {
-                    "the broker refused the client id: check mqtt.client_id"
-                }
-                ConnectReturnCode::UnsupportedProtocolVersion
-                | ConnectReturnCode::RefusedProtocolVersion => {
-                    "the broker does not speak MQTT 5 (mqtt.version)"
-                }
-                _ => "the broker refused the connection",
-            };
-            tracing::error!(%broker, reason = ?code, retry_in_ms, "{hint}");
-        }
-        ConnectionError::Tls(t) => {
-            tracing::error!(%broker, error = %t, retry_in_ms, "TLS with the broker failed: check mqtt.broker (host name), mqtt.ca, mqtt.cert and mqtt.key");
-        }
-        other => {
-            tracing::warn!(%broker, error = %other, retry_in_ms, "MQTT broker unreachable or connection lost; reconnecting");
-        }
+        // Lost publishes are counted and logged by the publisher.
+        let _ = publisher.publish(m);
     }
 }
 
@@ -914,9 +869,9 @@ async fn dispatch(
                 if d.outcome.is_ok() {
                     stats.succeeded.fetch_add(1, Ordering::Relaxed);
                     for m in d.outcome.published {
-                        if !send(&shared.client, stats, m).await {
-                            tracing::error!(component = %spec.component.name, trigger = %spec.label, "a guest publish could not be handed to the MQTT connection (it is closed)");
-                        }
+                        // Lost publishes are counted and logged by the
+                        // publisher.
+                        let _ = shared.publisher.publish_durably(m).await;
                     }
                 } else {
                     stats.failed.fetch_add(1, Ordering::Relaxed);
