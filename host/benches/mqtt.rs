@@ -340,14 +340,22 @@ fn main() {
         let broker = Broker::start();
         let runtime = runtime();
         let trivial = invocable(&runtime, HOSTILE);
+        // The same guest with `reuse = 1000` (one instance for up to 1,000
+        // messages, one at a time).
+        let warm = Arc::new(
+            Arc::into_inner(invocable(&runtime, HOSTILE))
+                .unwrap()
+                .with_reuse(1000),
+        );
         let echo = invocable(&runtime, ECHO_MQTT);
         // Warm-up: compile caches, first connections.
         throughput_trigger(&broker, trivial.clone(), 1000, 100).await;
         throughput_native(&broker, 1000, 100).await;
 
-        let (mut trig, mut native) = (Vec::new(), Vec::new());
+        let (mut trig, mut reused, mut native) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             trig.push(throughput_trigger(&broker, trivial.clone(), n, round).await);
+            reused.push(throughput_trigger(&broker, warm.clone(), n, 10 + round).await);
             native.push(throughput_native(&broker, n, round).await);
         }
         println!("### QoS 1 throughput, {n} × 64 B per run, {rounds} runs each, alternating\n");
@@ -365,13 +373,19 @@ fn main() {
             median(&trig)
         );
         println!(
+            "| wasmgate MQTT trigger, trivial guest, reuse = 1000 | {} | {:.0} |",
+            fmt(&reused),
+            median(&reused)
+        );
+        println!(
             "| native rumqttc consumer | {} | {:.0} |",
             fmt(&native),
             median(&native)
         );
         println!(
-            "\nratio of medians (trigger / native): {:.2}\n",
-            median(&trig) / median(&native)
+            "\nratio of medians (trigger / native): {:.2} fresh, {:.2} with reuse\n",
+            median(&trig) / median(&native),
+            median(&reused) / median(&native)
         );
 
         // Request/response.

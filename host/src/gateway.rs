@@ -187,4 +187,5 @@ pub fn invocable(
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
     )
+    .with_reuse(config.reuse())
 }

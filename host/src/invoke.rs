@@ -227,7 +227,15 @@ impl bindings::mqtt_publisher::Host for State {
                 msg.topic, p.component
             )));
         }
-        p.published.push(MqttMessage::from(msg));
+        let m = MqttMessage::from(msg);
+        let size = crate::spool::size(&m);
+        if size > crate::trigger::publish::MAX_PUBLISH_SIZE {
+            return Err(PublishError::Unavailable(format!(
+                "the message is {size} bytes (topic, payload and properties); the host sends at most {}",
+                crate::trigger::publish::MAX_PUBLISH_SIZE
+            )));
+        }
+        p.published.push(m);
         Ok(())
     }
 }
@@ -552,7 +560,10 @@ impl StoreRun {
         }
         let deadline = started + limits.timeout;
         self.deadline = deadline;
-        self.store.data_mut().limiter.breached = false;
+        let limiter = &mut self.store.data_mut().limiter;
+        limiter.breached = false;
+        // A reused store reports the peak of this invocation only.
+        limiter.peak = limiter.current;
         self.store.set_epoch_deadline(1);
         self.store.epoch_deadline_callback(move |_| {
             if Instant::now() >= deadline {
@@ -583,6 +594,17 @@ pub struct Invocable {
     ticker: crate::engine::EpochTicker,
     invocations: AtomicU64,
     outbox: std::sync::OnceLock<Arc<crate::outbox::Outbox>>,
+    /// MQTT and timer invocations per instance (`reuse`; 1: fresh each time).
+    reuse: u32,
+    /// Healthy instances waiting for their next MQTT or timer invocation.
+    warm: std::sync::Mutex<Vec<WarmHandler>>,
+}
+
+/// An instance kept for its next invocation (`reuse` > 1).
+struct WarmHandler {
+    run: StoreRun,
+    instance: wasmtime::component::Instance,
+    served: u32,
 }
 
 impl std::fmt::Debug for Invocable {
@@ -619,7 +641,19 @@ impl Invocable {
             ticker: engine.ticker().clone(),
             invocations: AtomicU64::new(0),
             outbox: std::sync::OnceLock::new(),
+            reuse: 1,
+            warm: std::sync::Mutex::default(),
         }
+    }
+
+    /// Keeps an instance that handled an MQTT message or a timer tick
+    /// successfully for up to `reuse` invocations, one at a time (the
+    /// manifest's `reuse`; 1, the default, is a fresh instance each time).
+    /// State one invocation leaves in the instance is seen by the next; an
+    /// invocation that fails in any way drops its instance.
+    pub fn with_reuse(mut self, reuse: u32) -> Self {
+        self.reuse = reuse.max(1);
+        self
     }
 
     /// Sets the environment variables the guest sees.
@@ -648,6 +682,12 @@ impl Invocable {
         {
             outbox.send(&self.name, &outcome.published);
         }
+    }
+
+    /// Instances kept for reuse (`reuse` > 1), waiting for an MQTT message
+    /// or a timer tick.
+    pub fn warm_instances(&self) -> usize {
+        self.warm.lock().expect("warm pool").len()
     }
 
     /// Invocations started so far.
@@ -736,18 +776,48 @@ impl Invocable {
             Event::Mqtt(m) => m.response_topic.clone(),
             _ => None,
         };
-        let mut run = self.new_store(response_topic);
+        let reusable = self.reuse > 1 && matches!(event, Event::Mqtt(_) | Event::Timer(_));
+        let warm = if reusable {
+            self.warm.lock().expect("warm pool").pop()
+        } else {
+            None
+        };
+        let (mut run, mut instance, served) = match warm {
+            Some(mut w) => {
+                w.run.store.data_mut().publish.response_topic = response_topic;
+                (w.run, Some(w.instance), w.served)
+            }
+            None => (self.new_store(response_topic), None, 0),
+        };
         run.arm(self, started);
         let wit_ctx = self.wit_invocation(ctx, started);
         let mut http_response = None;
         let remaining = run.deadline.saturating_duration_since(Instant::now());
         let result = tokio::time::timeout(
             remaining,
-            self.call(&mut run.store, event, &wit_ctx, &mut http_response),
+            self.call(
+                &mut run.store,
+                &mut instance,
+                event,
+                &wit_ctx,
+                &mut http_response,
+            ),
         )
         .await;
+        let healthy = matches!(result, Ok(Ok(Ok(()))));
         let mut outcome = self.finish(&mut run, ctx, started, result);
         outcome.http_response = http_response;
+        if reusable
+            && healthy
+            && served + 1 < self.reuse
+            && let Some(instance) = instance
+        {
+            self.warm.lock().expect("warm pool").push(WarmHandler {
+                run,
+                instance,
+                served: served + 1,
+            });
+        }
         outcome
     }
 
@@ -893,11 +963,14 @@ impl Invocable {
         self.ticker.busy()
     }
 
-    /// Instantiates and calls the handler for `event`. The outer `Result` is a
-    /// trap or host error; the inner one the guest's `handler-error`.
+    /// Calls the handler for `event` on `instance`, instantiating it first
+    /// when there is none (MQTT and timer handlers keep it there). The outer
+    /// `Result` is a trap or host error; the inner one the guest's
+    /// `handler-error`.
     async fn call(
         &self,
         store: &mut Store<State>,
+        instance: &mut Option<wasmtime::component::Instance>,
         event: Event,
         ctx: &Invocation,
         http_response: &mut Option<HttpResponse>,
@@ -907,7 +980,10 @@ impl Invocable {
                 let Some(indices) = &self.mqtt else {
                     return Ok(Err(not_exported(crate::component::Handler::Mqtt)));
                 };
-                let instance = self.pre.instantiate_async(&mut *store).await?;
+                let instance = match instance {
+                    Some(i) => *i,
+                    None => *instance.insert(self.pre.instantiate_async(&mut *store).await?),
+                };
                 let guest = indices.load(&mut *store, &instance)?;
                 guest
                     .call_handle_message(&mut *store, ctx, &Message::from(&msg))
@@ -917,7 +993,10 @@ impl Invocable {
                 let Some(indices) = &self.timer else {
                     return Ok(Err(not_exported(crate::component::Handler::Timer)));
                 };
-                let instance = self.pre.instantiate_async(&mut *store).await?;
+                let instance = match instance {
+                    Some(i) => *i,
+                    None => *instance.insert(self.pre.instantiate_async(&mut *store).await?),
+                };
                 let guest = indices.load(&mut *store, &instance)?;
                 let tick = Tick {
                     schedule: tick.schedule,

@@ -285,9 +285,10 @@ pub struct ComponentConfig {
     /// Environment variables the guest sees (and nothing of the host's).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// HTTP only: how many requests one instance may serve, one after the
-    /// other, before it is dropped (default 1: a fresh instance per request).
-    /// State left by one request is visible to the next.
+    /// How many invocations (HTTP requests, MQTT messages, timer ticks) one
+    /// instance may serve, one after the other, before it is dropped
+    /// (default 1: a fresh instance each time). State left by one invocation
+    /// is visible to the next; a failed invocation drops its instance.
     pub reuse: Option<Spanned<u32>>,
 }
 

@@ -143,6 +143,41 @@ async fn every_invocation_gets_a_fresh_instance() {
     assert_eq!(counter.invocations(), 5);
 }
 
+/// `reuse = 3`: one instance handles three ticks in a row (its global
+/// counter goes on), then a fresh one takes over.
+#[tokio::test]
+async fn with_reuse_an_instance_serves_that_many_invocations_then_a_fresh_one() {
+    let counter = invocable(COUNTER, Limits::default(), &[]).with_reuse(3);
+    let mut counts = Vec::new();
+    for _ in 0..7 {
+        let outcome = call(&counter, tick()).await;
+        assert_eq!(outcome.status, Status::Ok, "{outcome:?}");
+        counts.push(outcome.stdout.trim().to_string());
+    }
+    assert_eq!(
+        counts,
+        [
+            "count=1", "count=2", "count=3", "count=1", "count=2", "count=3", "count=1"
+        ]
+    );
+}
+
+/// With reuse, only an instance whose handler returned `ok` is kept: an
+/// error result, a trap or a breached limit drops it.
+#[tokio::test]
+async fn with_reuse_a_failed_invocation_drops_its_instance() {
+    let hostile = invocable(HOSTILE, limits(50_000_000, 8 << 20, 2_000), &[]).with_reuse(100);
+    assert_eq!(call(&hostile, mqtt("ok", "")).await.status, Status::Ok);
+    assert_eq!(hostile.warm_instances(), 1);
+    for topic in ["trap", "loop", "reject", "retry"] {
+        let outcome = call(&hostile, mqtt(topic, "")).await;
+        assert_ne!(outcome.status, Status::Ok, "{topic}");
+        assert_eq!(hostile.warm_instances(), 0, "{topic} dropped the instance");
+        assert_eq!(call(&hostile, mqtt("ok", "")).await.status, Status::Ok);
+        assert_eq!(hostile.warm_instances(), 1);
+    }
+}
+
 #[tokio::test]
 async fn fuel_consumed_is_identical_for_identical_input() {
     let inv = invocable(HOSTILE, Limits::default(), &[]);

@@ -65,25 +65,45 @@ impl ClientOptions {
         match self {
             Self::V5(o) => {
                 let (c, e) = rumqttc::v5::AsyncClient::new(o.clone(), o.request_channel_capacity());
-                (Client::V5(c), EventLoop::V5(e))
+                (Client::V5(c), EventLoop::new(Inner::V5(e)))
             }
             Self::V4(o, net) => {
                 let (c, mut e) = rumqttc::AsyncClient::new(o.clone(), o.request_channel_capacity());
                 e.set_network_options(net.clone());
-                (Client::V4(c), EventLoop::V4(e))
+                (Client::V4(c), EventLoop::new(Inner::V4(e)))
             }
         }
     }
 }
 
-/// The event loop of a connection.
+/// The event loop of a connection, and the order in which it sent the
+/// host's QoS 1/2 publishes (packet ids are reused, so only that order says
+/// which of the unacknowledged ones came first).
+pub struct EventLoop {
+    inner: Inner,
+    /// Packet id → send sequence number of the publishes sent.
+    sent: std::collections::HashMap<u16, u64>,
+    next: u64,
+}
+
 // One per host, made once: the size difference does not matter.
 #[allow(clippy::large_enum_variant)]
-pub enum EventLoop {
-    /// MQTT 5.
+enum Inner {
     V5(rumqttc::v5::EventLoop),
-    /// MQTT 3.1.1.
     V4(rumqttc::EventLoop),
+}
+
+/// What [`EventLoop::clean`] took out of the dead connection.
+#[derive(Debug, Default)]
+pub struct Cleaned {
+    /// QoS 1/2 publishes the broker had not acknowledged, in the order they
+    /// were published: the spool sends them again.
+    pub unacked: Vec<MqttMessage>,
+    /// QoS 0 publishes still queued: dropped (at most once).
+    pub dropped_qos0: u64,
+    /// Publishes larger than the broker accepts: dropped (they would break
+    /// every connection).
+    pub too_large: u64,
 }
 
 /// A message from the broker.
@@ -133,8 +153,8 @@ pub struct ConnError {
     pub message: String,
     /// A hint naming the setting to check, for refusals and TLS failures.
     pub hint: Option<&'static str>,
-    /// rumqttc's "unsolicited PUBREL" of packet id N (see [`EventLoop::clean`]).
-    unsolicited: Option<u16>,
+    /// The broker's largest packet, when a publish exceeded it.
+    too_large: Option<usize>,
 }
 
 fn qos_u8_5(q: rumqttc::v5::mqttbytes::QoS) -> u8 {
@@ -146,10 +166,33 @@ fn qos_u8_4(q: rumqttc::QoS) -> u8 {
 }
 
 impl EventLoop {
+    fn new(inner: Inner) -> Self {
+        Self {
+            inner,
+            sent: std::collections::HashMap::new(),
+            next: 0,
+        }
+    }
+
+    fn record_sent(&mut self, pkid: u16) {
+        if pkid != 0 {
+            self.next += 1;
+            self.sent.insert(pkid, self.next);
+        }
+    }
+
+    /// Outgoing QoS 1/2 publishes the broker has not acknowledged yet.
+    pub fn inflight(&self) -> u16 {
+        match &self.inner {
+            Inner::V5(e) => e.state.inflight(),
+            Inner::V4(e) => e.state.inflight(),
+        }
+    }
+
     /// The next event (connecting first when needed).
     pub async fn poll(&mut self) -> Result<Event, ConnError> {
-        match self {
-            Self::V5(e) => {
+        match &mut self.inner {
+            Inner::V5(e) => {
                 use rumqttc::Outgoing;
                 use rumqttc::v5::Event as E;
                 use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
@@ -176,12 +219,16 @@ impl EventLoop {
                     Ok(E::Incoming(Packet::Disconnect(d))) => {
                         Ok(Event::BrokerDisconnect(format!("{:?}", d.reason_code)))
                     }
+                    Ok(E::Outgoing(Outgoing::Publish(pkid))) => {
+                        self.record_sent(pkid);
+                        Ok(Event::Other)
+                    }
                     Ok(E::Outgoing(Outgoing::Disconnect)) => Ok(Event::Disconnected),
                     Ok(_) => Ok(Event::Other),
                     Err(err) => Err(conn_error_5(err)),
                 }
             }
-            Self::V4(e) => {
+            Inner::V4(e) => {
                 use rumqttc::{Event as E, Outgoing, Packet, SubscribeReasonCode};
                 match e.poll().await {
                     Ok(E::Incoming(Packet::ConnAck(c))) => Ok(Event::ConnAck {
@@ -203,6 +250,10 @@ impl EventLoop {
                         pkid: p.pkid,
                         properties: PublishProperties::default(),
                     })),
+                    Ok(E::Outgoing(Outgoing::Publish(pkid))) => {
+                        self.record_sent(pkid);
+                        Ok(Event::Other)
+                    }
                     Ok(E::Outgoing(Outgoing::Disconnect)) => Ok(Event::Disconnected),
                     Ok(_) => Ok(Event::Other),
                     Err(err) => Err(conn_error_4(err)),
@@ -211,87 +262,162 @@ impl EventLoop {
         }
     }
 
-    /// After the connection dropped (or at shutdown): drops its network state
-    /// and the acknowledgements it still held (they would name other
-    /// messages on the next connection; the broker redelivers those
-    /// messages), and returns the QoS 1/2 publishes the broker had not
-    /// acknowledged, taking them out of what rumqttc would resend (the
-    /// spool sends them instead).
-    pub fn clean(&mut self, error: Option<&ConnError>) -> Vec<MqttMessage> {
-        let unsolicited = error.and_then(|e| e.unsolicited);
-        let mut unacked = Vec::new();
-        match self {
-            Self::V5(e) => {
+    /// After the connection dropped (`error`), or at shutdown (`None`):
+    /// - drops the events rumqttc buffered from the dead connection (acking
+    ///   its messages on the next connection would name other messages; the
+    ///   broker redelivers them) and the acknowledgements still queued;
+    /// - takes out the QoS 1/2 publishes the broker has not acknowledged, in
+    ///   the order they were sent, then those never sent, for the spool to
+    ///   send again — except, after a connection error, QoS 2 publishes
+    ///   that already went out: the session resends those with their packet
+    ///   id, as QoS 2 requires (a new packet id for them could be taken by
+    ///   the broker for a duplicate of the old one);
+    /// - drops queued QoS 0 publishes, and publishes larger than the broker
+    ///   accepts;
+    /// - marks every packet id as an incoming QoS 2 message in progress:
+    ///   rumqttc forgets that state on a disconnect, and would then refuse
+    ///   the PUBRELs the broker resends for messages this host had PUBREC'd
+    ///   as "unsolicited", dropping every new connection; marked, they are
+    ///   answered with a PUBCOMP.
+    pub fn clean(&mut self, error: Option<&ConnError>) -> Cleaned {
+        // Sends rumqttc reported but the trigger has not polled yet; the
+        // rest of those events belong to the dead connection.
+        let buffered: Vec<u16> = match &mut self.inner {
+            Inner::V5(e) => e
+                .state
+                .events
+                .drain(..)
+                .filter_map(|ev| match ev {
+                    rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => Some(pkid),
+                    _ => None,
+                })
+                .collect(),
+            Inner::V4(e) => e
+                .state
+                .events
+                .drain(..)
+                .filter_map(|ev| match ev {
+                    rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => Some(pkid),
+                    _ => None,
+                })
+                .collect(),
+        };
+        for pkid in buffered {
+            self.record_sent(pkid);
+        }
+        let max = error.and_then(|e| e.too_large);
+        let keep_qos2 = error.is_some();
+        let mut out = Cleaned::default();
+        let mut sent: Vec<(u64, MqttMessage)> = Vec::new();
+        let mut unsent: Vec<MqttMessage> = Vec::new();
+        let sent_order = &self.sent;
+        let mut take = |pkid: u16, m: MqttMessage, out: &mut Cleaned| {
+            if max.is_some_and(|max| crate::spool::size(&m) as usize + 64 > max) {
+                out.too_large += 1;
+                tracing::error!(topic = %m.topic, bytes = m.payload.len(), max_packet_size = max, "a publish is larger than the broker accepts; dropped");
+            } else if pkid == 0 {
+                unsent.push(m);
+            } else {
+                // Sent but not seen reported: after those that were.
+                let k = sent_order.get(&pkid).copied().unwrap_or(u64::MAX);
+                sent.push((k, m));
+            }
+        };
+        match &mut self.inner {
+            Inner::V5(e) => {
                 use rumqttc::v5::Request;
+                use rumqttc::v5::mqttbytes::QoS;
                 e.clean();
-                e.pending.retain(|r| match r {
-                    Request::PubAck(_) | Request::PubRec(_) => false,
-                    Request::Publish(p) if p.qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce => {
-                        let props = p.properties.clone().unwrap_or_default();
-                        unacked.push(MqttMessage {
-                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                            payload: p.payload.to_vec(),
-                            qos: qos_u8_5(p.qos),
-                            retain: p.retain,
-                            content_type: props.content_type,
-                            response_topic: props.response_topic,
-                            correlation_data: props.correlation_data.map(|b| b.to_vec()),
-                            user_properties: props.user_properties,
-                        });
-                        false
+                if let Some(p) = e.state.collision.take() {
+                    e.pending.push_back(Request::Publish(p));
+                }
+                let pending = std::mem::take(&mut e.pending);
+                for r in pending {
+                    match r {
+                        Request::PubAck(_) | Request::PubRec(_) => {}
+                        Request::Publish(p) if p.qos == QoS::AtMostOnce => {
+                            out.dropped_qos0 += 1;
+                        }
+                        Request::Publish(p)
+                            if keep_qos2 && p.qos == QoS::ExactlyOnce && p.pkid != 0 =>
+                        {
+                            e.pending.push_back(Request::Publish(p));
+                        }
+                        Request::Publish(p) => {
+                            let props = p.properties.unwrap_or_default();
+                            let m = MqttMessage {
+                                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                                payload: p.payload.to_vec(),
+                                qos: qos_u8_5(p.qos),
+                                retain: p.retain,
+                                content_type: props.content_type,
+                                response_topic: props.response_topic,
+                                correlation_data: props.correlation_data.map(|b| b.to_vec()),
+                                user_properties: props.user_properties,
+                            };
+                            take(p.pkid, m, &mut out);
+                        }
+                        other => e.pending.push_back(other),
                     }
-                    _ => true,
-                });
-                // rumqttc forgets incoming QoS 2 state on a disconnect, so
-                // the broker's PUBREL for a message this host had PUBREC'd
-                // before is "unsolicited" and drops the next connection too.
-                // Marking that packet id as an incoming QoS 2 message again
-                // makes rumqttc answer the PUBREL with a PUBCOMP next time
-                // (the message itself was handled).
-                if let Some(pkid) = unsolicited {
+                }
+                for pkid in 1..=u16::MAX {
                     let mut p = rumqttc::v5::mqttbytes::v5::Publish::new(
                         "",
-                        rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+                        QoS::ExactlyOnce,
                         Bytes::new(),
                         None,
                     );
                     p.pkid = pkid;
-                    let events = e.state.events.len();
                     let _ = e
                         .state
                         .handle_incoming_packet(rumqttc::v5::Incoming::Publish(p));
-                    e.state.events.truncate(events);
                 }
+                e.state.events.clear();
             }
-            Self::V4(e) => {
-                use rumqttc::Request;
+            Inner::V4(e) => {
+                use rumqttc::{QoS, Request};
                 e.clean();
-                e.pending.retain(|r| match r {
-                    Request::PubAck(_) | Request::PubRec(_) => false,
-                    Request::Publish(p) if p.qos != rumqttc::QoS::AtMostOnce => {
-                        unacked.push(MqttMessage {
-                            topic: p.topic.clone(),
-                            payload: p.payload.to_vec(),
-                            qos: qos_u8_4(p.qos),
-                            retain: p.retain,
-                            ..MqttMessage::default()
-                        });
-                        false
+                if let Some(p) = e.state.collision.take() {
+                    e.pending.push_back(Request::Publish(p));
+                }
+                let pending = std::mem::take(&mut e.pending);
+                for r in pending {
+                    match r {
+                        Request::PubAck(_) | Request::PubRec(_) => {}
+                        Request::Publish(p) if p.qos == QoS::AtMostOnce => {
+                            out.dropped_qos0 += 1;
+                        }
+                        Request::Publish(p)
+                            if keep_qos2 && p.qos == QoS::ExactlyOnce && p.pkid != 0 =>
+                        {
+                            e.pending.push_back(Request::Publish(p));
+                        }
+                        Request::Publish(p) => {
+                            let m = MqttMessage {
+                                topic: p.topic.clone(),
+                                payload: p.payload.to_vec(),
+                                qos: qos_u8_4(p.qos),
+                                retain: p.retain,
+                                ..MqttMessage::default()
+                            };
+                            take(p.pkid, m, &mut out);
+                        }
+                        other => e.pending.push_back(other),
                     }
-                    _ => true,
-                });
-                if let Some(pkid) = unsolicited {
-                    let mut p = rumqttc::Publish::new("", rumqttc::QoS::ExactlyOnce, Vec::new());
+                }
+                for pkid in 1..=u16::MAX {
+                    let mut p = rumqttc::Publish::new("", QoS::ExactlyOnce, Vec::new());
                     p.pkid = pkid;
-                    let events = e.state.events.len();
                     let _ = e
                         .state
                         .handle_incoming_packet(rumqttc::Incoming::Publish(p));
-                    e.state.events.truncate(events);
                 }
+                e.state.events.clear();
             }
         }
-        unacked
+        sent.sort_by_key(|(k, _)| *k);
+        out.unacked = sent.into_iter().map(|(_, m)| m).chain(unsent).collect();
+        out
     }
 }
 
@@ -317,14 +443,14 @@ fn conn_error_5(e: rumqttc::v5::ConnectionError) -> ConnError {
         C::Tls(_) => Some(HINT_TLS),
         _ => None,
     };
-    let unsolicited = match &e {
-        C::MqttState(StateError::Unsolicited(pkid)) => Some(*pkid),
+    let too_large = match &e {
+        C::MqttState(StateError::OutgoingPacketTooLarge { max, .. }) => Some(*max as usize),
         _ => None,
     };
     ConnError {
         message: e.to_string(),
         hint,
-        unsolicited,
+        too_large,
     }
 }
 
@@ -341,14 +467,17 @@ fn conn_error_4(e: rumqttc::ConnectionError) -> ConnError {
         C::Tls(_) => Some(HINT_TLS),
         _ => None,
     };
-    let unsolicited = match &e {
-        C::MqttState(StateError::Unsolicited(pkid)) => Some(*pkid),
+    let too_large = match &e {
+        C::MqttState(StateError::Deserialization(rumqttc::Error::OutgoingPacketTooLarge {
+            max,
+            ..
+        })) => Some(*max),
         _ => None,
     };
     ConnError {
         message: e.to_string(),
         hint,
-        unsolicited,
+        too_large,
     }
 }
 

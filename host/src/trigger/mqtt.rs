@@ -439,7 +439,15 @@ struct Shared {
     publisher: Arc<Publisher>,
     acks: Mutex<Acks>,
     stats: Arc<MqttStats>,
+    /// The connection's outgoing publishes not yet acknowledged by the
+    /// broker (updated by the event-loop owner).
+    inflight: std::sync::atomic::AtomicU16,
 }
+
+/// How long a stopping host waits for the broker to acknowledge its
+/// publishes before it disconnects (what is still unacknowledged then is
+/// spooled for the next start).
+pub const PUBLISH_SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Shared {
     /// One delivery of message `seq` of connection `generation` settled.
@@ -564,11 +572,14 @@ impl MqttTriggers {
             publisher: publisher.clone(),
             acks: Mutex::default(),
             stats: self.stats.clone(),
+            inflight: Default::default(),
         });
-        let outbox = self
-            .outbox
-            .take()
-            .map(|outbox| tokio::spawn(drain_outbox(outbox, publisher.clone(), shutdown.clone())));
+        let dispatched = CancellationToken::new();
+        // The outbox stays open until the MQTT deliveries are done: their
+        // dead letters may still publish through it.
+        let outbox = self.outbox.take().map(|outbox| {
+            tokio::spawn(drain_outbox(outbox, publisher.clone(), dispatched.clone()))
+        });
         let filters: Vec<(TopicFilter, u8)> = self
             .specs
             .iter()
@@ -576,7 +587,6 @@ impl MqttTriggers {
             .collect();
         let subs = Arc::new(subscriptions(&filters));
         let (tx, rx) = mpsc::channel::<Arrival>(self.receive_maximum as usize + QOS0_BUFFER);
-        let dispatched = CancellationToken::new();
         let specs = Arc::new(std::mem::take(&mut self.specs));
         tasks.spawn(dispatch(
             rx,
@@ -587,15 +597,20 @@ impl MqttTriggers {
             shutdown.clone(),
             dispatched.clone(),
         ));
-        // Once the dispatcher is done and every due ack is handed over, a
-        // DISCONNECT (queued behind the acks) ends the session cleanly.
+        // Once the dispatcher is done, every due ack is handed over and the
+        // broker acknowledged the host's publishes (or
+        // PUBLISH_SETTLE_TIMEOUT passed), a DISCONNECT (queued behind the
+        // acks) ends the session cleanly.
         {
             let shared = shared.clone();
             let dispatched = dispatched.clone();
             tasks.spawn(async move {
                 dispatched.cancelled().await;
+                let give_up = tokio::time::Instant::now() + PUBLISH_SETTLE_TIMEOUT;
                 loop {
-                    if shared.acks.lock().expect("acks lock").backlog.is_empty() {
+                    let acks_out = shared.acks.lock().expect("acks lock").backlog.is_empty();
+                    let settled = shared.inflight.load(Ordering::Relaxed) == 0;
+                    if acks_out && (settled || tokio::time::Instant::now() >= give_up) {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -689,6 +704,9 @@ impl MqttTriggers {
                     continue;
                 }
             }
+            shared
+                .inflight
+                .store(eventloop.inflight(), Ordering::Relaxed);
             let mut acks = shared.acks.lock().expect("acks lock");
             if !acks.backlog.is_empty() {
                 shared.release(&mut acks, Vec::new());
@@ -757,12 +775,12 @@ impl MqttTriggers {
     }
 }
 
-/// Hands the outbox's publishes to the publisher in order until shutdown;
+/// Hands the outbox's publishes to the publisher in order until `done`;
 /// then hands over what is already queued and stops.
 async fn drain_outbox(
     mut outbox: mpsc::Receiver<MqttMessage>,
     publisher: Arc<Publisher>,
-    shutdown: CancellationToken,
+    done: CancellationToken,
 ) {
     loop {
         let m = tokio::select! {
@@ -771,7 +789,7 @@ async fn drain_outbox(
                 Some(m) => m,
                 None => return,
             },
-            _ = shutdown.cancelled() => {
+            _ = done.cancelled() => {
                 outbox.close();
                 match outbox.try_recv() {
                     Ok(m) => m,

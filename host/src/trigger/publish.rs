@@ -9,25 +9,29 @@
 //!   still wait, or the connection's request channel is full): written to
 //!   the on-disk [`Spool`] in `state_dir`, in order. On every reconnect a
 //!   thread sends what waits, oldest first, and only then do new publishes
-//!   go straight to the connection again, so the broker sees them in the
-//!   order they were published. When the connection drops, the QoS 1/2
-//!   publishes the broker had not acknowledged yet (and those still queued
-//!   for the connection) move to the front of the spool; they are sent
-//!   again after the reconnect (at least once). A spooled message is
-//!   removed once it is handed to the connection again.
-//! - **QoS 0** is at most once and never spooled: handed to the connection
-//!   (sent after a reconnect if queued during an outage), or dropped and
-//!   counted when the connection's queue is full.
+//!   go straight to the connection again, so the broker sees each QoS's
+//!   publishes in the order they were made. When the connection drops, the
+//!   QoS 1 publishes the broker had not acknowledged (in send order) and the
+//!   QoS 1/2 publishes still queued for the connection move to the front of
+//!   the spool and are sent again after the reconnect (at least once); QoS 2
+//!   publishes already sent stay with rumqttc's session, which resends them
+//!   with their packet id (see [`Cleaned`]). A spooled message is removed
+//!   once it is handed to the connection again. The drain never blocks the
+//!   spool: while the connection's queue is full, new messages are still
+//!   written, so a delivery waits for the disk, never for the broker.
+//! - **QoS 0** is at most once and never spooled: handed to the connection,
+//!   or dropped and counted when its queue is full or it drops.
+//! - **Too large** (over [`MAX_PUBLISH_SIZE`]): refused and counted.
 //!
 //! A full spool applies its explicit [`OnFull`](crate::spool::OnFull)
 //! policy; every message it drops or refuses is counted and logged. What is
-//! lost if the host process dies: only publishes handed to the connection
-//! and not yet acknowledged by the broker while it was connected (at most
-//! the connection's in-flight window), and those of invocations still
-//! running.
+//! lost if the host process dies: publishes handed to a live connection and
+//! not yet acknowledged by the broker (its request channel and in-flight
+//! window), and those of invocations still running.
 
 use crate::invoke::MqttMessage;
 use crate::spool::{Spool, Stored};
+use crate::trigger::connection::Cleaned;
 use crate::trigger::mqtt::MqttStats;
 use bytes::Bytes;
 use std::sync::atomic::Ordering;
@@ -38,8 +42,14 @@ use tokio::sync::oneshot;
 
 /// Spooled messages read and sent per round.
 const DRAIN_BATCH: usize = 256;
-/// How long the drain waits for room in a full request channel.
+/// How long the drain waits for room in a full request channel (taking
+/// commands meanwhile).
 const FULL_CHANNEL_WAIT: Duration = Duration::from_millis(1);
+/// Largest publish the host sends: topic, payload and properties (see
+/// [`crate::spool::size`]) within the 1 MiB packet limit of the
+/// connection, less room for the packet's own fields. A larger one is
+/// refused (counted): it would break every connection it was sent on.
+pub const MAX_PUBLISH_SIZE: u64 = super::mqtt::MAX_PACKET_SIZE as u64 - 1024;
 
 /// The broker connection's client, MQTT 5 or 3.1.1.
 #[derive(Clone, Debug)]
@@ -150,6 +160,10 @@ impl Client {
 struct Link {
     /// A CONNACK was received and the connection has not dropped since.
     connected: bool,
+    /// Connections dropped so far: a drain stops when it changes, so it
+    /// never goes on sending on a new connection before what the dropped
+    /// one left unacknowledged is back in the spool.
+    drops: u64,
     /// Spooled messages plus those on their way to the spool: while any
     /// wait, new QoS 1/2 publishes queue behind them.
     backlog: u64,
@@ -204,6 +218,7 @@ impl Publisher {
             client,
             link: Mutex::new(Link {
                 connected: false,
+                drops: 0,
                 backlog: spool.len(),
             }),
             cmds: Mutex::new(tx),
@@ -229,8 +244,22 @@ impl Publisher {
     }
 
     fn command(&self, cmd: Cmd) {
-        // The thread only stops on `Stop`, after the last user.
-        let _ = self.cmds.lock().expect("cmds lock").send(cmd);
+        // The thread only stops on `Stop`, after the last user: a command
+        // after that is lost, and counted.
+        if let Err(e) = self.cmds.lock().expect("cmds lock").send(cmd) {
+            let lost = match e.0 {
+                Cmd::Spool(..) => 1,
+                Cmd::Requeue(ms) => ms.len() as u64,
+                _ => 0,
+            };
+            if lost > 0 {
+                self.stats.spool_errors.fetch_add(lost, Ordering::Relaxed);
+                tracing::error!(
+                    messages = lost,
+                    "publishes after the MQTT connection stopped are lost"
+                );
+            }
+        }
     }
 
     /// Publishes `m` (see the module docs for the paths it can take).
@@ -238,6 +267,12 @@ impl Publisher {
         if crate::topic::validate_name(&m.topic).is_err() {
             self.stats.publish_failed.fetch_add(1, Ordering::Relaxed);
             tracing::error!(topic = %m.topic, "not a valid topic name; publish dropped");
+            return Handed::Dropped;
+        }
+        let size = crate::spool::size(&m);
+        if size > MAX_PUBLISH_SIZE {
+            self.stats.publish_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(topic = %m.topic, size, max = MAX_PUBLISH_SIZE, "a publish is larger than the host sends; dropped");
             return Handed::Dropped;
         }
         let mut link = self.link();
@@ -281,12 +316,28 @@ impl Publisher {
 
     /// The connection dropped. `clean` runs under the lock that every
     /// hand-over to the connection takes, so nothing reaches the connection
-    /// after it; it returns the QoS 1/2 publishes the broker has not
-    /// acknowledged, which go to the front of the spool.
-    pub fn disconnected(&self, clean: impl FnOnce() -> Vec<MqttMessage>) {
+    /// after it; the QoS 1/2 publishes the broker has not acknowledged that
+    /// it returns go to the front of the spool, and what it dropped is
+    /// counted.
+    pub fn disconnected(&self, clean: impl FnOnce() -> Cleaned) {
         let mut link = self.link();
         link.connected = false;
-        let unacked = clean();
+        link.drops += 1;
+        let Cleaned {
+            unacked,
+            dropped_qos0,
+            too_large,
+        } = clean();
+        let lost = dropped_qos0 + too_large;
+        if lost > 0 {
+            self.stats.publish_failed.fetch_add(lost, Ordering::Relaxed);
+            if dropped_qos0 > 0 {
+                tracing::warn!(
+                    messages = dropped_qos0,
+                    "QoS 0 publishes queued for the dropped connection were dropped (at most once)"
+                );
+            }
+        }
         if !unacked.is_empty() {
             link.backlog += unacked.len() as u64;
             tracing::info!(
@@ -308,27 +359,42 @@ impl Publisher {
 
     fn spool_loop(&self, mut spool: Spool, rx: std_mpsc::Receiver<Cmd>) {
         let mut stopping = false;
+        let mut channel_full = false;
         loop {
             let can_drain = !spool.is_empty() && self.link().connected;
             let mut cmds = Vec::new();
-            if can_drain || stopping {
-                cmds.extend(rx.try_iter());
+            let first = if stopping {
+                None
+            } else if can_drain && channel_full {
+                // Wait for room, but keep writing what comes meanwhile: a
+                // delivery waiting for its publish to be on disk must not
+                // wait for the connection.
+                match rx.recv_timeout(FULL_CHANNEL_WAIT) {
+                    Ok(c) => Some(c),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                        stopping = true;
+                        None
+                    }
+                }
+            } else if can_drain {
+                None
             } else {
                 match rx.recv() {
-                    Ok(c) => {
-                        cmds.push(c);
-                        cmds.extend(rx.try_iter());
+                    Ok(c) => Some(c),
+                    Err(_) => {
+                        stopping = true;
+                        None
                     }
-                    Err(_) => stopping = true,
                 }
-            }
+            };
+            cmds.extend(first);
+            cmds.extend(rx.try_iter());
             if stopping && cmds.is_empty() {
                 break;
             }
             self.apply(&mut spool, cmds, &mut stopping);
-            if !stopping {
-                self.drain(&mut spool);
-            }
+            channel_full = !stopping && self.drain(&mut spool);
             self.stats
                 .spool_waiting
                 .store(spool.len(), Ordering::Relaxed);
@@ -427,39 +493,43 @@ impl Publisher {
         }
     }
 
-    /// Sends one batch of what waits, oldest first, while connected.
-    fn drain(&self, spool: &mut Spool) {
-        if spool.is_empty() {
-            return;
-        }
+    /// Sends one batch of what waits, oldest first, while the connection
+    /// it started on is up. Returns `true` when it stopped on a full
+    /// request channel.
+    fn drain(&self, spool: &mut Spool) -> bool {
+        let drops = {
+            let link = self.link();
+            if spool.is_empty() || !link.connected {
+                return false;
+            }
+            link.drops
+        };
         let rows = match spool.peek(DRAIN_BATCH) {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the MQTT publish spool; retrying");
                 std::thread::sleep(Duration::from_secs(1));
-                return;
+                return false;
             }
         };
         let mut handed: Option<(i64, i64, u64)> = None;
-        'rows: for (seq, m) in rows {
-            loop {
-                let mut link = self.link();
-                if !link.connected {
-                    break 'rows;
-                }
-                if self.client.try_publish(&m) {
-                    link.backlog -= 1;
-                    handed = Some(match handed {
-                        None => (seq, seq, 1),
-                        Some((first, _, n)) => (first, seq, n + 1),
-                    });
-                    self.stats.spool_sent.fetch_add(1, Ordering::Relaxed);
-                    self.stats.published.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-                drop(link);
-                std::thread::sleep(FULL_CHANNEL_WAIT);
+        let mut full = false;
+        for (seq, m) in rows {
+            let mut link = self.link();
+            if !link.connected || link.drops != drops {
+                break;
             }
+            if !self.client.try_publish(&m) {
+                full = true;
+                break;
+            }
+            link.backlog -= 1;
+            handed = Some(match handed {
+                None => (seq, seq, 1),
+                Some((first, _, n)) => (first, seq, n + 1),
+            });
+            self.stats.spool_sent.fetch_add(1, Ordering::Relaxed);
+            self.stats.published.fetch_add(1, Ordering::Relaxed);
         }
         if let Some((first, last, n)) = handed
             && let Err(e) = spool.remove_range(first, last)
@@ -468,5 +538,6 @@ impl Publisher {
             self.link().backlog += n;
             tracing::error!(error = %e, "cannot remove sent publishes from the MQTT publish spool; they will be sent again");
         }
+        full
     }
 }
