@@ -320,4 +320,19 @@ async fn publishes_follow_the_acl_and_the_response_topic_is_always_allowed() {
     let out = call(&allowed, mqtt("dev/1/temp", "21.5")).await;
     assert_eq!(out.status, Status::Ok, "{out:?}");
     assert_eq!(out.published[0].topic, "dev/1/temp/reply");
+
+    // A publish over the host's 1 MiB − 1 KiB is refused to the guest
+    // (`unavailable`, which echo-mqtt turns into a retry); just under it
+    // goes through.
+    let limit = wasmgate::trigger::publish::MAX_PUBLISH_SIZE as usize;
+    let topic = "dev/1/temp";
+    let reply_topic_len = "dev/1/temp/reply".len();
+    let big = "x".repeat(limit - reply_topic_len + 1);
+    let out = call(&allowed, mqtt(topic, &big)).await;
+    assert_eq!(out.status.name(), "retry", "{:?}", out.status);
+    assert!(out.published.is_empty());
+    let fits = "x".repeat(limit - reply_topic_len);
+    let out = call(&allowed, mqtt(topic, &fits)).await;
+    assert_eq!(out.status, Status::Ok, "{:?}", out.status);
+    assert_eq!(out.published[0].payload.len(), fits.len());
 }

@@ -362,20 +362,37 @@ fn payloads(got: &[rumqttc::v5::mqttbytes::v5::Publish]) -> std::collections::BT
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos_0_1_2_and_wildcards_end_to_end() {
-    qos_and_wildcards("", "v5").await;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    qos_and_wildcards(broker.port, "", "v5").await;
 }
 
 /// `[mqtt] version = 3`: the same over MQTT 3.1.1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos_0_1_2_and_wildcards_end_to_end_over_mqtt_3_1_1() {
-    qos_and_wildcards("version = 3", "v3").await;
-}
-
-async fn qos_and_wildcards(extra: &str, tag: &str) {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path());
+    qos_and_wildcards(broker.port, "version = 3", "v3").await;
+}
+
+/// The same on the embedded broker, over MQTT 5 and 3.1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_0_1_2_and_wildcards_end_to_end_on_the_embedded_broker() {
+    let broker = wasmgate::broker::EmbeddedBroker::start(wasmgate::broker::EmbeddedOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let port = broker.local_addr().port();
+    qos_and_wildcards(port, "", "embedded-v5").await;
+    qos_and_wildcards(port, "version = 3", "embedded-v3").await;
+}
+
+async fn qos_and_wildcards(port: u16, extra: &str, tag: &str) {
+    let url = format!("mqtt://127.0.0.1:{port}");
     let mut replies = TestClient::connect(
-        broker.port,
+        port,
         &format!("replies-qos-{tag}"),
         &[("sensors/+/temp/reply", QoS::ExactlyOnce)],
     )
@@ -388,12 +405,12 @@ async fn qos_and_wildcards(extra: &str, tag: &str) {
         8,
     )];
     let host = Running::start_with(
-        options_with(&broker.url(), &format!("host-qos-{tag}"), extra),
+        options_with(&url, &format!("host-qos-{tag}"), extra),
         specs,
         None,
     )
     .await;
-    let publisher = TestClient::connect(broker.port, &format!("pub-qos-{tag}"), &[]).await;
+    let publisher = TestClient::connect(port, &format!("pub-qos-{tag}"), &[]).await;
     let n = 20;
     for (q, qos) in [
         (0, QoS::AtMostOnce),
