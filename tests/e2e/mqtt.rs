@@ -1363,3 +1363,40 @@ every = "100ms"
         .status();
     assert_eq!(host.wait().unwrap().code(), Some(0));
 }
+
+/// The host stops (SIGTERM's path) in the middle of a QoS 2 stream and a new
+/// one takes over its session: whatever QoS 2 exchanges the broker still
+/// holds for it (PUBRELs it resends for messages the old host PUBREC'd) are
+/// completed on the first connection, and every message is handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_restart_mid_qos2_stream_completes_the_session_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let mut replies = TestClient::connect(
+        broker.port,
+        "replies-host-restart",
+        &[("q2/+/reply", QoS::ExactlyOnce)],
+    )
+    .await;
+    let specs = || vec![spec(ECHO_MQTT, &["q2/+/reply"], "q2/+", 2, 8)];
+    let host = Running::start(&broker.url(), "host-restart-q2", specs(), None).await;
+    let publisher = TestClient::connect(broker.port, "pub-host-restart", &[]).await;
+    let n = 300;
+    for i in 0..n {
+        publisher
+            .publish(&format!("q2/{i}"), QoS::ExactlyOnce, i.to_string())
+            .await;
+    }
+    let first = replies.collect(|g| payloads(g).len() >= 30).await;
+    host.stop().await;
+    let host = Running::start(&broker.url(), "host-restart-q2", specs(), None).await;
+    let mut seen = payloads(&first);
+    let rest = replies
+        .collect(|g| seen.union(&payloads(g)).count() == n)
+        .await;
+    seen.extend(payloads(&rest));
+    assert_eq!(seen.len(), n);
+    // One connection: no reconnect loop over the resent PUBRELs.
+    assert_eq!(host.stats.connection_errors.load(Relaxed), 0);
+    host.stop().await;
+}
