@@ -32,10 +32,15 @@ impl CapturedOutput {
         }
     }
 
-    /// The kept bytes and how many bytes were dropped past the capacity.
+    /// The kept bytes and how many bytes were dropped past the capacity;
+    /// both start again from empty.
     pub(crate) fn take(&self) -> (Vec<u8>, u64) {
         let mut buffer = self.buffer.lock().expect("capture lock poisoned");
-        (std::mem::take(&mut buffer.kept), buffer.dropped)
+        // A reused store captures the next invocation from zero.
+        (
+            std::mem::take(&mut buffer.kept),
+            std::mem::take(&mut buffer.dropped),
+        )
     }
 
     fn append(&self, bytes: &[u8]) {

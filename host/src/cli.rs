@@ -675,6 +675,11 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
         Arc::new(EventQueue::open(&m.state_dir().join(crate::queue::FILE_NAME)).map_err(Fatal)?);
     let tasks = TaskTracker::new();
     let shutdown = CancellationToken::new();
+    // The outbox (timer, HTTP and queued invocations' publishes) stays open
+    // until every such invocation has finished; then its last publishes go
+    // to the spool (`late` finishes that).
+    let outbox_closed = CancellationToken::new();
+    let late = TaskTracker::new();
     let http = crate::trigger::http::HttpServer::bind(&gateway)
         .await
         .map_err(Fatal)?;
@@ -713,7 +718,9 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
             .with_dead_letters(dead_letters.clone())
             .with_spool(spool);
         if let Some(rx) = outbox_rx {
-            trigger = trigger.with_outbox(rx);
+            trigger = trigger
+                .with_outbox(rx)
+                .outbox_open_until(outbox_closed.clone(), late.clone());
         }
         tasks.spawn(trigger.run(tasks.clone(), shutdown.clone()));
     }
@@ -748,6 +755,14 @@ async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
         );
     }
     drop(scheduler);
+    outbox_closed.cancel();
+    late.close();
+    if tokio::time::timeout(LATE_PUBLISH_TIMEOUT, late.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the last MQTT publishes could not be written to the spool in time");
+    }
     if let Err(e) = timer_state.flush() {
         tracing::error!(error = %e, "cannot write the timer state");
     }
@@ -829,6 +844,10 @@ async fn start_embedded_broker(
 
 /// How long `up` waits for in-flight invocations after SIGINT/SIGTERM.
 pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long `up`, once everything else has stopped, waits for the last
+/// MQTT publishes to be written to the spool.
+pub const LATE_PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Starts every timer of the gateway and the task that persists their state.
 fn start_timers(

@@ -112,8 +112,9 @@ pub struct Delivery {
     pub outcome: Outcome,
     /// Whether the event is settled: it succeeded, or its dead letter is
     /// committed (or, without a store, it was dropped on purpose). `false`
-    /// means the dead letter could not be written: the caller still holds the
-    /// only copy of the event and should keep it (e.g. leave it queued).
+    /// means the dead letter could not be written, or the retries were cut
+    /// short by [`deliver_until`]'s `stop`: the caller still holds the only
+    /// copy of the event and should keep it (e.g. leave it queued).
     pub settled: bool,
 }
 
@@ -123,9 +124,24 @@ pub struct Delivery {
 pub async fn deliver(
     invocable: &Invocable,
     event: Event,
+    ctx: InvocationContext,
+    policy: &RetryPolicy,
+    dead_letters: Option<&DeadLetterStore>,
+) -> Delivery {
+    let never = tokio_util::sync::CancellationToken::new();
+    deliver_until(invocable, event, ctx, policy, dead_letters, &never).await
+}
+
+/// [`deliver`], giving up the wait before a retry once `stop` is cancelled:
+/// the delivery then ends unsettled (the caller keeps the event, e.g. an
+/// MQTT message stays unacknowledged for the broker to redeliver).
+pub async fn deliver_until(
+    invocable: &Invocable,
+    event: Event,
     mut ctx: InvocationContext,
     policy: &RetryPolicy,
     dead_letters: Option<&DeadLetterStore>,
+    stop: &tokio_util::sync::CancellationToken,
 ) -> Delivery {
     let started = tokio::time::Instant::now();
     let first_attempt_ms = std::time::SystemTime::now()
@@ -172,7 +188,15 @@ pub async fn deliver(
             retry_in_ms = delay.as_millis() as u64,
             "attempt failed; retrying"
         );
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            _ = stop.cancelled() => {
+                return Delivery {
+                    outcome,
+                    settled: false,
+                };
+            }
+            _ = tokio::time::sleep(delay) => {}
+        }
         ctx.attempt += 1;
     }
 }

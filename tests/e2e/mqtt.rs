@@ -1400,3 +1400,40 @@ async fn a_host_restart_mid_qos2_stream_completes_the_session_and_loses_nothing(
     assert_eq!(host.stats.connection_errors.load(Relaxed), 0);
     host.stop().await;
 }
+
+/// A broker that accepts smaller packets than the host sends (its CONNACK
+/// says so): a publish over its limit breaks the connection once, is
+/// dropped and counted, and does not come back to break the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_larger_than_the_broker_accepts_is_dropped_and_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let broker = Mosquitto::start_with(
+        dir.path(),
+        port,
+        "allow_anonymous true\nmax_packet_size 131072\n",
+        &[],
+    );
+    let mut sub =
+        TestClient::connect(broker.port, "small-sub", &[("out/#", QoS::AtLeastOnce)]).await;
+    let (outbox, rx) = mpsc::channel(10);
+    let host = Running::spawn_built(
+        options(&format!("mqtt://127.0.0.1:{port}"), "small-host"),
+        vec![],
+        |t| t.with_outbox(rx),
+    );
+    host.wait_for(|s| s.connects.load(Relaxed) >= 1).await;
+    for (i, size) in [(0, 10), (1, 200_000), (2, 10)] {
+        let mut m = spooled(i);
+        m.qos = 1;
+        m.payload = vec![b'x'; size];
+        outbox.send(m).await.unwrap();
+    }
+    let got = sub.collect(|g| g.len() >= 2).await;
+    let sizes: Vec<usize> = got.iter().map(|p| p.payload.len()).collect();
+    assert_eq!(sizes, [10, 10]);
+    host.wait_for(|s| s.publish_failed.load(Relaxed) == 1).await;
+    // One broken connection, then a healthy one.
+    assert!(host.stats.connection_errors.load(Relaxed) <= 1);
+    host.stop().await;
+}

@@ -84,6 +84,10 @@ pub struct EventLoop {
     /// Packet id → send sequence number of the publishes sent.
     sent: std::collections::HashMap<u16, u64>,
     next: u64,
+    /// Copies of the QoS 2 publishes left with the session after a
+    /// connection error: if the broker has lost the session, rumqttc drops
+    /// them, and they go to the spool instead.
+    kept_qos2: Vec<MqttMessage>,
 }
 
 // One per host, made once: the size difference does not matter.
@@ -130,6 +134,9 @@ pub enum Event {
     ConnAck {
         /// The broker still had this client's session.
         session_present: bool,
+        /// Publishes the session was to resend, lost with it: the spool
+        /// sends them (first).
+        requeue: Vec<MqttMessage>,
     },
     /// SUBACK, with the reason of each refused filter.
     SubAck {
@@ -157,6 +164,17 @@ pub struct ConnError {
     too_large: Option<usize>,
 }
 
+/// A SUBACK event naming the refused filters' reason codes.
+fn refused<C: std::fmt::Debug>(codes: &[C], ok: impl Fn(&C) -> bool) -> Event {
+    Event::SubAck {
+        refused: codes
+            .iter()
+            .filter(|c| !ok(c))
+            .map(|c| format!("{c:?}"))
+            .collect(),
+    }
+}
+
 fn qos_u8_5(q: rumqttc::v5::mqttbytes::QoS) -> u8 {
     q as u8
 }
@@ -165,12 +183,115 @@ fn qos_u8_4(q: rumqttc::QoS) -> u8 {
     q as u8
 }
 
+/// Marks every packet id as an incoming QoS 2 message in progress.
+/// rumqttc forgets that state on a disconnect (and a new host never had it),
+/// and would then refuse the PUBRELs the broker resends for messages
+/// PUBREC'd earlier as "unsolicited", dropping every new connection; marked,
+/// they are answered with a PUBCOMP (which MQTT asks for in any case).
+macro_rules! mark_incoming_qos2 {
+    ($e:ident, [$($m:ident)::+], $marker:expr) => {{
+        for pkid in 1..=u16::MAX {
+            let _ = $e
+                .state
+                .handle_incoming_packet($($m)::+::Incoming::Publish($marker(pkid)));
+            // Each call queues an event; none of them is real.
+            $e.state.events.clear();
+        }
+        $e.state.events.shrink_to(128);
+    }};
+}
+
+/// The steps of [`EventLoop::clean`] on one protocol version's event loop
+/// (the same for both; only the types differ): let rumqttc move its
+/// unacknowledged state into `pending`, then sort `pending` — acks dropped,
+/// QoS 0 publishes dropped and counted, publishes larger than the broker
+/// accepts dropped and counted, QoS 2 publishes already sent kept after a
+/// connection error (and remembered in `$kept`), every other publish taken
+/// out for the spool — and mark every packet id as an incoming QoS 2
+/// message in progress.
+macro_rules! clean_pending {
+    ($e:ident, [$($m:ident)::+], $qos:ident, $keep_qos2:ident, $max:ident, $to_message:expr, $marker:expr, $out:ident, $take:ident, $kept:ident) => {{
+        $e.clean();
+        if let Some(mut p) = $e.state.collision.take() {
+            // Never sent: it gets a packet id of its own when it is.
+            p.pkid = 0;
+            $e.pending.push_front($($m)::+::Request::Publish(p));
+        }
+        for r in std::mem::take(&mut $e.pending) {
+            match r {
+                $($m)::+::Request::PubAck(_) | $($m)::+::Request::PubRec(_) => {}
+                $($m)::+::Request::Publish(p) if $qos(p.qos) == 0 => $out.dropped_qos0 += 1,
+                $($m)::+::Request::Publish(p) if $max.is_some_and(|max| p.size() > max) => {
+                    $out.too_large += 1;
+                    tracing::error!(topic = %String::from_utf8_lossy(p.topic.as_ref()), bytes = p.size(), max_packet_size = $max, "a publish is larger than the broker accepts; dropped");
+                }
+                $($m)::+::Request::Publish(p) if $keep_qos2 && $qos(p.qos) == 2 && p.pkid != 0 => {
+                    $kept.push($to_message(p.clone()));
+                    $e.pending.push_back($($m)::+::Request::Publish(p));
+                }
+                $($m)::+::Request::Publish(p) => {
+                    let pkid = p.pkid;
+                    $take(pkid, $to_message(p));
+                }
+                other => $e.pending.push_back(other),
+            }
+        }
+        mark_incoming_qos2!($e, [$($m)::+], $marker);
+    }};
+}
+
+fn marker5(pkid: u16) -> rumqttc::v5::mqttbytes::v5::Publish {
+    let mut p = rumqttc::v5::mqttbytes::v5::Publish::new(
+        "",
+        rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+        Bytes::new(),
+        None,
+    );
+    p.pkid = pkid;
+    p
+}
+
+fn marker4(pkid: u16) -> rumqttc::Publish {
+    let mut p = rumqttc::Publish::new("", rumqttc::QoS::ExactlyOnce, Vec::new());
+    p.pkid = pkid;
+    p
+}
+
+fn message5(p: rumqttc::v5::mqttbytes::v5::Publish) -> MqttMessage {
+    let props = p.properties.unwrap_or_default();
+    MqttMessage {
+        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+        payload: p.payload.to_vec(),
+        qos: qos_u8_5(p.qos),
+        retain: p.retain,
+        content_type: props.content_type,
+        response_topic: props.response_topic,
+        correlation_data: props.correlation_data.map(|b| b.to_vec()),
+        user_properties: props.user_properties,
+    }
+}
+
+fn message4(p: rumqttc::Publish) -> MqttMessage {
+    MqttMessage {
+        topic: p.topic,
+        payload: p.payload.to_vec(),
+        qos: qos_u8_4(p.qos),
+        retain: p.retain,
+        ..MqttMessage::default()
+    }
+}
+
 impl EventLoop {
-    fn new(inner: Inner) -> Self {
+    fn new(mut inner: Inner) -> Self {
+        match &mut inner {
+            Inner::V5(e) => mark_incoming_qos2!(e, [rumqttc::v5], marker5),
+            Inner::V4(e) => mark_incoming_qos2!(e, [rumqttc], marker4),
+        }
         Self {
             inner,
             sent: std::collections::HashMap::new(),
             next: 0,
+            kept_qos2: Vec::new(),
         }
     }
 
@@ -178,6 +299,20 @@ impl EventLoop {
         if pkid != 0 {
             self.next += 1;
             self.sent.insert(pkid, self.next);
+        }
+    }
+
+    /// A CONNACK: with the session gone, the QoS 2 publishes left with it
+    /// come back for the spool.
+    fn connack(&mut self, session_present: bool) -> Event {
+        let lost_session = std::mem::take(&mut self.kept_qos2);
+        Event::ConnAck {
+            session_present,
+            requeue: if session_present {
+                Vec::new()
+            } else {
+                lost_session
+            },
         }
     }
 
@@ -197,17 +332,10 @@ impl EventLoop {
                 use rumqttc::v5::Event as E;
                 use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
                 match e.poll().await {
-                    Ok(E::Incoming(Packet::ConnAck(c))) => Ok(Event::ConnAck {
-                        session_present: c.session_present,
-                    }),
-                    Ok(E::Incoming(Packet::SubAck(s))) => Ok(Event::SubAck {
-                        refused: s
-                            .return_codes
-                            .iter()
-                            .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
-                            .map(|c| format!("{c:?}"))
-                            .collect(),
-                    }),
+                    Ok(E::Incoming(Packet::ConnAck(c))) => Ok(self.connack(c.session_present)),
+                    Ok(E::Incoming(Packet::SubAck(s))) => Ok(refused(&s.return_codes, |c| {
+                        matches!(c, SubscribeReasonCode::Success(_))
+                    })),
                     Ok(E::Incoming(Packet::Publish(p))) => Ok(Event::Publish(Incoming {
                         topic: String::from_utf8_lossy(&p.topic).into_owned(),
                         payload: p.payload,
@@ -231,17 +359,10 @@ impl EventLoop {
             Inner::V4(e) => {
                 use rumqttc::{Event as E, Outgoing, Packet, SubscribeReasonCode};
                 match e.poll().await {
-                    Ok(E::Incoming(Packet::ConnAck(c))) => Ok(Event::ConnAck {
-                        session_present: c.session_present,
-                    }),
-                    Ok(E::Incoming(Packet::SubAck(s))) => Ok(Event::SubAck {
-                        refused: s
-                            .return_codes
-                            .iter()
-                            .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
-                            .map(|c| format!("{c:?}"))
-                            .collect(),
-                    }),
+                    Ok(E::Incoming(Packet::ConnAck(c))) => Ok(self.connack(c.session_present)),
+                    Ok(E::Incoming(Packet::SubAck(s))) => Ok(refused(&s.return_codes, |c| {
+                        matches!(c, SubscribeReasonCode::Success(_))
+                    })),
                     Ok(E::Incoming(Packet::Publish(p))) => Ok(Event::Publish(Incoming {
                         topic: p.topic,
                         payload: p.payload,
@@ -311,11 +432,8 @@ impl EventLoop {
         let mut sent: Vec<(u64, MqttMessage)> = Vec::new();
         let mut unsent: Vec<MqttMessage> = Vec::new();
         let sent_order = &self.sent;
-        let mut take = |pkid: u16, m: MqttMessage, out: &mut Cleaned| {
-            if max.is_some_and(|max| crate::spool::size(&m) as usize + 64 > max) {
-                out.too_large += 1;
-                tracing::error!(topic = %m.topic, bytes = m.payload.len(), max_packet_size = max, "a publish is larger than the broker accepts; dropped");
-            } else if pkid == 0 {
+        let mut take = |pkid: u16, m: MqttMessage| {
+            if pkid == 0 {
                 unsent.push(m);
             } else {
                 // Sent but not seen reported: after those that were.
@@ -323,98 +441,34 @@ impl EventLoop {
                 sent.push((k, m));
             }
         };
+        let mut kept = Vec::new();
         match &mut self.inner {
-            Inner::V5(e) => {
-                use rumqttc::v5::Request;
-                use rumqttc::v5::mqttbytes::QoS;
-                e.clean();
-                if let Some(p) = e.state.collision.take() {
-                    e.pending.push_back(Request::Publish(p));
-                }
-                let pending = std::mem::take(&mut e.pending);
-                for r in pending {
-                    match r {
-                        Request::PubAck(_) | Request::PubRec(_) => {}
-                        Request::Publish(p) if p.qos == QoS::AtMostOnce => {
-                            out.dropped_qos0 += 1;
-                        }
-                        Request::Publish(p)
-                            if keep_qos2 && p.qos == QoS::ExactlyOnce && p.pkid != 0 =>
-                        {
-                            e.pending.push_back(Request::Publish(p));
-                        }
-                        Request::Publish(p) => {
-                            let props = p.properties.unwrap_or_default();
-                            let m = MqttMessage {
-                                topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                                payload: p.payload.to_vec(),
-                                qos: qos_u8_5(p.qos),
-                                retain: p.retain,
-                                content_type: props.content_type,
-                                response_topic: props.response_topic,
-                                correlation_data: props.correlation_data.map(|b| b.to_vec()),
-                                user_properties: props.user_properties,
-                            };
-                            take(p.pkid, m, &mut out);
-                        }
-                        other => e.pending.push_back(other),
-                    }
-                }
-                for pkid in 1..=u16::MAX {
-                    let mut p = rumqttc::v5::mqttbytes::v5::Publish::new(
-                        "",
-                        QoS::ExactlyOnce,
-                        Bytes::new(),
-                        None,
-                    );
-                    p.pkid = pkid;
-                    let _ = e
-                        .state
-                        .handle_incoming_packet(rumqttc::v5::Incoming::Publish(p));
-                }
-                e.state.events.clear();
-            }
-            Inner::V4(e) => {
-                use rumqttc::{QoS, Request};
-                e.clean();
-                if let Some(p) = e.state.collision.take() {
-                    e.pending.push_back(Request::Publish(p));
-                }
-                let pending = std::mem::take(&mut e.pending);
-                for r in pending {
-                    match r {
-                        Request::PubAck(_) | Request::PubRec(_) => {}
-                        Request::Publish(p) if p.qos == QoS::AtMostOnce => {
-                            out.dropped_qos0 += 1;
-                        }
-                        Request::Publish(p)
-                            if keep_qos2 && p.qos == QoS::ExactlyOnce && p.pkid != 0 =>
-                        {
-                            e.pending.push_back(Request::Publish(p));
-                        }
-                        Request::Publish(p) => {
-                            let m = MqttMessage {
-                                topic: p.topic.clone(),
-                                payload: p.payload.to_vec(),
-                                qos: qos_u8_4(p.qos),
-                                retain: p.retain,
-                                ..MqttMessage::default()
-                            };
-                            take(p.pkid, m, &mut out);
-                        }
-                        other => e.pending.push_back(other),
-                    }
-                }
-                for pkid in 1..=u16::MAX {
-                    let mut p = rumqttc::Publish::new("", QoS::ExactlyOnce, Vec::new());
-                    p.pkid = pkid;
-                    let _ = e
-                        .state
-                        .handle_incoming_packet(rumqttc::Incoming::Publish(p));
-                }
-                e.state.events.clear();
-            }
+            Inner::V5(e) => clean_pending!(
+                e,
+                [rumqttc::v5],
+                qos_u8_5,
+                keep_qos2,
+                max,
+                message5,
+                marker5,
+                out,
+                take,
+                kept
+            ),
+            Inner::V4(e) => clean_pending!(
+                e,
+                [rumqttc],
+                qos_u8_4,
+                keep_qos2,
+                max,
+                message4,
+                marker4,
+                out,
+                take,
+                kept
+            ),
         }
+        self.kept_qos2 = kept;
         sent.sort_by_key(|(k, _)| *k);
         out.unacked = sent.into_iter().map(|(_, m)| m).chain(unsent).collect();
         out
@@ -445,6 +499,9 @@ fn conn_error_5(e: rumqttc::v5::ConnectionError) -> ConnError {
     };
     let too_large = match &e {
         C::MqttState(StateError::OutgoingPacketTooLarge { max, .. }) => Some(*max as usize),
+        C::MqttState(StateError::Deserialization(
+            rumqttc::v5::mqttbytes::Error::OutgoingPacketTooLarge { max, .. },
+        )) => Some(*max as usize),
         _ => None,
     };
     ConnError {

@@ -42,7 +42,7 @@ pub use super::connection::ClientOptions;
 use super::connection::{Event as ConnEvent, Incoming, log_connection_error};
 use super::publish::Publisher;
 use crate::deadletter::DeadLetterStore;
-use crate::delivery::{RetryPolicy, deliver};
+use crate::delivery::{RetryPolicy, deliver_until};
 use crate::invoke::{Event, Invocable, InvocationContext, MqttMessage};
 use crate::manifest::Manifest;
 use crate::spool::Spool;
@@ -501,6 +501,7 @@ pub struct MqttTriggers {
     spool: Option<Spool>,
     stats: Arc<MqttStats>,
     outbox: Option<mpsc::Receiver<MqttMessage>>,
+    outbox_until: Option<(CancellationToken, TaskTracker)>,
 }
 
 impl std::fmt::Debug for MqttTriggers {
@@ -528,12 +529,24 @@ impl MqttTriggers {
             spool: None,
             stats: Arc::default(),
             outbox: None,
+            outbox_until: None,
         }
     }
 
     /// Also sends what other invocations publish (see [`crate::outbox`]).
+    /// The outbox is read until the MQTT deliveries are done (their dead
+    /// letters may publish through it), unless [`Self::outbox_open_until`].
     pub fn with_outbox(mut self, outbox: mpsc::Receiver<MqttMessage>) -> Self {
         self.outbox = Some(outbox);
+        self
+    }
+
+    /// Reads the outbox until `closed` is cancelled — after the connection
+    /// stopped, into the spool — then stops the spool, in a task on `late`:
+    /// for a host whose timers and HTTP requests finish after the MQTT
+    /// trigger (`up` cancels `closed` once they have).
+    pub fn outbox_open_until(mut self, closed: CancellationToken, late: TaskTracker) -> Self {
+        self.outbox_until = Some((closed, late));
         self
     }
 
@@ -577,9 +590,28 @@ impl MqttTriggers {
         let dispatched = CancellationToken::new();
         // The outbox stays open until the MQTT deliveries are done: their
         // dead letters may still publish through it.
-        let outbox = self.outbox.take().map(|outbox| {
-            tokio::spawn(drain_outbox(outbox, publisher.clone(), dispatched.clone()))
-        });
+        // `Some(outbox task)`: read until the deliveries are done, then the
+        // spool is stopped here; `None` with `stop_spool_here` false: the
+        // late task stops it.
+        let (outbox, stop_spool_here) = match (self.outbox.take(), self.outbox_until.take()) {
+            (Some(outbox), Some((closed, late))) => {
+                let publisher = publisher.clone();
+                late.spawn(async move {
+                    drain_outbox(outbox, publisher.clone(), closed).await;
+                    publisher.stop().await;
+                });
+                (None, false)
+            }
+            (Some(outbox), None) => (
+                Some(tokio::spawn(drain_outbox(
+                    outbox,
+                    publisher.clone(),
+                    dispatched.clone(),
+                ))),
+                true,
+            ),
+            (None, _) => (None, true),
+        };
         let filters: Vec<(TopicFilter, u8)> = self
             .specs
             .iter()
@@ -606,11 +638,14 @@ impl MqttTriggers {
             let dispatched = dispatched.clone();
             tasks.spawn(async move {
                 dispatched.cancelled().await;
+                // What still waits in the spool stays there for the next
+                // start; only what is on the wire is waited for.
+                shared.publisher.pause();
                 let give_up = tokio::time::Instant::now() + PUBLISH_SETTLE_TIMEOUT;
                 loop {
                     let acks_out = shared.acks.lock().expect("acks lock").backlog.is_empty();
                     let settled = shared.inflight.load(Ordering::Relaxed) == 0;
-                    if acks_out && (settled || tokio::time::Instant::now() >= give_up) {
+                    if (acks_out && settled) || tokio::time::Instant::now() >= give_up {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -623,11 +658,14 @@ impl MqttTriggers {
         let mut subacks_expected = 0usize;
         loop {
             match eventloop.poll().await {
-                Ok(ConnEvent::ConnAck { session_present }) => {
+                Ok(ConnEvent::ConnAck {
+                    session_present,
+                    requeue,
+                }) => {
                     backoff.reset();
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(%broker, session_present, "MQTT connected");
-                    publisher.connected();
+                    publisher.connected(requeue);
                     subacks_expected = subs.len();
                     let client = client.clone();
                     let subs = subs.clone();
@@ -691,6 +729,7 @@ impl MqttTriggers {
                             .acks_discarded
                             .fetch_add(dropped, Ordering::Relaxed);
                         publisher.disconnected(|| eventloop.clean(Some(&e)));
+                        shared.inflight.store(0, Ordering::Relaxed);
                     }
                     if dispatched.is_cancelled() || shutdown.is_cancelled() {
                         break;
@@ -725,7 +764,9 @@ impl MqttTriggers {
         if let Some(outbox) = outbox {
             let _ = outbox.await;
         }
-        publisher.stop().await;
+        if stop_spool_here {
+            publisher.stop().await;
+        }
     }
 
     fn arrival(&self, shared: &Shared, subs: &[Subscription], p: Incoming) -> Arrival {
@@ -858,12 +899,15 @@ async fn dispatch(
                 let trigger = format!("mqtt:{}", spec.filter.raw);
                 let stats = &shared.stats;
                 let d = loop {
-                    let d = deliver(
+                    // A retry's wait ends on shutdown: the message then
+                    // stays unacknowledged and the broker redelivers it.
+                    let d = deliver_until(
                         &spec.component,
                         Event::Mqtt(message.clone()),
                         InvocationContext::new(trigger.clone()),
                         &spec.retry,
                         dead_letters.as_deref(),
+                        &shutdown,
                     )
                     .await;
                     if d.settled || shutdown.is_cancelled() {
@@ -891,7 +935,7 @@ async fn dispatch(
                         // publisher.
                         let _ = shared.publisher.publish_durably(m).await;
                     }
-                } else {
+                } else if d.settled {
                     stats.failed.fetch_add(1, Ordering::Relaxed);
                 }
                 if !d.settled {

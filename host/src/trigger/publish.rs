@@ -42,9 +42,11 @@ use tokio::sync::oneshot;
 
 /// Spooled messages read and sent per round.
 const DRAIN_BATCH: usize = 256;
-/// How long the drain waits for room in a full request channel (taking
-/// commands meanwhile).
+/// How long the drain first waits for room in a full request channel
+/// (taking commands meanwhile); doubled while it stays full, up to
+/// [`FULL_CHANNEL_MAX_WAIT`].
 const FULL_CHANNEL_WAIT: Duration = Duration::from_millis(1);
+const FULL_CHANNEL_MAX_WAIT: Duration = Duration::from_millis(50);
 /// Largest publish the host sends: topic, payload and properties (see
 /// [`crate::spool::size`]) within the 1 MiB packet limit of the
 /// connection, less room for the packet's own fields. A larger one is
@@ -160,6 +162,8 @@ impl Client {
 struct Link {
     /// A CONNACK was received and the connection has not dropped since.
     connected: bool,
+    /// The host is stopping: nothing more is sent, even after a reconnect.
+    paused: bool,
     /// Connections dropped so far: a drain stops when it changes, so it
     /// never goes on sending on a new connection before what the dropped
     /// one left unacknowledged is back in the spool.
@@ -218,6 +222,7 @@ impl Publisher {
             client,
             link: Mutex::new(Link {
                 connected: false,
+                paused: false,
                 drops: 0,
                 backlog: spool.len(),
             }),
@@ -308,10 +313,28 @@ impl Publisher {
         }
     }
 
-    /// The connection is up (CONNACK): send what waits.
-    pub fn connected(&self) {
-        self.link().connected = true;
+    /// The connection is up (CONNACK): send what waits, starting with
+    /// `requeue` (publishes the broker's lost session was to resend).
+    pub fn connected(&self, requeue: Vec<MqttMessage>) {
+        let mut link = self.link();
+        if !requeue.is_empty() {
+            tracing::warn!(
+                messages = requeue.len(),
+                "the broker lost this host's session: QoS 2 publishes it held are sent again"
+            );
+            link.backlog += requeue.len() as u64;
+            self.command(Cmd::Requeue(requeue));
+        }
+        link.connected = !link.paused;
         self.command(Cmd::Wake);
+    }
+
+    /// Stops sending (the host is stopping): what waits stays in the spool,
+    /// and new QoS 1/2 publishes go there too.
+    pub fn pause(&self) {
+        let mut link = self.link();
+        link.paused = true;
+        link.connected = false;
     }
 
     /// The connection dropped. `clean` runs under the lock that every
@@ -360,6 +383,7 @@ impl Publisher {
     fn spool_loop(&self, mut spool: Spool, rx: std_mpsc::Receiver<Cmd>) {
         let mut stopping = false;
         let mut channel_full = false;
+        let mut wait = FULL_CHANNEL_WAIT;
         loop {
             let can_drain = !spool.is_empty() && self.link().connected;
             let mut cmds = Vec::new();
@@ -369,7 +393,7 @@ impl Publisher {
                 // Wait for room, but keep writing what comes meanwhile: a
                 // delivery waiting for its publish to be on disk must not
                 // wait for the connection.
-                match rx.recv_timeout(FULL_CHANNEL_WAIT) {
+                match rx.recv_timeout(wait) {
                     Ok(c) => Some(c),
                     Err(std_mpsc::RecvTimeoutError::Timeout) => None,
                     Err(std_mpsc::RecvTimeoutError::Disconnected) => {
@@ -395,6 +419,13 @@ impl Publisher {
             }
             self.apply(&mut spool, cmds, &mut stopping);
             channel_full = !stopping && self.drain(&mut spool);
+            // While the connection's queue stays full, look again less and
+            // less often (each look reads a batch from disk).
+            wait = if channel_full {
+                (wait * 2).min(FULL_CHANNEL_MAX_WAIT)
+            } else {
+                FULL_CHANNEL_WAIT
+            };
             self.stats
                 .spool_waiting
                 .store(spool.len(), Ordering::Relaxed);
