@@ -346,6 +346,21 @@ fn check(args: CheckArgs) -> Result<ExitCode, Fatal> {
         m.path.display(),
         m.gateway.name
     );
+    if let Some(mqtt) = &m.mqtt {
+        let spool = mqtt.spool.bounds();
+        println!(
+            "mqtt {} (MQTT {}), spool {} messages / {}, when full {}",
+            mqtt.broker.get_ref(),
+            if *mqtt.version.get_ref() == 3 {
+                "3.1.1"
+            } else {
+                "5"
+            },
+            spool.max_messages,
+            Size(spool.max_bytes),
+            spool.on_full
+        );
+    }
     for (name, config) in &m.components {
         let limits = gateway.components[name].limits;
         let (exports, imports) = &gateway.compiled[name];

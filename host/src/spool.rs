@@ -33,6 +33,15 @@ pub enum OnFull {
     RefuseNew,
 }
 
+impl std::fmt::Display for OnFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OnFull::DropOldest => "drop_oldest",
+            OnFull::RefuseNew => "refuse_new",
+        })
+    }
+}
+
 /// The spool's bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpoolBounds {
