@@ -668,8 +668,19 @@ retry = {{ attempts = 2, backoff = "40ms" }}
 }
 
 fn spawn_host(file: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
+    spawn_host_with(file, &[], &[])
+}
+
+/// `wasmgate up -f FILE ARGS…` with `env`, its stderr lines on a channel.
+fn spawn_host_with(
+    file: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Child, std::sync::mpsc::Receiver<String>) {
     let mut host = wasmgate()
         .args(["up", "-f", file])
+        .args(args)
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -983,23 +994,11 @@ async fn sigterm_lets_messages_in_flight_finish_and_acks_them() {
     .unwrap();
     let file = file.to_str().unwrap().to_string();
     let run = |file: String| {
-        let mut host = wasmgate()
-            .args(["up", "-f", &file, "--log-format", "json"])
-            .env("WASMGATE_LOG", "info,wasmgate::trigger::mqtt=debug")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let lines = BufReader::new(host.stderr.take().unwrap()).lines();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        (host, rx)
+        spawn_host_with(
+            &file,
+            &["--log-format", "json"],
+            &[("WASMGATE_LOG", "info,wasmgate::trigger::mqtt=debug")],
+        )
     };
     let (host, lines) = run(file.clone());
     wait_line(&lines, "MQTT subscribed");
