@@ -60,7 +60,7 @@ KEEP_RESIDENT="pooling-memory-keep-resident=2097152,pooling-table-keep-resident=
 export WASMGATE_LOG=${WASMGATE_LOG:-"info,wasmgate::invocation=warn"}
 
 ROOT=$(pwd)
-if [[ ! -f "$ROOT/host/Cargo.toml" || ! -d "$ROOT/bench/axum-hello" ]]; then
+if [[ ! -f "$ROOT/host/wasmgate/Cargo.toml" || ! -d "$ROOT/bench/axum-hello" ]]; then
     echo "run bench/http.sh from the repository root" >&2
     exit 2
 fi

@@ -77,6 +77,12 @@ fn main() {
     std::fs::write(out.join("guests.rs"), code).unwrap();
 }
 
+/// Makes sure the toolchain building the guests has the wasm32-wasip2
+/// target: `rust-toolchain.toml`'s `targets` is only honoured when rustup
+/// installs the toolchain itself, so a toolchain installed earlier (or with
+/// `RUSTUP_AUTO_INSTALL=0`) may lack it. Installs it with rustup, for the
+/// toolchain in use, saying so in one line; without rustup, says exactly what
+/// to install.
 fn check_wasm_target() {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let sysroot = Command::new(rustc)
@@ -85,11 +91,33 @@ fn check_wasm_target() {
         .expect("running rustc --print sysroot");
     let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_string();
     let lib = Path::new(&sysroot).join("lib/rustlib/wasm32-wasip2");
-    if !lib.exists() {
-        panic!(
-            "\n\nThe wasm32-wasip2 target is not installed, so the test guests cannot be built.\n\
-             Install it with:\n\n    rustup target add wasm32-wasip2\n\n"
-        );
+    if lib.exists() {
+        return;
+    }
+    // The toolchain in use: rustup's proxies say which; else the sysroot's
+    // directory is named after it.
+    let toolchain = std::env::var("RUSTUP_TOOLCHAIN").unwrap_or_else(|_| {
+        Path::new(&sysroot)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    println!(
+        "cargo:warning=the wasm32-wasip2 target is missing for toolchain {toolchain}; installing it with `rustup target add wasm32-wasip2 --toolchain {toolchain}`"
+    );
+    let status = Command::new("rustup")
+        .args(["target", "add", "wasm32-wasip2", "--toolchain", &toolchain])
+        .status();
+    match status {
+        Ok(s) if s.success() && lib.exists() => {}
+        Ok(s) => panic!(
+            "\n\n`rustup target add wasm32-wasip2 --toolchain {toolchain}` failed ({s}), so the test guests cannot be built.\n"
+        ),
+        Err(e) => panic!(
+            "\n\nThe wasm32-wasip2 target is not installed and rustup cannot be run ({e}).\n\
+             Install the target for this Rust toolchain ({sysroot}): with rustup,\n\n    rustup target add wasm32-wasip2\n\n\
+             or, without rustup, your distribution's rust-std package for wasm32-wasip2.\n\n"
+        ),
     }
 }
 

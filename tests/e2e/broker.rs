@@ -3,7 +3,7 @@
 
 use std::process::Command;
 use std::time::Duration;
-use wasmgate::broker::{EmbeddedBroker, EmbeddedOptions};
+use wasmgate_trigger_mqtt::broker::{EmbeddedBroker, EmbeddedOptions};
 
 fn sub(port: u16, args: &[&str]) -> std::process::Child {
     Command::new("mosquitto_sub")

@@ -1,9 +1,9 @@
 //! Components are compiled once and loaded from the precompile cache after.
 
 use std::path::Path;
-use wasmgate::component::Cache;
-use wasmgate::engine::EngineOptions;
-use wasmgate::gateway::Runtime;
+use wasmgate_runtime::component::Cache;
+use wasmgate_runtime::deployment::Runtime;
+use wasmgate_runtime::engine::EngineOptions;
 use wasmgate_test_artifacts::COUNTER;
 
 fn runtime(dir: &Path) -> Runtime {

@@ -431,3 +431,60 @@ fn outbound_http_reaches_only_allowed_hosts() {
         "only the allowed request reached the server"
     );
 }
+
+/// `up --build` installs a missing wasm32-wasip2 target itself, with rustup,
+/// for the toolchain the build uses, before running a build command that
+/// targets it. Stub `rustc` (a sysroot without the target) and `rustup` (it
+/// records its arguments) come first on PATH.
+#[test]
+fn up_build_installs_a_missing_wasm_target_with_rustup() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    let sysroot = dir.path().join("sysroot");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(sysroot.join("lib/rustlib")).unwrap();
+    let calls = dir.path().join("rustup-calls");
+    let stub = |name: &str, body: String| {
+        let path = bin.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    stub("rustc", format!("echo {}", sysroot.display()));
+    stub(
+        "rustup",
+        format!(
+            "echo \"$@\" >> {}\nmkdir -p {}/lib/rustlib/wasm32-wasip2",
+            calls.display(),
+            sysroot.display()
+        ),
+    );
+    let manifest = dir.path().join("wasmgate.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[gateway]\nstate_dir = \"state\"\n\n[component.t]\nsource = \"{TICK_TIMER}\"\n\
+             build = \"echo building for wasm32-wasip2 && false\"\n"
+        ),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = wasmgate()
+        .args(["up", "--build", "-f", manifest.to_str().unwrap()])
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    // The build command itself fails on purpose, after the install.
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let recorded = std::fs::read_to_string(&calls).expect("rustup was run");
+    assert_eq!(recorded.trim(), "target add wasm32-wasip2");
+    assert!(
+        stderr(&out).contains("the wasm32-wasip2 target is missing"),
+        "{}",
+        stderr(&out)
+    );
+}

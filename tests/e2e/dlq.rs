@@ -153,9 +153,9 @@ fn a_corrupt_store_stops_the_host_with_a_clear_error() {
 fn replaying_a_record_whose_component_is_gone_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let file = manifest(dir.path(), "");
-    let store = wasmgate::deadletter::DeadLetterStore::open(
+    let store = wasmgate_store::deadletter::DeadLetterStore::open(
         &dir.path().join("state/dead-letters.sqlite"),
-        wasmgate::deadletter::Bounds::default(),
+        wasmgate_store::deadletter::Bounds::default(),
     )
     .unwrap();
     // Recent times: records older than the store's max_age are evicted.
@@ -163,19 +163,19 @@ fn replaying_a_record_whose_component_is_gone_is_an_error() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    let err = wasmgate::deadletter::AttemptError {
+    let err = wasmgate_store::deadletter::AttemptError {
         outcome: "trap".into(),
         message: "boom".into(),
         at_ms: now,
     };
     store
-        .put_blocking(wasmgate::deadletter::DeadLetter {
+        .put_blocking(wasmgate_store::deadletter::DeadLetter {
             id: "orphan".into(),
             component: "removed".into(),
             trigger: "timer:every 1s".into(),
-            condition: wasmgate::deadletter::Condition::RetriesExhausted,
+            condition: wasmgate_store::deadletter::Condition::RetriesExhausted,
             attempts: 3,
-            event: wasmgate::deadletter::StoredEvent::Timer {
+            event: wasmgate_store::deadletter::StoredEvent::Timer {
                 schedule: "every 1s".into(),
                 scheduled_at_ms: 1,
                 fired_at_ms: 1,
@@ -256,7 +256,8 @@ fn async_invocations_are_queued_durably_and_delivered_by_the_host() {
         assert_eq!(v["status"], "queued");
         ids.push(v["invocation_id"].as_str().unwrap().to_string());
     }
-    let queue = wasmgate::queue::EventQueue::open(&dir.path().join("state/queue.sqlite")).unwrap();
+    let queue =
+        wasmgate_store::queue::EventQueue::open(&dir.path().join("state/queue.sqlite")).unwrap();
     assert_eq!(queue.len().unwrap(), 3);
 
     // A host delivers them (each exactly once here, with its queued id) and empties the queue.
@@ -310,7 +311,8 @@ fn sigkill_at_random_points_loses_no_queued_event() {
         assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
         ids.push(json(&out)["invocation_id"].as_str().unwrap().to_string());
     }
-    let queue = wasmgate::queue::EventQueue::open(&dir.path().join("state/queue.sqlite")).unwrap();
+    let queue =
+        wasmgate_store::queue::EventQueue::open(&dir.path().join("state/queue.sqlite")).unwrap();
     // Kill the host at seeded-random points until the queue is drained.
     let mut rng = fastrand::Rng::with_seed(0x5eed);
     let mut kills = 0;
@@ -336,9 +338,9 @@ fn sigkill_at_random_points_loses_no_queued_event() {
     eprintln!("queue drained after {kills} SIGKILLs");
     assert!(kills >= 2, "the host was never killed mid-stream");
     // Every event is in the dead-letter store (rejected), none lost.
-    let store = wasmgate::deadletter::DeadLetterStore::open(
+    let store = wasmgate_store::deadletter::DeadLetterStore::open(
         &dir.path().join("state/dead-letters.sqlite"),
-        wasmgate::deadletter::Bounds::default(),
+        wasmgate_store::deadletter::Bounds::default(),
     )
     .unwrap();
     let mut stored: Vec<String> = store

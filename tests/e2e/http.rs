@@ -652,6 +652,43 @@ component = "fresh"
     );
 }
 
+/// With `reuse`, a request whose guest answers with an error code or not at
+/// all gets a 500 and its instance is dropped: the next request meets a
+/// fresh instance, not one in an unknown state.
+#[tokio::test]
+async fn reuse_drops_an_instance_that_answered_with_an_error_or_not_at_all() {
+    let server = Server::start(&format!(
+        r#"
+[component.warm]
+source = "{HTTP_PROBE}"
+reuse = 100
+limits = {{ concurrency = 1 }}
+
+[[trigger.http]]
+priority = 1
+component = "warm"
+"#
+    ));
+    let c = client();
+    let count = || async {
+        text(c.get(server.url("/count")).send().await.unwrap())
+            .await
+            .2
+    };
+    assert_eq!(count().await.trim(), "count=1");
+    assert_eq!(count().await.trim(), "count=2");
+    for bad in ["/no-response", "/error-code"] {
+        let r = c.get(server.url(bad)).send().await.unwrap();
+        assert_eq!(r.status(), 500, "{bad}");
+        assert_eq!(
+            count().await.trim(),
+            "count=1",
+            "after {bad}: a fresh instance"
+        );
+        assert_eq!(count().await.trim(), "count=2");
+    }
+}
+
 #[tokio::test]
 async fn shutdown_finishes_the_request_in_flight_then_exits() {
     let mut server = Server::start(&format!(

@@ -1,13 +1,15 @@
 //! Every hostile guest ends in its outcome, and the host goes on.
 
 use crate::util::{call, invocable, mqtt, tick};
+use http_body_util::BodyExt as _;
 use std::sync::Arc;
 use std::time::Duration;
-use wasmgate::invoke::{
-    Admission, HandlerErrorKind, InvocationContext, OUTPUT_CAPTURE_BYTES, Status,
+use wasmgate_manifest::limits::Limits;
+use wasmgate_runtime::invoke::{
+    Admission, HandlerErrorKind, HttpExchange, InvocationContext, OUTPUT_CAPTURE_BYTES, Scheme,
+    Status,
 };
-use wasmgate::limits::Limits;
-use wasmgate_test_artifacts::{COUNTER, HOSTILE};
+use wasmgate_test_artifacts::{COUNTER, HOSTILE, HTTP_PROBE};
 
 /// A hang guard, not a performance claim: each case ends within its own
 /// limits (well under a second here); this only turns a hang into a failure.
@@ -178,6 +180,60 @@ async fn with_reuse_a_failed_invocation_drops_its_instance() {
     }
 }
 
+/// An HTTP exchange — the HTTP trigger's way in — goes through the same
+/// invocation path: a guest that returns without a response, or answers
+/// with an error code, has failed (a trap, logged as such), and its instance
+/// is not reused; one that answers is kept.
+#[tokio::test]
+async fn with_reuse_an_http_guest_that_answers_badly_fails_and_drops_its_instance() {
+    let probe = invocable(HTTP_PROBE, Limits::default(), &[]).with_reuse(100);
+    let exchange = |path: &str| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let req = hyper::Request::get(format!("http://probe{path}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        (HttpExchange::new(req, Scheme::Http, tx), rx)
+    };
+    let (ok, answered) = exchange("/count");
+    let outcome = probe
+        .invoke(ok, InvocationContext::new("test"), Admission::Wait)
+        .await;
+    assert_eq!(outcome.status, Status::Ok);
+    assert_eq!(answered.await.unwrap().unwrap().status(), 200);
+    assert_eq!(probe.warm_instances(), 1);
+    for (path, why) in [
+        (
+            "/no-response",
+            "the guest returned without setting a response",
+        ),
+        ("/error-code", "the guest answered with an error"),
+    ] {
+        let (ex, answered) = exchange(path);
+        let outcome = probe
+            .invoke(ex, InvocationContext::new("test"), Admission::Wait)
+            .await;
+        match &outcome.status {
+            Status::Trap { message } => assert!(message.starts_with(why), "{path}: {message}"),
+            other => panic!("{path}: {other:?}"),
+        }
+        assert!(!matches!(answered.await, Ok(Ok(_))), "{path}: no response");
+        assert_eq!(probe.warm_instances(), 0, "{path} dropped the instance");
+        let (ok, answered) = exchange("/count");
+        let outcome = probe
+            .invoke(ok, InvocationContext::new("test"), Admission::Wait)
+            .await;
+        assert_eq!(outcome.status, Status::Ok);
+        let body = answered.await.unwrap().unwrap().into_body();
+        let body = body.collect().await.unwrap().to_bytes();
+        assert_eq!(
+            body.as_ref(),
+            b"count=1\n",
+            "after {path}: a fresh instance"
+        );
+        assert_eq!(probe.warm_instances(), 1);
+    }
+}
+
 #[tokio::test]
 async fn fuel_consumed_is_identical_for_identical_input() {
     let inv = invocable(HOSTILE, Limits::default(), &[]);
@@ -293,7 +349,7 @@ async fn past_its_concurrency_a_component_is_throttled() {
 
 #[tokio::test]
 async fn publishes_follow_the_acl_and_the_response_topic_is_always_allowed() {
-    use wasmgate::invoke::{Event, MqttMessage};
+    use wasmgate_runtime::invoke::{Event, MqttMessage};
     use wasmgate_test_artifacts::ECHO_MQTT;
     let denied = invocable(ECHO_MQTT, Limits::default(), &[]);
     let out = call(&denied, mqtt("dev/1/temp", "21.5")).await;
@@ -324,7 +380,7 @@ async fn publishes_follow_the_acl_and_the_response_topic_is_always_allowed() {
     // A publish over the host's 1 MiB − 1 KiB is refused to the guest
     // (`unavailable`, which echo-mqtt turns into a retry); just under it
     // goes through.
-    let limit = wasmgate::trigger::publish::MAX_PUBLISH_SIZE as usize;
+    let limit = wasmgate_runtime::invoke::MAX_PUBLISH_SIZE as usize;
     let topic = "dev/1/temp";
     let reply_topic_len = "dev/1/temp/reply".len();
     let big = "x".repeat(limit - reply_topic_len + 1);

@@ -1,12 +1,15 @@
 //! End-to-end tests: real guests built from `guests/`, the real `wasmgate`
 //! binary, and the host library's invocation path.
 
+// An end-to-end test reads as one scenario, start to finish.
+#![allow(clippy::too_many_lines)]
 #[cfg(feature = "embedded-broker")]
 mod broker;
 mod cache;
 mod cli;
 mod dlq;
 mod http;
+mod layout;
 mod limits;
 mod manifest;
 mod mqtt;

@@ -8,16 +8,16 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use wasmgate::deadletter::{Bounds, Condition, DeadLetterStore, StoredEvent};
-use wasmgate::delivery::RetryPolicy;
-use wasmgate::invoke::Invocable;
-use wasmgate::limits::Limits;
-use wasmgate::manifest::Overlap;
-use wasmgate::trigger::clock::Clock;
-use wasmgate::trigger::schedule::{CatchUpPolicy, Schedule};
-use wasmgate::trigger::state::TimerState;
-use wasmgate::trigger::timer::{TimerSpec, TimerStats, TimerTrigger};
+use wasmgate_manifest::Overlap;
+use wasmgate_manifest::limits::Limits;
+use wasmgate_runtime::invoke::Invocable;
+use wasmgate_store::deadletter::{Bounds, Condition, DeadLetterStore, StoredEvent};
+use wasmgate_store::delivery::RetryPolicy;
+use wasmgate_store::timer_state::TimerState;
 use wasmgate_test_artifacts::TICK_TIMER;
+use wasmgate_trigger_timer::clock::Clock;
+use wasmgate_trigger_timer::schedule::{CatchUpPolicy, Schedule};
+use wasmgate_trigger_timer::{TimerSpec, TimerStats, TimerTrigger};
 
 fn t0() -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2026-06-01T12:00:00Z")

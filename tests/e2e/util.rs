@@ -3,19 +3,19 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::LazyLock;
-use wasmgate::component::Cache;
-use wasmgate::engine::EngineOptions;
-use wasmgate::gateway::Runtime;
-use wasmgate::invoke::{
+use wasmgate_manifest::limits::Limits;
+use wasmgate_manifest::topic::TopicFilter;
+use wasmgate_runtime::component::Cache;
+use wasmgate_runtime::deployment::Runtime;
+use wasmgate_runtime::engine::EngineOptions;
+use wasmgate_runtime::invoke::{
     Admission, Event, Invocable, InvocationContext, MqttMessage, Outcome, TimerTick,
 };
-use wasmgate::limits::Limits;
-use wasmgate::topic::TopicFilter;
 
 /// The repository root.
 pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
+        .join("../..")
         .canonicalize()
         .unwrap()
 }

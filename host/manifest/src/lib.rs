@@ -1,0 +1,1067 @@
+//! The manifest, `wasmgate.toml`: parsing and load-time validation.
+//!
+//! Everything that can be checked without compiling a component is checked
+//! here, and every error names the file, the line and column where known, the
+//! key, and what is wrong. Checks that need the compiled component (does it
+//! export the trigger's handler? does it import only what it was granted?)
+//! happen when the runtime loads it (`wasmgate_runtime::deployment`), and the
+//! HTTP rules are compiled by the HTTP trigger's router; both report errors
+//! of this same kind ([`Manifest::invalid`]).
+
+use crate::limits::{HumanDuration, Limits, Size};
+use crate::topic::TopicFilter;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+mod broker_url;
+mod http;
+pub mod limits;
+pub mod topic;
+pub use broker_url::BrokerUrl;
+pub use http::{
+    FixedResponse, HttpConfig, HttpLimits, HttpTrigger, OneOrMany, Redirect, TlsConfig, TlsFiles,
+    WeightedTarget,
+};
+
+/// Why a manifest was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The file could not be read.
+    #[error("{path}: cannot read the manifest: {source}")]
+    Read {
+        /// The manifest path.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, a key is unknown or a value has the wrong form.
+    /// `message` comes from the TOML parser and quotes the line and column.
+    #[error("{path}: {message}")]
+    Syntax {
+        /// The manifest path.
+        path: String,
+        /// The parser's message, with line, column and an excerpt.
+        message: String,
+    },
+    /// A value is well-formed but not acceptable (an unknown component, a
+    /// limit out of range, an invalid topic filter, ...).
+    #[error("{path}:{line}:{column}: {key}: {message}")]
+    Invalid {
+        /// The manifest path.
+        path: String,
+        /// 1-based line of the offending value.
+        line: usize,
+        /// 1-based column of the offending value.
+        column: usize,
+        /// The dotted key, e.g. `trigger.mqtt[0].topic`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A parsed and validated manifest.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// The directory relative paths are resolved against (the file's directory).
+    pub base_dir: PathBuf,
+    source: String,
+    /// `[gateway]`.
+    pub gateway: GatewayConfig,
+    /// `[http]`, if present.
+    pub http: Option<HttpConfig>,
+    /// `[mqtt]`, if present.
+    pub mqtt: Option<MqttConfig>,
+    /// `[component.NAME]`, by name.
+    pub components: BTreeMap<String, ComponentConfig>,
+    /// `[[trigger.*]]`.
+    pub triggers: Triggers,
+    /// `[dead_letters]`.
+    pub dead_letters: DeadLettersConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    #[serde(default)]
+    gateway: GatewayConfig,
+    http: Option<HttpConfig>,
+    mqtt: Option<MqttConfig>,
+    #[serde(default)]
+    component: BTreeMap<Spanned<String>, ComponentConfig>,
+    #[serde(default)]
+    trigger: Triggers,
+    #[serde(default)]
+    dead_letters: DeadLettersConfig,
+}
+
+/// `[dead_letters]`: bounds of the durable dead-letter store
+/// (`state_dir/dead-letters.sqlite`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLettersConfig {
+    /// Most records kept; past it the oldest are evicted (default 100,000).
+    pub max_records: Option<Spanned<u64>>,
+    /// Records older than this are removed (default 30 days).
+    pub max_age: Option<Spanned<HumanDuration>>,
+    /// Also publish each dead letter (as JSON, QoS 1) to this MQTT topic.
+    pub mqtt_topic: Option<Spanned<String>>,
+}
+
+/// `[gateway]`: identity and where the host keeps its state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// A name for this gateway, used in logs.
+    #[serde(default = "default_gateway_name")]
+    pub name: String,
+    /// Where the host keeps its state: the precompiled-component cache and the
+    /// timer state (`timers.json`). Relative to the
+    /// manifest's directory.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+fn default_gateway_name() -> String {
+    "wasmgate".into()
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(".wasmgate")
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            name: default_gateway_name(),
+            state_dir: default_state_dir(),
+        }
+    }
+}
+
+/// `[mqtt]`: the broker connection (see `trigger::mqtt` for how it is used).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `"mqtt://host:1883"` or `"mqtts://host:8883"`; `"embedded"` (the
+    /// default) starts a broker inside the host (see [`EmbeddedBrokerConfig`])
+    /// and connects to it.
+    #[serde(default = "default_broker")]
+    pub broker: Spanned<String>,
+    /// Client id; defaults to the gateway name. With a persistent session the
+    /// broker keeps this client's unacknowledged messages under this id, so
+    /// two hosts must not share it.
+    pub client_id: Option<Spanned<String>>,
+    /// Username for the broker.
+    pub username: Option<String>,
+    /// Password for the broker (needs `username`).
+    pub password: Option<Spanned<String>>,
+    /// CA certificate (PEM) that signed the broker's certificate; required
+    /// for an `mqtts://` broker.
+    pub ca: Option<Spanned<PathBuf>>,
+    /// Client certificate chain (PEM) for mutual TLS; needs `key`.
+    pub cert: Option<Spanned<PathBuf>>,
+    /// Client private key (PEM) for mutual TLS; needs `cert`.
+    pub key: Option<Spanned<PathBuf>>,
+    /// MQTT protocol version: 5 (the default) or 3 (MQTT 3.1.1: no
+    /// properties, no session expiry, no Receive Maximum; see
+    /// `trigger::connection`).
+    #[serde(default = "default_mqtt_version")]
+    pub version: Spanned<u8>,
+    /// Keep-alive interval (default 30 s): how often an idle connection is
+    /// checked; a dead broker is noticed after about 1.5 times this.
+    pub keep_alive: Option<Spanned<HumanDuration>>,
+    /// How long the broker keeps this client's session (subscriptions and
+    /// unacknowledged messages) after a disconnect (default 1 day). Messages
+    /// published while the host is down longer than this are lost.
+    pub session_expiry: Option<Spanned<HumanDuration>>,
+    /// Receive Maximum sent to the broker (default 100): at most this many
+    /// QoS 1/2 messages are unacknowledged at once. It bounds the host's
+    /// memory for messages in progress and is the backpressure to the broker.
+    pub receive_maximum: Option<Spanned<u32>>,
+    /// The embedded broker's settings (with `broker = "embedded"` only).
+    pub embedded: Option<Spanned<EmbeddedBrokerConfig>>,
+    /// Bounds of the on-disk spool for QoS 1/2 publishes made while the
+    /// broker is unreachable (`state_dir/mqtt-spool.sqlite`).
+    #[serde(default)]
+    pub spool: SpoolConfig,
+}
+
+/// `[mqtt] spool = { max_messages, max_bytes, on_full }`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Most publishes waiting (default 100,000).
+    pub max_messages: Option<Spanned<u64>>,
+    /// Most bytes of topics, payloads and properties waiting (default
+    /// 64 MiB).
+    pub max_bytes: Option<Spanned<Size>>,
+    /// `"drop_oldest"` (the default) or `"refuse_new"`: which publish is
+    /// lost when the spool is full.
+    #[serde(default)]
+    pub on_full: OnFull,
+}
+
+/// `[mqtt] embedded = { listen, max_queued }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedBrokerConfig {
+    /// Address the gateway's devices connect to (default 127.0.0.1:1883;
+    /// `0.0.0.0:1883` for devices on the network).
+    pub listen: Option<std::net::SocketAddr>,
+    /// Messages queued per offline or slow session before the oldest is
+    /// dropped (default 100,000).
+    pub max_queued: Option<Spanned<u64>>,
+}
+
+impl MqttConfig {
+    /// Whether the broker is the embedded one.
+    pub fn is_embedded(&self) -> bool {
+        self.broker.get_ref() == "embedded"
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("every [mqtt] key has a default")
+    }
+}
+
+fn default_broker() -> Spanned<String> {
+    Spanned::new(0..0, "embedded".into())
+}
+
+fn default_mqtt_version() -> Spanned<u8> {
+    Spanned::new(0..0, 5)
+}
+
+/// `[component.NAME]`: one guest component.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentConfig {
+    /// Path to the `.wasm` component, relative to the manifest's directory.
+    pub source: Spanned<PathBuf>,
+    /// Shell command that builds `source`; run in the manifest's directory by
+    /// `wasmgate up --build`.
+    pub build: Option<String>,
+    /// Per-invocation limits; each one defaults (see [`Limits`]).
+    #[serde(default = "default_limits")]
+    pub limits: Spanned<LimitsConfig>,
+    /// Capabilities granted to the component.
+    #[serde(default)]
+    pub allow: AllowConfig,
+    /// Environment variables the guest sees (and nothing of the host's).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// How many invocations (HTTP requests, MQTT messages, timer ticks) one
+    /// instance may serve, one after the other, before it is dropped
+    /// (default 1: a fresh instance each time). State left by one invocation
+    /// is visible to the next; a failed invocation drops its instance.
+    pub reuse: Option<Spanned<u32>>,
+}
+
+impl ComponentConfig {
+    /// Requests per instance (see [`ComponentConfig::reuse`]).
+    pub fn reuse(&self) -> u32 {
+        self.reuse.as_ref().map_or(1, |r| *r.get_ref())
+    }
+}
+
+fn default_limits() -> Spanned<LimitsConfig> {
+    Spanned::new(0..0, LimitsConfig::default())
+}
+
+/// `limits = { fuel, memory, timeout, concurrency }`; omitted fields default.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// See [`Limits::fuel`].
+    pub fuel: Option<u64>,
+    /// See [`Limits::memory`].
+    pub memory: Option<Size>,
+    /// See [`Limits::timeout`].
+    pub timeout: Option<HumanDuration>,
+    /// See [`Limits::concurrency`].
+    pub concurrency: Option<u32>,
+}
+
+impl LimitsConfig {
+    /// The limits with defaults filled in (not yet range-checked).
+    pub fn resolve(&self) -> Limits {
+        let d = Limits::default();
+        Limits {
+            fuel: self.fuel.unwrap_or(d.fuel),
+            memory: self.memory.map_or(d.memory, |s| s.0),
+            timeout: self.timeout.map_or(d.timeout, |t| t.0),
+            concurrency: self.concurrency.unwrap_or(d.concurrency),
+        }
+    }
+}
+
+/// `allow = { mqtt_publish, outbound_http }`: capabilities a component may use.
+///
+/// A component that imports a capability's interface must be granted it here,
+/// or it is refused at load.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowConfig {
+    /// Topic filters the component may publish to. Present but empty (`[]`)
+    /// grants only replies on a handled message's response topic.
+    pub mqtt_publish: Option<Vec<Spanned<String>>>,
+    /// Hosts the component may send HTTP requests to.
+    pub outbound_http: Option<Vec<Spanned<String>>>,
+}
+
+impl AllowConfig {
+    /// The parsed publish filters (validated at load, so parsing cannot fail here).
+    pub fn publish_filters(&self) -> Vec<TopicFilter> {
+        self.mqtt_publish
+            .iter()
+            .flatten()
+            .filter_map(|f| TopicFilter::parse(f.get_ref()).ok())
+            .collect()
+    }
+}
+
+/// `[[trigger.http]]`, `[[trigger.mqtt]]`, `[[trigger.timer]]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Triggers {
+    /// HTTP routes.
+    #[serde(default)]
+    pub http: Vec<HttpTrigger>,
+    /// MQTT subscriptions.
+    #[serde(default)]
+    pub mqtt: Vec<MqttTrigger>,
+    /// Schedules.
+    #[serde(default)]
+    pub timer: Vec<TimerTrigger>,
+}
+
+/// One MQTT subscription bound to a component.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTrigger {
+    /// The component that handles the messages.
+    pub component: Spanned<String>,
+    /// Topic filter; `$share/GROUP/filter` for a shared subscription.
+    pub topic: Spanned<String>,
+    /// Subscription QoS: 0, 1 or 2.
+    #[serde(default = "default_qos")]
+    pub qos: Spanned<u8>,
+    /// Deliver one message at a time, in arrival order (default false).
+    #[serde(default)]
+    pub ordered: bool,
+    /// Without `ordered`: most messages of this trigger handled at once
+    /// (default 16). Past it the trigger stops taking messages until one is
+    /// settled.
+    pub max_in_flight: Option<Spanned<u32>>,
+    /// Retry policy for failed deliveries.
+    pub retry: Option<RetryConfig>,
+}
+
+fn default_qos() -> Spanned<u8> {
+    Spanned::new(0..0, 1)
+}
+
+/// `retry = { attempts, backoff, max_backoff, multiplier, jitter, max_event_age }`;
+/// omitted fields default (see `delivery::RetryPolicy`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Total attempts, the first delivery included (default 3).
+    pub attempts: Option<Spanned<u32>>,
+    /// Delay before the first retry (default 1 s).
+    pub backoff: Option<Spanned<HumanDuration>>,
+    /// Longest delay between attempts (default 60 s).
+    pub max_backoff: Option<Spanned<HumanDuration>>,
+    /// Growth factor of the delay, ≥ 1 (default 2).
+    pub multiplier: Option<Spanned<f64>>,
+    /// Fraction (0–1) of each delay taken off at random (default 0.1).
+    pub jitter: Option<Spanned<f64>>,
+    /// How long after its first attempt an event may still be retried.
+    pub max_event_age: Option<Spanned<HumanDuration>>,
+}
+
+impl RetryConfig {
+    fn check(&self, manifest: &Manifest, key: &str) -> Result<(), ManifestError> {
+        if let Some(a) = &self.attempts
+            && *a.get_ref() == 0
+        {
+            return Err(manifest.invalid(
+                a.span(),
+                &format!("{key}.attempts"),
+                "must be at least 1 (the first delivery counts)".into(),
+            ));
+        }
+        if let Some(m) = &self.multiplier
+            && !(m.get_ref().is_finite() && *m.get_ref() >= 1.0 && *m.get_ref() <= 100.0)
+        {
+            return Err(manifest.invalid(
+                m.span(),
+                &format!("{key}.multiplier"),
+                format!(
+                    "{} is out of range: it must be between 1 and 100",
+                    m.get_ref()
+                ),
+            ));
+        }
+        if let Some(j) = &self.jitter
+            && !(0.0..=1.0).contains(j.get_ref())
+        {
+            return Err(manifest.invalid(
+                j.span(),
+                &format!("{key}.jitter"),
+                format!(
+                    "{} is out of range: it is a fraction between 0 and 1",
+                    j.get_ref()
+                ),
+            ));
+        }
+        if let Some(a) = &self.max_event_age
+            && a.get_ref().0.is_zero()
+        {
+            return Err(manifest.invalid(
+                a.span(),
+                &format!("{key}.max_event_age"),
+                "must be greater than zero".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One schedule bound to a component.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimerTrigger {
+    /// The component whose `on-tick` runs.
+    pub component: Spanned<String>,
+    /// Cron expression, 5 fields or 6 with seconds first.
+    pub cron: Option<Spanned<String>>,
+    /// Fixed interval, e.g. `"30s"`.
+    pub every: Option<Spanned<HumanDuration>>,
+    /// IANA time zone for `cron`, e.g. `Europe/Berlin`; default UTC.
+    pub timezone: Option<Spanned<String>>,
+    /// What to do when a tick is due while the previous run still runs.
+    #[serde(default)]
+    pub overlap: Overlap,
+    /// What to do with ticks missed while the host was down.
+    #[serde(default)]
+    pub catch_up: CatchUp,
+    /// With `catch_up = "all"`: the most missed ticks to run (default 10).
+    pub max_catch_up: Option<Spanned<u32>>,
+    /// A missed tick older than this is never run (default: no limit).
+    pub starting_deadline: Option<Spanned<HumanDuration>>,
+    /// Anchor of an `every` interval, RFC 3339 (default: the Unix epoch).
+    pub start_at: Option<Spanned<String>>,
+    /// Spread: every tick of this timer is delayed by a fixed offset in
+    /// `[0, jitter)` derived from the gateway name.
+    pub jitter: Option<HumanDuration>,
+    /// Retry policy for failed ticks.
+    pub retry: Option<RetryConfig>,
+}
+
+impl TimerTrigger {
+    /// The schedule as the guest's tick shows it.
+    pub fn schedule_text(&self) -> String {
+        match (&self.cron, &self.every) {
+            (Some(c), _) => c.get_ref().clone(),
+            (None, Some(e)) => format!("every {}", humantime::format_duration(e.get_ref().0)),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// Overlap policy of a timer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overlap {
+    /// Run concurrently, up to the component's concurrency.
+    Allow,
+    /// Skip the tick (counted as missed).
+    #[default]
+    Forbid,
+    /// Cancel the running invocation and start the new one.
+    Replace,
+}
+
+/// Catch-up policy of a timer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CatchUp {
+    /// Ignore missed ticks.
+    Skip,
+    /// Run once for the most recent missed tick.
+    #[default]
+    Latest,
+    /// Run every missed tick.
+    All,
+}
+
+impl Manifest {
+    /// Reads, parses and validates a manifest file.
+    pub fn load(path: &Path) -> Result<Self, ManifestError> {
+        let source = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(path, source)
+    }
+
+    /// Parses and validates manifest text that was read from `path`.
+    pub fn parse(path: &Path, source: String) -> Result<Self, ManifestError> {
+        let raw: RawManifest = toml::from_str(&source).map_err(|e| ManifestError::Syntax {
+            path: path.display().to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let base_dir = path
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let manifest = Manifest {
+            path: path.to_path_buf(),
+            base_dir,
+            source,
+            gateway: raw.gateway,
+            http: raw.http,
+            mqtt: raw.mqtt,
+            components: BTreeMap::new(),
+            triggers: raw.trigger,
+            dead_letters: raw.dead_letters,
+        };
+        manifest.validate(raw.component)
+    }
+
+    #[expect(
+        clippy::too_many_lines,
+        reason = "the single load-time pass over every section in document order; each step is short and names its key"
+    )]
+    fn validate(
+        mut self,
+        components: BTreeMap<Spanned<String>, ComponentConfig>,
+    ) -> Result<Self, ManifestError> {
+        for (name, config) in components {
+            let key = format!("component.{}", name.get_ref());
+            if let Err(message) = validate_component_name(name.get_ref()) {
+                return Err(self.invalid(name.span(), &key, message));
+            }
+            if config.source.get_ref().as_os_str().is_empty() {
+                return Err(self.invalid(
+                    config.source.span(),
+                    &format!("{key}.source"),
+                    "the path is empty".into(),
+                ));
+            }
+            if let Err(message) = config.limits.get_ref().resolve().validate() {
+                return Err(self.invalid(config.limits.span(), &format!("{key}.limits"), message));
+            }
+            for filter in config.allow.mqtt_publish.iter().flatten() {
+                if let Err(message) = TopicFilter::parse(filter.get_ref()) {
+                    return Err(self.invalid(
+                        filter.span(),
+                        &format!("{key}.allow.mqtt_publish"),
+                        message,
+                    ));
+                }
+            }
+            for host in config.allow.outbound_http.iter().flatten() {
+                let h = host.get_ref();
+                if h.is_empty() || h.contains(['/', ' ']) {
+                    return Err(self.invalid(
+                        host.span(),
+                        &format!("{key}.allow.outbound_http"),
+                        format!("{h:?} is not a host name (write e.g. \"api.example.com\" or \"*.example.com\")"),
+                    ));
+                }
+            }
+            if let Some(r) = &config.reuse
+                && *r.get_ref() == 0
+            {
+                return Err(self.invalid(
+                    r.span(),
+                    &format!("{key}.reuse"),
+                    "must be at least 1 (1 means a fresh instance per request)".into(),
+                ));
+            }
+            self.components.insert(name.into_inner(), config);
+        }
+        if let Some(mqtt) = &self.mqtt {
+            self.check_mqtt(mqtt)?;
+        }
+        if let Some(m) = &self.dead_letters.max_records
+            && *m.get_ref() == 0
+        {
+            return Err(self.invalid(
+                m.span(),
+                "dead_letters.max_records",
+                "must be at least 1".into(),
+            ));
+        }
+        if let Some(a) = &self.dead_letters.max_age
+            && a.get_ref().0.is_zero()
+        {
+            return Err(self.invalid(
+                a.span(),
+                "dead_letters.max_age",
+                "must be greater than zero".into(),
+            ));
+        }
+        if let Some(t) = &self.dead_letters.mqtt_topic
+            && let Err(message) = crate::topic::validate_name(t.get_ref())
+        {
+            return Err(self.invalid(t.span(), "dead_letters.mqtt_topic", message));
+        }
+        let triggers = self.triggers.clone();
+        for (i, t) in triggers.http.iter().enumerate() {
+            let key = format!("trigger.http[{i}]");
+            for component in t.components() {
+                self.check_component_ref(component, &key)?;
+            }
+        }
+        if let Some(http) = &self.http {
+            self.check_http_limits(http)?;
+        }
+        for (i, t) in triggers.mqtt.iter().enumerate() {
+            let key = format!("trigger.mqtt[{i}]");
+            self.check_component_ref(&t.component, &key)?;
+            if let Err(message) = TopicFilter::parse(t.topic.get_ref()) {
+                return Err(self.invalid(t.topic.span(), &format!("{key}.topic"), message));
+            }
+            if *t.qos.get_ref() > 2 {
+                return Err(self.invalid(
+                    t.qos.span(),
+                    &format!("{key}.qos"),
+                    format!("{} is not a QoS: use 0, 1 or 2", t.qos.get_ref()),
+                ));
+            }
+            if let Some(m) = &t.max_in_flight {
+                if *m.get_ref() == 0 || *m.get_ref() > 10_000 {
+                    return Err(self.invalid(
+                        m.span(),
+                        &format!("{key}.max_in_flight"),
+                        format!("{} is out of range: use 1 to 10000", m.get_ref()),
+                    ));
+                }
+                if t.ordered {
+                    return Err(self.invalid(
+                        m.span(),
+                        &format!("{key}.max_in_flight"),
+                        "`ordered = true` handles one message at a time; remove one of the two"
+                            .into(),
+                    ));
+                }
+            }
+            if let Some(r) = &t.retry {
+                r.check(&self, &format!("{key}.retry"))?;
+            }
+        }
+        for (i, t) in triggers.timer.iter().enumerate() {
+            let key = format!("trigger.timer[{i}]");
+            if let Some(start) = &t.start_at {
+                if t.every.is_none() {
+                    return Err(self.invalid(
+                        start.span(),
+                        &format!("{key}.start_at"),
+                        "`start_at` anchors an `every` interval; it does not apply to `cron`"
+                            .into(),
+                    ));
+                }
+                if chrono::DateTime::parse_from_rfc3339(start.get_ref()).is_err() {
+                    return Err(self.invalid(
+                        start.span(),
+                        &format!("{key}.start_at"),
+                        format!(
+                            "{:?} is not an RFC 3339 time (write e.g. \"2026-01-01T00:00:00Z\")",
+                            start.get_ref()
+                        ),
+                    ));
+                }
+            }
+            if let Some(max) = &t.max_catch_up {
+                if t.catch_up != CatchUp::All {
+                    return Err(self.invalid(
+                        max.span(),
+                        &format!("{key}.max_catch_up"),
+                        "applies only with catch_up = \"all\"".into(),
+                    ));
+                }
+                if *max.get_ref() == 0 {
+                    return Err(self.invalid(
+                        max.span(),
+                        &format!("{key}.max_catch_up"),
+                        "must be at least 1 (use catch_up = \"skip\" to run none)".into(),
+                    ));
+                }
+            }
+            if let Some(d) = &t.starting_deadline
+                && d.get_ref().0.is_zero()
+            {
+                return Err(self.invalid(
+                    d.span(),
+                    &format!("{key}.starting_deadline"),
+                    "must be greater than zero".into(),
+                ));
+            }
+            if let Some(r) = &t.retry {
+                r.check(&self, &format!("{key}.retry"))?;
+            }
+            self.check_component_ref(&t.component, &key)?;
+            match (&t.cron, &t.every) {
+                (Some(_), Some(every)) => {
+                    return Err(self.invalid(
+                        every.span(),
+                        &key,
+                        "set either `cron` or `every`, not both".into(),
+                    ));
+                }
+                (None, None) => {
+                    return Err(self.invalid(
+                        t.component.span(),
+                        &key,
+                        "a timer needs `cron = \"...\"` or `every = \"30s\"`".into(),
+                    ));
+                }
+                (Some(cron), None) => {
+                    let parser = croner::parser::CronParser::builder()
+                        .year(croner::parser::Year::Disallowed)
+                        .build();
+                    if let Err(e) = parser.parse(cron.get_ref()) {
+                        return Err(self.invalid(
+                            cron.span(),
+                            &format!("{key}.cron"),
+                            format!("{:?} is not a cron expression: {e}", cron.get_ref()),
+                        ));
+                    }
+                }
+                (None, Some(every)) => {
+                    if every.get_ref().0.is_zero() {
+                        return Err(self.invalid(
+                            every.span(),
+                            &format!("{key}.every"),
+                            "the interval must be greater than zero".into(),
+                        ));
+                    }
+                }
+            }
+            if let Some(tz) = &t.timezone
+                && tz.get_ref().parse::<chrono_tz::Tz>().is_err()
+            {
+                return Err(self.invalid(
+                    tz.span(),
+                    &format!("{key}.timezone"),
+                    format!(
+                        "{:?} is not an IANA time zone (write e.g. \"Europe/Berlin\" or \"UTC\")",
+                        tz.get_ref()
+                    ),
+                ));
+            }
+        }
+        Ok(self)
+    }
+
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one check per [mqtt] key, in the order of the docs; each is a few lines, and splitting them apart would scatter that order"
+    )]
+    fn check_mqtt(&self, mqtt: &MqttConfig) -> Result<(), ManifestError> {
+        let version = *mqtt.version.get_ref();
+        match version {
+            5 => {}
+            3 => {
+                // Settings MQTT 3.1.1 has no way to send.
+                for (key, span) in [
+                    (
+                        "mqtt.session_expiry",
+                        mqtt.session_expiry.as_ref().map(|v| v.span()),
+                    ),
+                    (
+                        "mqtt.receive_maximum",
+                        mqtt.receive_maximum.as_ref().map(|v| v.span()),
+                    ),
+                ] {
+                    if let Some(span) = span {
+                        return Err(self.invalid(
+                            span,
+                            key,
+                            "exists only in MQTT 5: remove it, or use version = 5 (with 3.1.1 a session lasts until the broker drops it, and the broker's own in-flight limit applies)".into(),
+                        ));
+                    }
+                }
+            }
+            _ => {
+                return Err(self.invalid(
+                    mqtt.version.span(),
+                    "mqtt.version",
+                    format!(
+                        "{version} is not a supported MQTT version: use 5, or 3 for MQTT 3.1.1"
+                    ),
+                ));
+            }
+        }
+        for (key, value) in [
+            (
+                "mqtt.spool.max_messages",
+                mqtt.spool
+                    .max_messages
+                    .as_ref()
+                    .map(|v| (v.span(), *v.get_ref())),
+            ),
+            (
+                "mqtt.spool.max_bytes",
+                mqtt.spool
+                    .max_bytes
+                    .as_ref()
+                    .map(|v| (v.span(), v.get_ref().0)),
+            ),
+        ] {
+            if let Some((span, 0)) = value {
+                return Err(self.invalid(span, key, "must be at least 1".into()));
+            }
+        }
+        if let Some(e) = &mqtt.embedded {
+            if !mqtt.is_embedded() {
+                return Err(self.invalid(
+                    e.span(),
+                    "mqtt.embedded",
+                    "applies only with broker = \"embedded\"".into(),
+                ));
+            }
+            if let Some(q) = &e.get_ref().max_queued
+                && *q.get_ref() == 0
+            {
+                return Err(self.invalid(
+                    q.span(),
+                    "mqtt.embedded.max_queued",
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+        let tls = match BrokerUrl::parse(mqtt.broker.get_ref()) {
+            Ok(url) => url.map(|u| u.tls),
+            Err(message) => return Err(self.invalid(mqtt.broker.span(), "mqtt.broker", message)),
+        };
+        if tls != Some(true) {
+            for (key, value) in [("ca", &mqtt.ca), ("cert", &mqtt.cert), ("key", &mqtt.key)] {
+                if let Some(v) = value {
+                    return Err(self.invalid(
+                        v.span(),
+                        &format!("mqtt.{key}"),
+                        "applies only to an mqtts:// broker".into(),
+                    ));
+                }
+            }
+        }
+        if tls == Some(true) && mqtt.ca.is_none() {
+            return Err(self.invalid(
+                mqtt.broker.span(),
+                "mqtt.ca",
+                "an mqtts:// broker needs `ca`, the CA certificate (PEM) that signed the broker's certificate".into(),
+            ));
+        }
+        match (&mqtt.cert, &mqtt.key) {
+            (Some(c), None) => {
+                return Err(self.invalid(
+                    c.span(),
+                    "mqtt.cert",
+                    "mutual TLS needs both `cert` and `key`".into(),
+                ));
+            }
+            (None, Some(k)) => {
+                return Err(self.invalid(
+                    k.span(),
+                    "mqtt.key",
+                    "mutual TLS needs both `cert` and `key`".into(),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(p) = &mqtt.password
+            && mqtt.username.is_none()
+        {
+            return Err(self.invalid(
+                p.span(),
+                "mqtt.password",
+                "a password needs a `username`".into(),
+            ));
+        }
+        if let Some(id) = &mqtt.client_id
+            && (id.get_ref().is_empty() || id.get_ref().len() > 256)
+        {
+            return Err(self.invalid(
+                id.span(),
+                "mqtt.client_id",
+                "must be 1 to 256 characters".into(),
+            ));
+        }
+        if let Some(k) = &mqtt.keep_alive
+            && !(Duration::from_secs(1)..=Duration::from_secs(65_535)).contains(&k.get_ref().0)
+        {
+            return Err(self.invalid(
+                k.span(),
+                "mqtt.keep_alive",
+                "must be between 1s and 65535s".into(),
+            ));
+        }
+        if let Some(e) = &mqtt.session_expiry
+            && e.get_ref().0 > Duration::from_secs(u32::MAX as u64)
+        {
+            return Err(self.invalid(
+                e.span(),
+                "mqtt.session_expiry",
+                "must be at most 4294967295s (about 136 years)".into(),
+            ));
+        }
+        if let Some(r) = &mqtt.receive_maximum
+            && !(1..=65_535).contains(r.get_ref())
+        {
+            return Err(self.invalid(
+                r.span(),
+                "mqtt.receive_maximum",
+                format!("{} is out of range: use 1 to 65535", r.get_ref()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_http_limits(&self, http: &HttpConfig) -> Result<(), ManifestError> {
+        if let Some(b) = &http.max_body
+            && b.get_ref().0 == 0
+        {
+            return Err(self.invalid(
+                b.span(),
+                "http.max_body",
+                "must be greater than zero".into(),
+            ));
+        }
+        for (key, value) in [
+            ("http.header_timeout", &http.header_timeout),
+            ("http.request_timeout", &http.request_timeout),
+            ("http.drain_timeout", &http.drain_timeout),
+        ] {
+            if let Some(t) = value
+                && t.get_ref().0.is_zero()
+            {
+                return Err(self.invalid(t.span(), key, "must be greater than zero".into()));
+            }
+        }
+        if let Some(n) = &http.max_connections
+            && *n.get_ref() == 0
+        {
+            return Err(self.invalid(
+                n.span(),
+                "http.max_connections",
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_component_ref(
+        &self,
+        component: &Spanned<String>,
+        key: &str,
+    ) -> Result<(), ManifestError> {
+        if self.components.contains_key(component.get_ref()) {
+            return Ok(());
+        }
+        let known: Vec<&str> = self.components.keys().map(String::as_str).collect();
+        let known = if known.is_empty() {
+            "none are defined".to_string()
+        } else {
+            format!("known: {}", known.join(", "))
+        };
+        Err(self.invalid(
+            component.span(),
+            &format!("{key}.component"),
+            format!("unknown component {:?} ({known})", component.get_ref()),
+        ))
+    }
+
+    /// An [`ManifestError::Invalid`] for the value at `span` (byte offsets
+    /// into the file; `0..0` when the value has no position of its own).
+    pub fn invalid(&self, span: Range<usize>, key: &str, message: String) -> ManifestError {
+        let (line, column) = self.line_column(span.start);
+        ManifestError::Invalid {
+            path: self.path.display().to_string(),
+            line,
+            column,
+            key: key.to_string(),
+            message,
+        }
+    }
+
+    fn line_column(&self, offset: usize) -> (usize, usize) {
+        let before = &self.source[..offset.min(self.source.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before
+            .rfind('\n')
+            .map_or(before.len(), |nl| before.len() - nl - 1)
+            + 1;
+        (line, column)
+    }
+
+    /// Resolves a path from the manifest against the manifest's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    /// The state directory, resolved.
+    pub fn state_dir(&self) -> PathBuf {
+        self.resolve(&self.gateway.state_dir)
+    }
+}
+
+/// What happens to a message that does not fit in a full spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFull {
+    /// The oldest waiting messages are dropped to make room (the default:
+    /// for telemetry, the newest readings matter most).
+    #[default]
+    DropOldest,
+    /// The new message is refused; what waits is kept.
+    RefuseNew,
+}
+
+impl std::fmt::Display for OnFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OnFull::DropOldest => "drop_oldest",
+            OnFull::RefuseNew => "refuse_new",
+        })
+    }
+}
+
+/// Component names: a lowercase ASCII letter, then lowercase letters, digits,
+/// `-` or `_`; at most 64 characters.
+pub fn validate_component_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase());
+    let rest_ok =
+        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if first_ok && rest_ok && name.len() <= 64 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid component name: use a lowercase letter, then lowercase letters, digits, '-' or '_' (at most 64)"
+        ))
+    }
+}

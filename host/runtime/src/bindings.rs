@@ -1,0 +1,25 @@
+//! Host bindings of the `wasmgate:edge` WIT package (`wit/edge.wit`).
+//!
+//! Generated for the `event-app` world (MQTT and timer handlers plus the MQTT
+//! publisher); HTTP uses wasmtime-wasi-http's own bindings.
+
+#![allow(missing_docs, unreachable_pub)]
+
+wasmtime::component::bindgen!({
+    path: "../../wit",
+    world: "wasmgate:edge/event-app",
+    imports: { default: async },
+    exports: { default: async },
+    require_store_data_send: true,
+});
+
+pub(crate) use self::exports::wasmgate::edge::mqtt_handler::GuestIndices as MqttHandlerIndices;
+pub(crate) use self::exports::wasmgate::edge::timer_handler::{
+    GuestIndices as TimerHandlerIndices, Tick,
+};
+pub(crate) use self::wasmgate::edge::mqtt_publisher::PublishError;
+pub(crate) use self::wasmgate::edge::mqtt_types::{Message, Qos};
+pub(crate) use self::wasmgate::edge::types::{HandlerError, Invocation};
+pub(crate) use self::wasmgate::edge::{mqtt_publisher, mqtt_types, types};
+
+pub(crate) type Bindings = EventApp;

@@ -1,0 +1,191 @@
+//! A deployment: a manifest with every component compiled and checked
+//! against the triggers that use it and the capabilities it was granted.
+
+use crate::component::{self, Cache, Capability, Compiled, Handler, LoadError};
+use crate::engine::{EngineOptions, HostEngine};
+use crate::invoke::{Invocable, State};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use wasmgate_manifest::{Manifest, ManifestError};
+use wasmtime::component::Linker;
+
+/// The engine and linker every component of a host shares.
+pub struct Runtime {
+    engine: HostEngine,
+    linker: Linker<State>,
+    cache: Cache,
+}
+
+impl Runtime {
+    /// Builds the engine and the linker; `cache` holds precompiled components.
+    pub fn new(options: EngineOptions, cache: Cache) -> anyhow::Result<Self> {
+        let engine = HostEngine::new(options)?;
+        let linker = component::linker(engine.engine())?;
+        Ok(Self {
+            engine,
+            linker,
+            cache,
+        })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &HostEngine {
+        &self.engine
+    }
+
+    /// Loads one component file.
+    pub fn compile(&self, path: &std::path::Path) -> Result<Compiled, LoadError> {
+        component::load(self.engine.engine(), &self.linker, &self.cache, path)
+    }
+}
+
+/// A manifest with all its components loaded.
+pub struct Deployment {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// The runtime.
+    pub runtime: Runtime,
+    /// Components by name.
+    pub components: BTreeMap<String, Arc<Invocable>>,
+    /// What each component exports and imports, by name.
+    pub compiled: BTreeMap<String, (Vec<String>, Vec<String>)>,
+}
+
+/// Why a deployment could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum DeploymentError {
+    /// The manifest itself is wrong.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The engine could not be built.
+    #[error("cannot start the WebAssembly engine: {0:#}")]
+    Engine(anyhow::Error),
+}
+
+impl Deployment {
+    /// Loads every component of `manifest` and checks every trigger and grant.
+    pub fn load(manifest: Manifest, options: EngineOptions) -> Result<Self, DeploymentError> {
+        let cache = Cache::new(Some(manifest.state_dir().join("precompiled")));
+        let runtime = Runtime::new(options, cache).map_err(DeploymentError::Engine)?;
+        let mut components = BTreeMap::new();
+        let mut compiled_info = BTreeMap::new();
+        let mut compiled: BTreeMap<String, Compiled> = BTreeMap::new();
+        for name in manifest.components.keys() {
+            compiled.insert(name.clone(), load_component(&manifest, &runtime, name)?);
+        }
+        let t = &manifest.triggers;
+        let uses =
+            t.http
+                .iter()
+                .enumerate()
+                .flat_map(|(i, x)| {
+                    x.components()
+                        .into_iter()
+                        .map(move |c| (format!("trigger.http[{i}]"), c, Handler::Http))
+                })
+                .chain(
+                    t.mqtt
+                        .iter()
+                        .enumerate()
+                        .map(|(i, x)| (format!("trigger.mqtt[{i}]"), &x.component, Handler::Mqtt)),
+                )
+                .chain(
+                    t.timer.iter().enumerate().map(|(i, x)| {
+                        (format!("trigger.timer[{i}]"), &x.component, Handler::Timer)
+                    }),
+                );
+        for (key, component, handler) in uses {
+            let c = &compiled[component.get_ref()];
+            if let Err(message) = c.require_handler(component.get_ref(), handler) {
+                return Err(manifest
+                    .invalid(component.span(), &format!("{key}.component"), message)
+                    .into());
+            }
+        }
+        for (name, c) in compiled {
+            compiled_info.insert(name.clone(), (c.exports.clone(), c.imports.clone()));
+            let invocable = invocable(&manifest, &runtime, &name, c);
+            components.insert(name, Arc::new(invocable));
+        }
+        Ok(Self {
+            manifest,
+            runtime,
+            components,
+            compiled: compiled_info,
+        })
+    }
+}
+
+/// Compiles one manifest component and checks that it imports only the
+/// capabilities the manifest grants it. Errors name the manifest key.
+pub fn load_component(
+    manifest: &Manifest,
+    runtime: &Runtime,
+    name: &str,
+) -> Result<Compiled, ManifestError> {
+    let config = &manifest.components[name];
+    let path = manifest.resolve(config.source.get_ref());
+    let key = format!("component.{name}.source");
+    let c = runtime.compile(&path).map_err(|e| {
+        let hint = match &e {
+            LoadError::Read { .. } if config.build.is_some() => {
+                " (run `wasmgate up --build` to build it first)"
+            }
+            _ => "",
+        };
+        manifest.invalid(config.source.span(), &key, format!("{e}{hint}"))
+    })?;
+    for (cap, granted) in [
+        (Capability::MqttPublish, config.allow.mqtt_publish.is_some()),
+        (
+            Capability::OutboundHttp,
+            config.allow.outbound_http.is_some(),
+        ),
+    ] {
+        if c.imports_capability(cap) && !granted {
+            return Err(manifest.invalid(
+                config.source.span(),
+                &format!("component.{name}"),
+                format!(
+                    "the component imports {} but the manifest does not grant it: add `allow.{} = [...]` to [component.{name}]",
+                    cap.interface(),
+                    cap.allow_key()
+                ),
+            ));
+        }
+    }
+    Ok(c)
+}
+
+/// Wraps a manifest component, compiled, for invocation.
+pub fn invocable(
+    manifest: &Manifest,
+    runtime: &Runtime,
+    name: &str,
+    compiled: Compiled,
+) -> Invocable {
+    let config = &manifest.components[name];
+    let outbound = config
+        .allow
+        .outbound_http
+        .iter()
+        .flatten()
+        .map(|h| h.get_ref().clone())
+        .collect();
+    Invocable::new(
+        name.to_string(),
+        compiled.pre,
+        config.limits.get_ref().resolve(),
+        config.allow.publish_filters(),
+        outbound,
+        runtime.engine(),
+    )
+    .with_env(
+        config
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    )
+    .with_reuse(config.reuse())
+}

@@ -1,0 +1,1136 @@
+//! One invocation: a fresh `Store` and instance under the component's limits,
+//! and exactly one [`Outcome`], whatever the guest does.
+//!
+//! The limits and how each is enforced:
+//!
+//! - **fuel**: the store gets the component's budget; running out traps with
+//!   `OutOfFuel` → [`Status::FuelExhausted`].
+//! - **memory**: [`MemoryLimiter`] sums all linear memories of the instance
+//!   and refuses growth past the cap with a trap → [`Status::MemoryLimit`].
+//! - **timeout**: the engine's epoch ticker calls back into the store every
+//!   tick; past the deadline the guest is interrupted, before it the guest
+//!   yields so one busy guest cannot starve the others. Time blocked in host
+//!   calls (sleeps, I/O) is bounded by `tokio::time::timeout` around the whole
+//!   invocation. Either way → [`Status::Timeout`].
+//! - **concurrency**: a semaphore per component; no permit → [`Status::Throttled`]
+//!   (or wait, if the caller asks to).
+
+use crate::bindings::{
+    self, HandlerError, Invocation, Message, MqttHandlerIndices, PublishError, Tick,
+    TimerHandlerIndices,
+};
+use crate::capture::CapturedOutput;
+use crate::sink::PublishSink;
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use serde::Serialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmgate_manifest::limits::Limits;
+use wasmgate_manifest::topic::{self, TopicFilter};
+use wasmtime::component::{InstancePre, ResourceTable};
+use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::exports::wasi::http::incoming_handler::GuestIndices as HttpHandlerIndices;
+pub use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+/// How many bytes of a guest's stdout and of its stderr one invocation keeps.
+/// The rest is counted ([`Outcome::stdout_dropped_bytes`]) and discarded, so a
+/// log flood costs bounded memory.
+pub const OUTPUT_CAPTURE_BYTES: usize = 64 * 1024;
+
+pub use crate::event::{
+    Event, HTTP_BODY_CAPTURE_BYTES, HttpRequest, HttpResponse, MAX_PACKET_SIZE, MAX_PUBLISH_SIZE,
+    MqttMessage, TimerTick,
+};
+
+/// The per-store state of one invocation.
+pub struct State {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    http: WasiHttpCtx,
+    hooks: OutboundPolicy,
+    limiter: MemoryLimiter,
+    publish: PublishState,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for State {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// The error a memory-limit breach traps with.
+#[derive(Debug, thiserror::Error)]
+#[error("memory limit exceeded: growing to {desired} bytes, limit {limit} bytes")]
+pub struct MemoryLimitExceeded {
+    /// Total bytes the instance asked for.
+    pub desired: u64,
+    /// The limit.
+    pub limit: u64,
+}
+
+/// The error a passed deadline traps with.
+#[derive(Debug, thiserror::Error)]
+#[error("deadline exceeded")]
+pub struct DeadlineExceeded;
+
+/// Caps the sum of all linear memories of one instance and records the peak.
+#[derive(Debug)]
+pub struct MemoryLimiter {
+    limit: u64,
+    current: u64,
+    peak: u64,
+    breached: bool,
+}
+
+/// Most table elements one instance may hold (a table element is a pointer).
+const MAX_TABLE_ELEMENTS: usize = 1_000_000;
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let total = self.current - current as u64 + desired as u64;
+        if total > self.limit {
+            self.breached = true;
+            return Err(MemoryLimitExceeded {
+                desired: total,
+                limit: self.limit,
+            }
+            .into());
+        }
+        self.current = total;
+        self.peak = self.peak.max(total);
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        64
+    }
+
+    fn tables(&self) -> usize {
+        64
+    }
+
+    fn memories(&self) -> usize {
+        16
+    }
+}
+
+/// Outbound HTTP: only to hosts in the component's `allow.outbound_http`.
+#[derive(Debug, Clone, Default)]
+struct OutboundPolicy {
+    allowed: Arc<Vec<String>>,
+}
+
+impl OutboundPolicy {
+    fn allows(&self, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        self.allowed.iter().any(|pattern| {
+            let pattern = pattern.to_ascii_lowercase();
+            match pattern.strip_prefix("*.") {
+                Some(suffix) => host.ends_with(&format!(".{suffix}")),
+                None => host == pattern,
+            }
+        })
+    }
+}
+
+impl WasiHttpHooks for OutboundPolicy {
+    fn send_request(
+        &mut self,
+        request: hyper::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = Result<
+                    (
+                        hyper::Response<wasmtime_wasi_http::WasiBody>,
+                        Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                    ),
+                    wasmtime_wasi_http::Error,
+                >,
+            > + Send,
+    > {
+        let host = request.uri().host().unwrap_or_default().to_string();
+        if !self.allows(&host) {
+            tracing::warn!(
+                host,
+                "outbound HTTP request denied: host not in allow.outbound_http"
+            );
+            return Box::new(async { Err(ErrorCode::HttpRequestDenied.into()) });
+        }
+        drop(fut);
+        Box::new(async move {
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = _> + Send>,
+            ))
+        })
+    }
+}
+
+/// Publishing state of one invocation: the ACL, the response topic that is
+/// always allowed, and what the guest published.
+#[derive(Debug, Default)]
+struct PublishState {
+    component: String,
+    acl: Arc<Vec<TopicFilter>>,
+    response_topic: Option<String>,
+    published: Vec<MqttMessage>,
+    denied: u64,
+}
+
+impl bindings::types::Host for State {}
+impl bindings::mqtt_types::Host for State {}
+
+impl bindings::mqtt_publisher::Host for State {
+    async fn publish(&mut self, msg: Message) -> Result<(), PublishError> {
+        if let Err(e) = topic::validate_name(&msg.topic) {
+            return Err(PublishError::InvalidTopic(e));
+        }
+        let p = &mut self.publish;
+        let is_reply = p.response_topic.as_deref() == Some(msg.topic.as_str());
+        if !is_reply && !p.acl.iter().any(|f| f.matches(&msg.topic)) {
+            p.denied += 1;
+            tracing::warn!(component = %p.component, topic = %msg.topic, "publish denied by allow.mqtt_publish");
+            return Err(PublishError::Denied(format!(
+                "topic {:?} is not allowed: it matches no filter in allow.mqtt_publish of component {:?} and is not the response topic",
+                msg.topic, p.component
+            )));
+        }
+        let m = MqttMessage::from(msg);
+        let size = m.size();
+        if size > MAX_PUBLISH_SIZE {
+            return Err(PublishError::Unavailable(format!(
+                "the message is {size} bytes (topic, payload and properties); the host sends at most {MAX_PUBLISH_SIZE}"
+            )));
+        }
+        p.published.push(m);
+        Ok(())
+    }
+}
+
+/// Identity of one invocation.
+#[derive(Debug, Clone)]
+pub struct InvocationContext {
+    /// Unique id, kept across retries of one event.
+    pub id: String,
+    /// The trigger, e.g. `invoke`, `mqtt:a/+/b`.
+    pub trigger: String,
+    /// 1 for the first delivery.
+    pub attempt: u32,
+}
+
+impl InvocationContext {
+    /// A new context with a fresh (time-ordered) id.
+    pub fn new(trigger: impl Into<String>) -> Self {
+        Self {
+            id: uuid::Uuid::now_v7().to_string(),
+            trigger: trigger.into(),
+            attempt: 1,
+        }
+    }
+}
+
+/// What happens when the component's concurrency is used up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Return [`Status::Throttled`] at once.
+    Reject,
+    /// Wait for a slot (backpressure).
+    Wait,
+}
+
+/// How an invocation ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Status {
+    /// The handler returned `ok` (for HTTP: it produced a response).
+    Ok,
+    /// The handler returned a `handler-error`.
+    HandlerError {
+        /// `retry` or `reject`.
+        kind: HandlerErrorKind,
+        /// The guest's message.
+        message: String,
+    },
+    /// The guest trapped (panic, `unreachable`, stack overflow, ...).
+    Trap {
+        /// What happened, without host internals.
+        message: String,
+    },
+    /// The fuel budget ran out.
+    FuelExhausted {
+        /// The budget.
+        fuel_limit: u64,
+    },
+    /// The instance tried to grow its memory past the cap.
+    MemoryLimit {
+        /// The cap in bytes.
+        memory_limit: u64,
+    },
+    /// The deadline passed.
+    Timeout {
+        /// The timeout in milliseconds.
+        timeout_ms: u64,
+    },
+    /// No concurrency slot was free.
+    Throttled {
+        /// The component's concurrency.
+        concurrency: u32,
+    },
+}
+
+impl Status {
+    /// A short name: `ok`, `retry`, `reject`, `trap`, `fuel_exhausted`,
+    /// `memory_limit`, `timeout`, `throttled`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::HandlerError {
+                kind: HandlerErrorKind::Retry,
+                ..
+            } => "retry",
+            Status::HandlerError {
+                kind: HandlerErrorKind::Reject,
+                ..
+            } => "reject",
+            Status::Trap { .. } => "trap",
+            Status::FuelExhausted { .. } => "fuel_exhausted",
+            Status::MemoryLimit { .. } => "memory_limit",
+            Status::Timeout { .. } => "timeout",
+            Status::Throttled { .. } => "throttled",
+        }
+    }
+}
+
+/// The two kinds of `handler-error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandlerErrorKind {
+    /// Transient: retry with backoff.
+    Retry,
+    /// Permanent: dead-letter at once.
+    Reject,
+}
+
+/// The result of one invocation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// How it ended (flattened: `"status": "...", ...details`).
+    #[serde(flatten)]
+    pub status: Status,
+    /// The invocation id.
+    pub invocation_id: String,
+    /// The component.
+    pub component: String,
+    /// The trigger.
+    pub trigger: String,
+    /// The attempt number.
+    pub attempt: u32,
+    /// Fuel burned (0 when fuel is not counted).
+    pub fuel_consumed: u64,
+    /// Peak bytes of all linear memories together.
+    pub memory_peak_bytes: u64,
+    /// Wall-clock duration in microseconds, instantiation included.
+    pub duration_us: u64,
+    /// Captured stdout (lossy UTF-8), at most [`OUTPUT_CAPTURE_BYTES`].
+    pub stdout: String,
+    /// Captured stderr (lossy UTF-8), at most [`OUTPUT_CAPTURE_BYTES`].
+    pub stderr: String,
+    /// Bytes of stdout discarded past the capture limit.
+    pub stdout_dropped_bytes: u64,
+    /// Bytes of stderr discarded past the capture limit.
+    pub stderr_dropped_bytes: u64,
+    /// Messages the guest published (accepted by the ACL).
+    pub published: Vec<MqttMessage>,
+    /// Publishes the ACL refused.
+    pub publish_denied: u64,
+    /// The HTTP response, for HTTP events that produced one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_response: Option<HttpResponse>,
+}
+
+impl Outcome {
+    /// Whether the invocation succeeded.
+    pub fn is_ok(&self) -> bool {
+        self.status == Status::Ok
+    }
+}
+
+/// A store for one invocation (or, with reuse, for several in a row).
+struct StoreRun {
+    store: Store<State>,
+    stdout: CapturedOutput,
+    stderr: CapturedOutput,
+    /// When the current invocation's time is up.
+    deadline: Instant,
+}
+
+impl StoreRun {
+    /// Gives the store a full fuel budget and a deadline `limits.timeout`
+    /// after `started`, enforced through epoch interruption.
+    fn arm(&mut self, invocable: &Invocable, started: Instant) {
+        let limits = invocable.limits;
+        if invocable.fuel {
+            self.store
+                .set_fuel(limits.fuel)
+                .expect("fuel is enabled on this engine");
+        }
+        let deadline = started + limits.timeout;
+        self.deadline = deadline;
+        let limiter = &mut self.store.data_mut().limiter;
+        limiter.breached = false;
+        // A reused store reports the peak of this invocation only.
+        limiter.peak = limiter.current;
+        self.store.set_epoch_deadline(1);
+        self.store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Err(DeadlineExceeded.into())
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+    }
+}
+
+/// The body of a request in an [`HttpExchange`].
+pub type HttpBody = UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>;
+
+/// Where the guest's response (or the `error-code` it answered with) goes.
+pub type ResponseSender =
+    tokio::sync::oneshot::Sender<Result<hyper::Response<HyperOutgoingBody>, ErrorCode>>;
+
+/// One request of the HTTP trigger for `wasi:http/incoming-handler`: the
+/// request body streams into the guest, and the response head goes to the
+/// [`ResponseSender`] as soon as the guest sets it, its body streaming out
+/// while the guest runs. The invocation — and its limits — lasts until the
+/// guest's `handle` returns.
+pub struct HttpExchange {
+    request: hyper::Request<HttpBody>,
+    scheme: Scheme,
+    response: ResponseSender,
+}
+
+impl HttpExchange {
+    /// An exchange for `request` (an absolute-URI request) whose response
+    /// goes to `response`. Dropped unanswered (e.g. throttled), `response`
+    /// is closed.
+    pub fn new<B>(request: hyper::Request<B>, scheme: Scheme, response: ResponseSender) -> Self
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        Self {
+            request: request.map(|b| b.map_err(Into::into).boxed_unsync()),
+            scheme,
+            response,
+        }
+    }
+}
+
+impl std::fmt::Debug for HttpExchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpExchange")
+            .field("method", self.request.method())
+            .field("uri", self.request.uri())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Invocable::invoke`] runs: a stored event or a live HTTP exchange.
+#[derive(Debug)]
+pub enum Input {
+    /// An event (MQTT message, timer tick, buffered HTTP request).
+    Event(Event),
+    /// A streaming `wasi:http` exchange from the HTTP trigger.
+    Http(HttpExchange),
+}
+
+impl From<Event> for Input {
+    fn from(e: Event) -> Self {
+        Input::Event(e)
+    }
+}
+
+impl From<HttpExchange> for Input {
+    fn from(e: HttpExchange) -> Self {
+        Input::Http(e)
+    }
+}
+
+/// A component ready to be invoked: its pre-instantiated code, limits,
+/// grants, concurrency slots and warm instances.
+pub struct Invocable {
+    /// Component name.
+    pub name: String,
+    /// Its limits.
+    pub limits: Limits,
+    pre: InstancePre<State>,
+    mqtt: Option<MqttHandlerIndices>,
+    timer: Option<TimerHandlerIndices>,
+    http: Option<HttpHandlerIndices>,
+    publish_acl: Arc<Vec<TopicFilter>>,
+    outbound_http: Arc<Vec<String>>,
+    env: Arc<Vec<(String, String)>>,
+    slots: Arc<Semaphore>,
+    fuel: bool,
+    ticker: crate::engine::EpochTicker,
+    invocations: AtomicU64,
+    sink: std::sync::OnceLock<Arc<dyn PublishSink>>,
+    /// Invocations per instance (`reuse`; 1: fresh each time).
+    reuse: u32,
+    /// Healthy instances waiting for their next invocation.
+    warm: std::sync::Mutex<Vec<WarmInstance>>,
+}
+
+/// An instance kept for its next invocation (`reuse` > 1).
+struct WarmInstance {
+    run: StoreRun,
+    instance: wasmtime::component::Instance,
+    served: u32,
+}
+
+impl std::fmt::Debug for Invocable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Invocable")
+            .field("name", &self.name)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Invocable {
+    /// Wraps a component pre-instantiated on `engine`.
+    pub fn new(
+        name: String,
+        pre: InstancePre<State>,
+        limits: Limits,
+        publish_acl: Vec<TopicFilter>,
+        outbound_http: Vec<String>,
+        engine: &crate::engine::HostEngine,
+    ) -> Self {
+        Self {
+            name,
+            mqtt: MqttHandlerIndices::new(&pre).ok(),
+            timer: TimerHandlerIndices::new(&pre).ok(),
+            http: HttpHandlerIndices::new(&pre).ok(),
+            pre,
+            limits,
+            publish_acl: Arc::new(publish_acl),
+            outbound_http: Arc::new(outbound_http),
+            env: Arc::default(),
+            slots: Arc::new(Semaphore::new(limits.concurrency as usize)),
+            fuel: engine.fuel(),
+            ticker: engine.ticker().clone(),
+            invocations: AtomicU64::new(0),
+            sink: std::sync::OnceLock::new(),
+            reuse: 1,
+            warm: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Keeps an instance that handled an invocation successfully for up to
+    /// `reuse` invocations, one at a time (the manifest's `reuse`; 1, the
+    /// default, is a fresh instance each time). State one invocation leaves
+    /// in the instance is seen by the next; an invocation that fails in any
+    /// way — a trap, a limit, a `handler-error`, an HTTP guest that answers
+    /// with an error code or not at all — drops its instance.
+    pub fn with_reuse(mut self, reuse: u32) -> Self {
+        self.reuse = reuse.max(1);
+        self
+    }
+
+    /// Sets the environment variables the guest sees.
+    pub fn with_env(mut self, env: Vec<(String, String)>) -> Self {
+        self.env = Arc::new(env);
+        self
+    }
+
+    /// Sends the publishes of every successful invocation to `sink`,
+    /// whatever triggered it (the first sink set stays). Without one (as in
+    /// `wasmgate invoke`) publishes are only recorded in the outcome.
+    pub fn set_publish_sink(&self, sink: Arc<dyn PublishSink>) {
+        let _ = self.sink.set(sink);
+    }
+
+    /// The publish sink, once one is set.
+    pub fn publish_sink(&self) -> Option<&Arc<dyn PublishSink>> {
+        self.sink.get()
+    }
+
+    /// Instances kept for reuse (`reuse` > 1), waiting for an invocation.
+    pub fn warm_instances(&self) -> usize {
+        self.warm.lock().expect("warm pool").len()
+    }
+
+    /// Invocations started so far.
+    pub fn invocations(&self) -> u64 {
+        self.invocations.load(Ordering::Relaxed)
+    }
+
+    /// Runs one invocation — the one path every trigger takes — logs one
+    /// line with its outcome (a successful HTTP exchange at debug level) and,
+    /// when it succeeded, hands what the guest published to the publish sink
+    /// and waits until the sink has them (sent, spooled, or counted as lost).
+    pub async fn invoke(
+        &self,
+        input: impl Into<Input>,
+        ctx: InvocationContext,
+        admission: Admission,
+    ) -> Outcome {
+        let input = input.into();
+        let quiet_success = matches!(input, Input::Http(_));
+        let outcome = self.invoke_quiet(input, ctx, admission).await;
+        log_invocation(&outcome, quiet_success);
+        if let Some(sink) = self.sink.get()
+            && outcome.is_ok()
+            && !outcome.published.is_empty()
+        {
+            sink.publish(&self.name, outcome.published.clone()).await;
+        }
+        outcome
+    }
+
+    /// [`Self::invoke`] without the log line and the publish sink
+    /// (benchmarks).
+    pub async fn invoke_quiet(
+        &self,
+        input: impl Into<Input>,
+        ctx: InvocationContext,
+        admission: Admission,
+    ) -> Outcome {
+        let started = Instant::now();
+        let permit: OwnedSemaphorePermit = match admission {
+            Admission::Reject => match self.slots.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    return self.bare_outcome(
+                        &ctx,
+                        Status::Throttled {
+                            concurrency: self.limits.concurrency,
+                        },
+                        started,
+                    );
+                }
+            },
+            Admission::Wait => self
+                .slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closes"),
+        };
+        self.invocations.fetch_add(1, Ordering::Relaxed);
+        // The limits (and the reported duration) start once the invocation
+        // has its slot: time spent waiting for one is not the guest's.
+        let started = Instant::now();
+        let outcome = self.run(input.into(), &ctx, started).await;
+        drop(permit);
+        outcome
+    }
+
+    fn bare_outcome(&self, ctx: &InvocationContext, status: Status, started: Instant) -> Outcome {
+        Outcome {
+            status,
+            invocation_id: ctx.id.clone(),
+            component: self.name.clone(),
+            trigger: ctx.trigger.clone(),
+            attempt: ctx.attempt,
+            fuel_consumed: 0,
+            memory_peak_bytes: 0,
+            duration_us: started.elapsed().as_micros() as u64,
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_dropped_bytes: 0,
+            stderr_dropped_bytes: 0,
+            published: Vec::new(),
+            publish_denied: 0,
+            http_response: None,
+        }
+    }
+
+    /// Runs the guest in a warm or a fresh store; the outcome is final
+    /// (HTTP answers included) before the instance may go back to the warm
+    /// pool, and only a successful invocation's instance goes back.
+    async fn run(&self, input: Input, ctx: &InvocationContext, started: Instant) -> Outcome {
+        let _ticking = self.ticker.busy();
+        let response_topic = match &input {
+            Input::Event(Event::Mqtt(m)) => m.response_topic.clone(),
+            _ => None,
+        };
+        let warm = if self.reuse > 1 {
+            self.warm.lock().expect("warm pool").pop()
+        } else {
+            None
+        };
+        let (mut run, mut instance, served) = match warm {
+            Some(mut w) => {
+                w.run.store.data_mut().publish.response_topic = response_topic;
+                (w.run, Some(w.instance), w.served)
+            }
+            None => (self.new_store(response_topic), None, 0),
+        };
+        run.arm(self, started);
+        let wit_ctx = self.wit_invocation(ctx, started);
+        let mut http_response = None;
+        let remaining = run.deadline.saturating_duration_since(Instant::now());
+        let result = tokio::time::timeout(
+            remaining,
+            self.call(
+                &mut run.store,
+                &mut instance,
+                input,
+                &wit_ctx,
+                &mut http_response,
+            ),
+        )
+        .await;
+        let mut outcome = self.finish(&mut run, ctx, started, result);
+        outcome.http_response = http_response;
+        if self.reuse > 1
+            && outcome.is_ok()
+            && served + 1 < self.reuse
+            && let Some(instance) = instance
+        {
+            self.warm.lock().expect("warm pool").push(WarmInstance {
+                run,
+                instance,
+                served: served + 1,
+            });
+        }
+        outcome
+    }
+
+    /// The `invocation` record the guest sees.
+    fn wit_invocation(&self, ctx: &InvocationContext, started: Instant) -> Invocation {
+        Invocation {
+            id: ctx.id.clone(),
+            component: self.name.clone(),
+            trigger: ctx.trigger.clone(),
+            attempt: ctx.attempt,
+            deadline_ms: unix_ms(
+                SystemTime::now() + self.limits.timeout.saturating_sub(started.elapsed()),
+            ),
+        }
+    }
+
+    /// A new store with its own WASI context, output capture, memory
+    /// limiter and publish state. [`StoreRun::arm`] sets fuel and deadline.
+    fn new_store(&self, response_topic: Option<String>) -> StoreRun {
+        let stdout = CapturedOutput::new(OUTPUT_CAPTURE_BYTES);
+        let stderr = CapturedOutput::new(OUTPUT_CAPTURE_BYTES);
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .args(&[self.name.as_str()])
+            .envs(&self.env)
+            // No preopened directories, no network: a guest gets neither files
+            // nor sockets unless a future capability grants them.
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let state = State {
+            wasi,
+            table: ResourceTable::new(),
+            http: WasiHttpCtx::new(),
+            hooks: OutboundPolicy {
+                allowed: self.outbound_http.clone(),
+            },
+            limiter: MemoryLimiter {
+                limit: self.limits.memory,
+                current: 0,
+                peak: 0,
+                breached: false,
+            },
+            publish: PublishState {
+                component: self.name.clone(),
+                acl: self.publish_acl.clone(),
+                response_topic,
+                published: Vec::new(),
+                denied: 0,
+            },
+        };
+        let mut store = Store::new(self.pre.engine(), state);
+        store.limiter(|s| &mut s.limiter);
+        StoreRun {
+            store,
+            stdout,
+            stderr,
+            deadline: Instant::now(),
+        }
+    }
+
+    /// Turns the result of a call into an [`Outcome`]; takes the captured
+    /// output and the publish counters (the store stays usable).
+    fn finish(
+        &self,
+        run: &mut StoreRun,
+        ctx: &InvocationContext,
+        started: Instant,
+        result: Result<wasmtime::Result<Result<(), HandlerError>>, tokio::time::error::Elapsed>,
+    ) -> Outcome {
+        let limits = self.limits;
+        let fuel_consumed = if self.fuel {
+            limits
+                .fuel
+                .saturating_sub(run.store.get_fuel().unwrap_or(0))
+        } else {
+            0
+        };
+        let status = match result {
+            Err(_elapsed) => Status::Timeout {
+                timeout_ms: limits.timeout.as_millis() as u64,
+            },
+            Ok(Ok(Ok(()))) => Status::Ok,
+            Ok(Ok(Err(HandlerError::Retry(message)))) => Status::HandlerError {
+                kind: HandlerErrorKind::Retry,
+                message,
+            },
+            Ok(Ok(Err(HandlerError::Reject(message)))) => Status::HandlerError {
+                kind: HandlerErrorKind::Reject,
+                message,
+            },
+            Ok(Err(e)) => classify(&e, &limits, run.store.data().limiter.breached),
+        };
+        let (out, out_dropped) = run.stdout.take();
+        let (err, err_dropped) = run.stderr.take();
+        let data = run.store.data_mut();
+        Outcome {
+            fuel_consumed,
+            memory_peak_bytes: data.limiter.peak,
+            stdout: String::from_utf8_lossy(&out).into_owned(),
+            stderr: String::from_utf8_lossy(&err).into_owned(),
+            stdout_dropped_bytes: out_dropped,
+            stderr_dropped_bytes: err_dropped,
+            published: std::mem::take(&mut data.publish.published),
+            publish_denied: std::mem::take(&mut data.publish.denied),
+            http_response: None,
+            ..self.bare_outcome(ctx, status, started)
+        }
+    }
+
+    /// The instance to call: the warm one, or a new one.
+    async fn instance(
+        &self,
+        store: &mut Store<State>,
+        instance: &mut Option<wasmtime::component::Instance>,
+    ) -> wasmtime::Result<wasmtime::component::Instance> {
+        Ok(match instance {
+            Some(i) => *i,
+            None => *instance.insert(self.pre.instantiate_async(store).await?),
+        })
+    }
+
+    /// Calls the handler for `input`. The outer `Result` is a trap or host
+    /// error; the inner one the guest's `handler-error`.
+    async fn call(
+        &self,
+        store: &mut Store<State>,
+        instance: &mut Option<wasmtime::component::Instance>,
+        input: Input,
+        ctx: &Invocation,
+        http_response: &mut Option<HttpResponse>,
+    ) -> wasmtime::Result<Result<(), HandlerError>> {
+        match input {
+            Input::Event(Event::Mqtt(msg)) => {
+                let Some(indices) = &self.mqtt else {
+                    return Ok(Err(not_exported(crate::component::Handler::Mqtt)));
+                };
+                let instance = self.instance(store, instance).await?;
+                let guest = indices.load(&mut *store, &instance)?;
+                guest
+                    .call_handle_message(&mut *store, ctx, &Message::from(&msg))
+                    .await
+            }
+            Input::Event(Event::Timer(tick)) => {
+                let Some(indices) = &self.timer else {
+                    return Ok(Err(not_exported(crate::component::Handler::Timer)));
+                };
+                let instance = self.instance(store, instance).await?;
+                let guest = indices.load(&mut *store, &instance)?;
+                let tick = Tick {
+                    schedule: tick.schedule,
+                    scheduled_at_ms: tick.scheduled_at_ms,
+                    fired_at_ms: tick.fired_at_ms,
+                    missed: tick.missed,
+                };
+                guest.call_on_tick(&mut *store, ctx, &tick).await
+            }
+            Input::Event(Event::Http(request)) => {
+                self.call_buffered_http(store, instance, request, http_response)
+                    .await
+            }
+            Input::Http(exchange) => {
+                self.call_http(
+                    store,
+                    instance,
+                    exchange.request,
+                    exchange.scheme,
+                    exchange.response,
+                )
+                .await
+            }
+        }
+    }
+
+    /// A buffered request (`wasmgate invoke`, replays): the response is
+    /// collected, up to [`HTTP_BODY_CAPTURE_BYTES`], while the guest runs
+    /// (it may stream more than a pipe's buffer).
+    async fn call_buffered_http(
+        &self,
+        store: &mut Store<State>,
+        instance: &mut Option<wasmtime::component::Instance>,
+        request: HttpRequest,
+        http_response: &mut Option<HttpResponse>,
+    ) -> wasmtime::Result<Result<(), HandlerError>> {
+        let mut builder = hyper::Request::builder()
+            .method(request.method.as_str())
+            .uri(format!("http://{}{}", request.authority, request.path));
+        for (name, value) in &request.headers {
+            builder = builder.header(name, value);
+        }
+        let req = builder
+            .body(
+                Full::new(Bytes::from(request.body))
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .map_err(|e| wasmtime::format_err!("invalid request: {e}"))?;
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let returned = tokio::sync::Notify::new();
+        let call = async {
+            let r = self
+                .call_http(store, instance, req, Scheme::Http, sender)
+                .await;
+            returned.notify_one();
+            r
+        };
+        let collect = async {
+            let mut receiver = receiver;
+            let response = tokio::select! {
+                biased;
+                r = &mut receiver => r.ok(),
+                // Returned without an answer: there is none to wait for.
+                _ = returned.notified() => receiver.try_recv().ok(),
+            };
+            match response {
+                Some(Ok(response)) => Some(collect_response(response).await),
+                _ => None,
+            }
+        };
+        let (called, response) = tokio::join!(call, collect);
+        *http_response = response;
+        called
+    }
+
+    /// Runs `wasi:http/incoming-handler` for `request`. The guest's answer
+    /// goes to `response` as soon as it sets it; a guest that returns
+    /// without setting one, or answers with an `error-code`, has failed
+    /// (a trap), so its instance is not reused and the caller sees why.
+    async fn call_http(
+        &self,
+        store: &mut Store<State>,
+        instance: &mut Option<wasmtime::component::Instance>,
+        request: hyper::Request<HttpBody>,
+        scheme: Scheme,
+        response: ResponseSender,
+    ) -> wasmtime::Result<Result<(), HandlerError>> {
+        let Some(indices) = &self.http else {
+            return Ok(Err(not_exported(crate::component::Handler::Http)));
+        };
+        let instance = self.instance(store, instance).await?;
+        let guest = indices.load(&mut *store, &instance)?;
+        let answer = Arc::new(std::sync::Mutex::new(Answer::None));
+        let seen = answer.clone();
+        let (req, out) = {
+            let mut http = store.data_mut().http();
+            let req = http.new_incoming_request(scheme, request)?;
+            let out = http.new_response_outparam_from_callback(move |r| {
+                *seen.lock().expect("answer lock") = match &r {
+                    Ok(_) => Answer::Response,
+                    Err(code) => Answer::Error(format!("{code:?}")),
+                };
+                // The client may have gone; the guest goes on regardless.
+                let _ = response.send(r);
+            })?;
+            (req, out)
+        };
+        guest.call_handle(&mut *store, req, out).await?;
+        let answer = std::mem::replace(&mut *answer.lock().expect("answer lock"), Answer::None);
+        match answer {
+            Answer::Response => Ok(Ok(())),
+            Answer::Error(code) => Err(wasmtime::format_err!(
+                "the guest answered with an error: {code}"
+            )),
+            Answer::None => Err(wasmtime::format_err!(
+                "the guest returned without setting a response"
+            )),
+        }
+    }
+}
+
+/// What an HTTP guest did with its `response-outparam`.
+enum Answer {
+    None,
+    Response,
+    Error(String),
+}
+
+/// Reads a response's head and up to [`HTTP_BODY_CAPTURE_BYTES`] of its body.
+async fn collect_response(response: hyper::Response<HyperOutgoingBody>) -> HttpResponse {
+    let (parts, mut body) = response.into_parts();
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { break };
+        if let Ok(data) = frame.into_data() {
+            let room = HTTP_BODY_CAPTURE_BYTES.saturating_sub(bytes.len());
+            bytes.extend_from_slice(&data[..room.min(data.len())]);
+        }
+    }
+    HttpResponse {
+        status: parts.status.as_u16(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body: bytes,
+    }
+}
+
+/// Logs one line with an invocation's outcome, then the guest's output, one
+/// line each, tagged with the invocation id.
+pub fn log_outcome(outcome: &Outcome) {
+    log_invocation(outcome, false);
+}
+
+/// Like [`log_outcome`], for HTTP requests: a request that succeeded logs
+/// its `invocation` line at debug level (HTTP is high volume; set
+/// `WASMGATE_LOG=info,wasmgate::invocation=debug` to see every one); a
+/// failed one at info, and what the guest wrote always at info.
+pub fn log_http_outcome(outcome: &Outcome) {
+    log_invocation(outcome, true);
+}
+
+fn log_invocation(outcome: &Outcome, quiet_success: bool) {
+    macro_rules! line {
+        ($level:ident) => {
+            tracing::$level!(
+                target: "wasmgate::invocation",
+                id = %outcome.invocation_id,
+                component = %outcome.component,
+                trigger = %outcome.trigger,
+                attempt = outcome.attempt,
+                outcome = outcome.status.name(),
+                duration_us = outcome.duration_us,
+                fuel = outcome.fuel_consumed,
+                memory_peak = outcome.memory_peak_bytes,
+                "invocation"
+            )
+        };
+    }
+    if quiet_success && outcome.is_ok() {
+        line!(debug);
+    } else {
+        line!(info);
+    }
+    for (stream, text) in [("stdout", &outcome.stdout), ("stderr", &outcome.stderr)] {
+        for line in text.lines() {
+            tracing::info!(
+                target: "wasmgate::guest",
+                id = %outcome.invocation_id,
+                component = %outcome.component,
+                stream,
+                "{line}"
+            );
+        }
+    }
+}
+
+fn not_exported(handler: crate::component::Handler) -> HandlerError {
+    HandlerError::Reject(format!(
+        "the component does not export {}",
+        handler.interface()
+    ))
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as u64
+}
+
+/// Turns a trap or host error into a status. Messages carry what the guest
+/// did, never host paths or backtraces.
+fn classify(e: &wasmtime::Error, limits: &Limits, memory_breached: bool) -> Status {
+    if memory_breached
+        || e.chain()
+            .any(|c| c.downcast_ref::<MemoryLimitExceeded>().is_some())
+    {
+        return Status::MemoryLimit {
+            memory_limit: limits.memory,
+        };
+    }
+    if e.chain()
+        .any(|c| c.downcast_ref::<DeadlineExceeded>().is_some())
+    {
+        return Status::Timeout {
+            timeout_ms: limits.timeout.as_millis() as u64,
+        };
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => Status::FuelExhausted {
+            fuel_limit: limits.fuel,
+        },
+        Some(Trap::Interrupt) => Status::Timeout {
+            timeout_ms: limits.timeout.as_millis() as u64,
+        },
+        Some(trap) => Status::Trap {
+            message: trap.to_string(),
+        },
+        None => Status::Trap {
+            message: e.root_cause().to_string(),
+        },
+    }
+}

@@ -1,0 +1,521 @@
+//! The HTTP trigger: a listener (plain or TLS, HTTP/1.1 and HTTP/2), the
+//! ALB-style [`router`], and the [`bridge`] to `wasi:http` guests.
+//!
+//! Every response carries `x-wasmgate-invocation-id`. Failures map to
+//! statuses without host internals in the body: no rule → 404, body too
+//! large → 413, component busy → 503 with `Retry-After`, guest or request
+//! timeout → 504, trap or other limit → 500. A bad request or a broken
+//! connection ends that connection only; the listener goes on.
+
+pub mod bridge;
+pub mod router;
+pub mod tls;
+
+use bridge::Served;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use router::{Action, RedirectInput, RequestInfo, Router};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use wasmgate_manifest::HttpLimits;
+use wasmgate_runtime::deployment::Deployment;
+use wasmgate_runtime::invoke::{Invocable, InvocationContext, Outcome, Status};
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+
+/// The header that carries the invocation id on every response.
+pub const INVOCATION_ID_HEADER: &str = "x-wasmgate-invocation-id";
+
+/// Prefix of the headers that carry `{name}` path parameters to the guest.
+pub const PARAM_HEADER_PREFIX: &str = "x-wasmgate-param-";
+
+/// A bound listener, ready to serve.
+pub struct HttpServer {
+    listener: TcpListener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    app: Arc<App>,
+}
+
+struct App {
+    router: Router,
+    components: BTreeMap<String, Arc<Invocable>>,
+    limits: HttpLimits,
+    https: bool,
+    port: u16,
+}
+
+impl HttpServer {
+    /// Binds the listener of `[http]` when the deployment has HTTP rules or
+    /// an `[http]` section; `None` when it has neither. Errors name the key.
+    pub async fn bind(deployment: &Deployment) -> Result<Option<Self>, String> {
+        let m = &deployment.manifest;
+        if m.http.is_none() && m.triggers.http.is_empty() {
+            return Ok(None);
+        }
+        let config = m.http.clone().unwrap_or_default();
+        let router = Router::build(m).map_err(|e| e.to_string())?;
+        let acceptor = match &config.tls {
+            Some(tls) => Some(tokio_rustls::TlsAcceptor::from(
+                tls::server_config(m, tls).map_err(|e| e.to_string())?,
+            )),
+            None => None,
+        };
+        let mut components = BTreeMap::new();
+        for rule in router.rules() {
+            if let Action::Forward { targets } = &rule.action {
+                for (name, _) in targets {
+                    components
+                        .entry(name.clone())
+                        .or_insert_with(|| deployment.components[name].clone());
+                }
+            }
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| format!("http.listen: cannot listen on {}: {e}", config.listen))?;
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        Ok(Some(Self {
+            listener,
+            app: Arc::new(App {
+                router,
+                components,
+                limits: config.limits(),
+                https: acceptor.is_some(),
+                port,
+            }),
+            acceptor,
+        }))
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Whether the listener speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        self.acceptor.is_some()
+    }
+
+    /// Serves until `shutdown`; then stops accepting and gives open
+    /// connections up to the drain timeout to finish their requests.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "the accept loop with its connection limit, TLS handshake and graceful drain, in the order they happen"
+    )]
+    pub async fn run(self, shutdown: CancellationToken) {
+        let limits = self.app.limits;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(MAX_HEAD_BYTES);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEAD_BYTES as u32)
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        let builder = Arc::new(builder);
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let connections = Arc::new(Semaphore::new(limits.max_connections as usize));
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = connections.clone().acquire_owned() => p.expect("never closed"),
+            };
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait, retry.
+                        tracing::warn!(error = %e, "http: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let app = self.app.clone();
+            let builder = builder.clone();
+            let watcher = graceful.watcher();
+            let acceptor = self.acceptor.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(app.handle(req, peer).await) }
+                });
+                let result = match acceptor {
+                    None => {
+                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Some(acceptor) => {
+                        let tls =
+                            tokio::time::timeout(limits.header_timeout, acceptor.accept(stream))
+                                .await;
+                        match tls {
+                            Ok(Ok(tls)) => {
+                                let conn = builder.serve_connection(TokioIo::new(tls), service);
+                                watcher.watch(conn.into_owned()).await
+                            }
+                            Ok(Err(e)) => {
+                                tracing::info!(peer = %peer, error = %e, "http: TLS handshake failed");
+                                Ok(())
+                            }
+                            Err(_) => {
+                                tracing::info!(peer = %peer, "http: TLS handshake timed out");
+                                Ok(())
+                            }
+                        }
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::info!(peer = %peer, error = %e, "http: connection ended with an error");
+                }
+                drop(permit);
+            });
+        }
+        drop(self.listener);
+        tracing::info!(
+            connections = graceful.count(),
+            drain_timeout_ms = limits.drain_timeout.as_millis() as u64,
+            "http: stopped accepting; draining open connections"
+        );
+        if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("http: requests still in flight after the drain timeout; closing");
+        }
+    }
+}
+
+/// Largest request head (request line and headers) accepted, in bytes.
+/// Beyond it HTTP/1.1 clients get 431 and HTTP/2 streams are refused.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+type Body = HyperOutgoingBody;
+
+fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+fn simple(status: StatusCode, id: &str, message: &str) -> Response<Body> {
+    let mut r = Response::new(full(format!("{message}\n")));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    set_id(h, id);
+    r
+}
+
+fn set_id(headers: &mut hyper::HeaderMap, id: &str) {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        headers.insert(HeaderName::from_static(INVOCATION_ID_HEADER), v);
+    }
+}
+
+impl App {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let deadline = self.limits.request_timeout;
+        match tokio::time::timeout(deadline, self.clone().route(req, peer, &id)).await {
+            Ok(response) => response,
+            Err(_) => {
+                tracing::info!(id = %id, timeout_ms = deadline.as_millis() as u64, "http: request timed out");
+                simple(StatusCode::GATEWAY_TIMEOUT, &id, "504 Gateway Timeout")
+            }
+        }
+    }
+
+    #[expect(
+        clippy::too_many_lines,
+        reason = "the request's routing decision and each action it can take, in one match"
+    )]
+    async fn route(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        id: &str,
+    ) -> Response<Body> {
+        let host_header = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(hyper::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        if req
+            .headers()
+            .get(hyper::header::HOST)
+            .is_some_and(|h| h.to_str().is_err())
+        {
+            return simple(
+                StatusCode::BAD_REQUEST,
+                id,
+                "400 Bad Request: the Host header is not ASCII",
+            );
+        }
+        let host = strip_port(&host_header).to_ascii_lowercase();
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let info = RequestInfo {
+            method: req.method().as_str(),
+            host: &host,
+            path: &path,
+            query: &query,
+            headers: req.headers(),
+            source: peer.ip(),
+        };
+        let Some(matched) = self.router.route(&info) else {
+            return simple(
+                StatusCode::NOT_FOUND,
+                id,
+                "404 Not Found: no rule matches this request",
+            );
+        };
+        let params: Vec<(String, String)> = matched
+            .params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        let rule_index = matched.rule.index;
+        match &matched.rule.action {
+            Action::Fixed {
+                status,
+                content_type,
+                body,
+            } => {
+                let mut r = simple(StatusCode::OK, id, "");
+                *r.body_mut() = full(body.clone());
+                *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+                if let Ok(v) = HeaderValue::from_str(content_type) {
+                    r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+                }
+                r
+            }
+            Action::Redirect { status, location } => {
+                let target = location.render(&RedirectInput {
+                    protocol: if self.https { "https" } else { "http" },
+                    host: &host,
+                    port: self.port,
+                    path: &path,
+                    query: &query,
+                });
+                let mut r = simple(StatusCode::FOUND, id, "");
+                *r.body_mut() = full(Bytes::new());
+                *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::FOUND);
+                match HeaderValue::from_str(&target) {
+                    Ok(v) => {
+                        r.headers_mut().insert(hyper::header::LOCATION, v);
+                        r
+                    }
+                    Err(_) => simple(
+                        StatusCode::BAD_REQUEST,
+                        id,
+                        "400 Bad Request: cannot build the redirect target",
+                    ),
+                }
+            }
+            action @ Action::Forward { .. } => {
+                let roll = fastrand::u32(..action.total_weight().max(1));
+                let name = action
+                    .pick(roll)
+                    .expect("forward actions have targets")
+                    .to_string();
+                let component = self.components[&name].clone();
+                self.forward(req, peer, id, &host_header, params, rule_index, component)
+                    .await
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one request's forward path (body limit, headers, invocation, response mapping) in order"
+    )]
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        id: &str,
+        authority: &str,
+        params: Vec<(String, String)>,
+        rule_index: usize,
+        component: Arc<Invocable>,
+    ) -> Response<Body> {
+        let max_body = self.limits.max_body;
+        let declared = req
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max_body) {
+            return simple(StatusCode::PAYLOAD_TOO_LARGE, id, "413 Payload Too Large");
+        }
+        let (mut parts, body) = req.into_parts();
+        let scheme = if self.https {
+            Scheme::Https
+        } else {
+            Scheme::Http
+        };
+        let authority = if authority.is_empty() {
+            format!("localhost:{}", self.port)
+        } else {
+            authority.to_string()
+        };
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let uri = format!(
+            "{}://{authority}{path_and_query}",
+            if self.https { "https" } else { "http" }
+        );
+        parts.uri = match uri.parse() {
+            Ok(u) => u,
+            Err(_) => {
+                return simple(
+                    StatusCode::BAD_REQUEST,
+                    id,
+                    "400 Bad Request: invalid authority",
+                );
+            }
+        };
+        let h = &mut parts.headers;
+        let peer_ip = peer.ip().to_canonical().to_string();
+        let forwarded_for = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prior) => format!("{prior}, {peer_ip}"),
+            None => peer_ip,
+        };
+        if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+            h.insert(HeaderName::from_static("x-forwarded-for"), v);
+        }
+        h.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static(if self.https { "https" } else { "http" }),
+        );
+        if let Ok(v) = HeaderValue::from_str(&self.port.to_string()) {
+            h.insert(HeaderName::from_static("x-forwarded-port"), v);
+        }
+        set_id(h, id);
+        for (name, value) in &params {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(format!("{PARAM_HEADER_PREFIX}{name}").as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                h.insert(n, v);
+            }
+        }
+        let too_large = Arc::new(AtomicBool::new(false));
+        let flag = too_large.clone();
+        let body = Limited::new(body, max_body as usize).map_err(move |e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                flag.store(true, Ordering::Relaxed);
+                wasmtime_wasi_http::Error::from(ErrorCode::HttpRequestBodySize(Some(max_body)))
+            } else {
+                wasmtime_wasi_http::Error::from(ErrorCode::HttpRequestDenied)
+            }
+        });
+        let req = Request::from_parts(parts, body);
+        let mut ctx = InvocationContext::new(format!("http[{rule_index}]"));
+        ctx.id = id.to_string();
+        match bridge::serve(&component, req, scheme, ctx).await {
+            Served::Response(mut response) => {
+                if too_large.load(Ordering::Relaxed) {
+                    return simple(StatusCode::PAYLOAD_TOO_LARGE, id, "413 Payload Too Large");
+                }
+                set_id(response.headers_mut(), id);
+                response
+            }
+            Served::Failed(outcome) => {
+                if too_large.load(Ordering::Relaxed) {
+                    return simple(StatusCode::PAYLOAD_TOO_LARGE, id, "413 Payload Too Large");
+                }
+                failure_response(&outcome, id)
+            }
+        }
+    }
+}
+
+/// The response for an invocation that produced none. The body names the
+/// status only: the outcome's details go to the log, not to the client.
+fn failure_response(outcome: &Outcome, id: &str) -> Response<Body> {
+    match outcome.status {
+        Status::Throttled { .. } => {
+            let mut r = simple(
+                StatusCode::SERVICE_UNAVAILABLE,
+                id,
+                "503 Service Unavailable: the component is at its concurrency limit",
+            );
+            r.headers_mut()
+                .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+        Status::Timeout { .. } => simple(StatusCode::GATEWAY_TIMEOUT, id, "504 Gateway Timeout"),
+        _ => simple(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            id,
+            "500 Internal Server Error",
+        ),
+    }
+}
+
+/// `host:port` → `host`; `[v6]:port` → `[v6]`.
+fn strip_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority.find(']').map_or(authority, |i| &authority[..=i]);
+    }
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+}
+
+impl wasmgate_runtime::trigger::Trigger for HttpServer {
+    const TYPE: &'static str = "http";
+
+    /// [`HttpServer::run`]: connections are the server's own to drain.
+    fn run(
+        self,
+        _tasks: tokio_util::task::TaskTracker,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = ()> + Send {
+        HttpServer::run(self, shutdown)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_port;
+
+    #[test]
+    fn ports_are_stripped() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port(""), "");
+    }
+}

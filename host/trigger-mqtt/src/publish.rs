@@ -1,0 +1,570 @@
+//! How the host's publishes reach the broker, connected or not.
+//!
+//! Every guest publish — from an MQTT handler, or through the outbox from a
+//! timer, an HTTP request or a queued event — and every dead letter sent to
+//! `[dead_letters] mqtt_topic` goes through one [`Publisher`]:
+//!
+//! - **Connected, nothing waiting**: handed straight to the connection.
+//! - **QoS 1/2 while the broker is unreachable** (or while older messages
+//!   still wait, or the connection's request channel is full): written to
+//!   the on-disk [`Spool`] in `state_dir`, in order. On every reconnect a
+//!   thread sends what waits, oldest first, and only then do new publishes
+//!   go straight to the connection again, so the broker sees each QoS's
+//!   publishes in the order they were made. When the connection drops, the
+//!   QoS 1 publishes the broker had not acknowledged (in send order) and the
+//!   QoS 1/2 publishes still queued for the connection move to the front of
+//!   the spool and are sent again after the reconnect (at least once); QoS 2
+//!   publishes already sent stay with rumqttc's session, which resends them
+//!   with their packet id (see [`Cleaned`]). A spooled message is removed
+//!   once it is handed to the connection again. The drain never blocks the
+//!   spool: while the connection's queue is full, new messages are still
+//!   written, so a delivery waits for the disk, never for the broker.
+//! - **QoS 0** is at most once and never spooled: handed to the connection,
+//!   or dropped and counted when its queue is full or it drops.
+//! - **Too large** (over [`MAX_PUBLISH_SIZE`]): refused and counted.
+//!
+//! A full spool applies its explicit [`OnFull`](wasmgate_store::spool::OnFull)
+//! policy; every message it drops or refuses is counted and logged. What is
+//! lost if the host process dies: publishes handed to a live connection and
+//! not yet acknowledged by the broker (its request channel and in-flight
+//! window), and those of invocations still running.
+
+use crate::MqttStats;
+use crate::connection::Cleaned;
+use bytes::Bytes;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use wasmgate_runtime::invoke::MqttMessage;
+use wasmgate_store::spool::{Spool, Stored};
+
+/// Spooled messages read and sent per round.
+const DRAIN_BATCH: usize = 256;
+/// How long the drain first waits for room in a full request channel
+/// (taking commands meanwhile); doubled while it stays full, up to
+/// [`FULL_CHANNEL_MAX_WAIT`].
+const FULL_CHANNEL_WAIT: Duration = Duration::from_millis(1);
+const FULL_CHANNEL_MAX_WAIT: Duration = Duration::from_millis(50);
+pub use wasmgate_runtime::invoke::MAX_PUBLISH_SIZE;
+
+/// The broker connection's client, MQTT 5 or 3.1.1.
+#[derive(Clone, Debug)]
+pub enum Client {
+    /// MQTT 5.
+    V5(rumqttc::v5::AsyncClient),
+    /// MQTT 3.1.1.
+    V4(rumqttc::AsyncClient),
+}
+
+fn qos5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
+    use rumqttc::v5::mqttbytes::QoS;
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn qos4(q: u8) -> rumqttc::QoS {
+    use rumqttc::QoS;
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+impl Client {
+    /// Hands a publish to the connection's request channel without waiting;
+    /// `false` when the channel is full or closed. MQTT 3.1.1 has no
+    /// properties: content type, response topic, correlation data and user
+    /// properties are not sent there.
+    fn try_publish(&self, m: &MqttMessage) -> bool {
+        let payload = Bytes::from(m.payload.clone());
+        match self {
+            Client::V5(c) => {
+                let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                    content_type: m.content_type.clone(),
+                    response_topic: m.response_topic.clone(),
+                    correlation_data: m.correlation_data.clone().map(Bytes::from),
+                    user_properties: m.user_properties.clone(),
+                    ..Default::default()
+                };
+                c.try_publish_with_properties(
+                    m.topic.clone(),
+                    qos5(m.qos),
+                    m.retain,
+                    payload,
+                    props,
+                )
+                .is_ok()
+            }
+            Client::V4(c) => c
+                .try_publish(m.topic.clone(), qos4(m.qos), m.retain, payload)
+                .is_ok(),
+        }
+    }
+
+    /// Hands the acknowledgement of the QoS 1/2 message `pkid` to the
+    /// connection; `false` when the channel is full or closed.
+    pub fn try_ack(&self, pkid: u16, qos: u8) -> bool {
+        match self {
+            Client::V5(c) => {
+                let mut p =
+                    rumqttc::v5::mqttbytes::v5::Publish::new("", qos5(qos), Bytes::new(), None);
+                p.pkid = pkid;
+                c.try_ack(&p).is_ok()
+            }
+            Client::V4(c) => {
+                let mut p = rumqttc::Publish::new("", qos4(qos), Bytes::new());
+                p.pkid = pkid;
+                c.try_ack(&p).is_ok()
+            }
+        }
+    }
+
+    /// Subscribes to `filter` (with MQTT 5, under subscription identifier
+    /// `id`, and retained messages only on a new subscription); `false` when
+    /// the connection has stopped.
+    pub async fn subscribe(&self, filter: &str, qos: u8, id: usize) -> bool {
+        match self {
+            Client::V5(c) => {
+                use rumqttc::v5::mqttbytes::v5::{Filter, RetainForwardRule, SubscribeProperties};
+                let mut f = Filter::new(filter.to_string(), qos5(qos));
+                f.retain_forward_rule = RetainForwardRule::OnNewSubscribe;
+                let props = SubscribeProperties {
+                    id: Some(id),
+                    user_properties: Vec::new(),
+                };
+                c.subscribe_many_with_properties([f], props).await.is_ok()
+            }
+            Client::V4(c) => c.subscribe(filter, qos4(qos)).await.is_ok(),
+        }
+    }
+
+    /// Queues a DISCONNECT.
+    pub async fn disconnect(&self) {
+        let _ = match self {
+            Client::V5(c) => c.disconnect().await.map_err(drop),
+            Client::V4(c) => c.disconnect().await.map_err(drop),
+        };
+    }
+}
+
+/// What the connection owner and the spool thread share.
+#[derive(Debug)]
+struct Link {
+    /// A CONNACK was received and the connection has not dropped since.
+    connected: bool,
+    /// The host is stopping: nothing more is sent, even after a reconnect.
+    paused: bool,
+    /// Connections dropped so far: a drain stops when it changes, so it
+    /// never goes on sending on a new connection before what the dropped
+    /// one left unacknowledged is back in the spool.
+    drops: u64,
+    /// Spooled messages plus those on their way to the spool: while any
+    /// wait, new QoS 1/2 publishes queue behind them.
+    backlog: u64,
+}
+
+enum Cmd {
+    /// Spool a message; answer once it is on disk (or lost, counted).
+    Spool(MqttMessage, Option<oneshot::Sender<()>>),
+    /// Unacknowledged publishes of a dropped connection: spool them first.
+    Requeue(Vec<MqttMessage>),
+    /// The connection is up: send what waits.
+    Wake,
+    /// Finish what is queued and stop.
+    Stop,
+}
+
+/// What [`Publisher::publish`] did with a message.
+#[derive(Debug)]
+pub enum Handed {
+    /// Handed to the connection.
+    Sent,
+    /// On its way to the spool; the receiver answers once it is on disk.
+    Spooling(oneshot::Receiver<()>),
+    /// Lost (counted and logged).
+    Dropped,
+}
+
+/// The one way the host's publishes reach the broker (see the module docs).
+#[derive(Debug)]
+pub struct Publisher {
+    client: Client,
+    link: Mutex<Link>,
+    cmds: Mutex<std_mpsc::Sender<Cmd>>,
+    stats: Arc<MqttStats>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Publisher {
+    /// Starts the spool thread over `spool` (what an earlier run left there
+    /// is sent first, once connected).
+    pub fn start(client: Client, spool: Spool, stats: Arc<MqttStats>) -> Arc<Self> {
+        let (tx, rx) = std_mpsc::channel();
+        stats.spool_waiting.store(spool.len(), Ordering::Relaxed);
+        if !spool.is_empty() {
+            tracing::info!(
+                messages = spool.len(),
+                bytes = spool.bytes(),
+                "MQTT publishes spooled by an earlier run will be sent once connected"
+            );
+        }
+        let publisher = Arc::new(Self {
+            client,
+            link: Mutex::new(Link {
+                connected: false,
+                paused: false,
+                drops: 0,
+                backlog: spool.len(),
+            }),
+            cmds: Mutex::new(tx),
+            stats,
+            thread: Mutex::new(None),
+        });
+        let p = publisher.clone();
+        let thread = std::thread::Builder::new()
+            .name("mqtt-spool".into())
+            .spawn(move || p.spool_loop(spool, rx))
+            .expect("spawn the spool thread");
+        *publisher.thread.lock().expect("thread lock") = Some(thread);
+        publisher
+    }
+
+    /// The connection's client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn link(&self) -> MutexGuard<'_, Link> {
+        self.link.lock().expect("link lock")
+    }
+
+    fn command(&self, cmd: Cmd) {
+        // The thread only stops on `Stop`, after the last user: a command
+        // after that is lost, and counted.
+        if let Err(e) = self.cmds.lock().expect("cmds lock").send(cmd) {
+            let lost = match e.0 {
+                Cmd::Spool(..) => 1,
+                Cmd::Requeue(ms) => ms.len() as u64,
+                _ => 0,
+            };
+            if lost > 0 {
+                self.stats.spool_errors.fetch_add(lost, Ordering::Relaxed);
+                tracing::error!(
+                    messages = lost,
+                    "publishes after the MQTT connection stopped are lost"
+                );
+            }
+        }
+    }
+
+    /// Publishes `m` (see the module docs for the paths it can take).
+    pub fn publish(&self, m: MqttMessage) -> Handed {
+        if wasmgate_manifest::topic::validate_name(&m.topic).is_err() {
+            self.stats.publish_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(topic = %m.topic, "not a valid topic name; publish dropped");
+            return Handed::Dropped;
+        }
+        let size = m.size();
+        if size > MAX_PUBLISH_SIZE {
+            self.stats.publish_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(topic = %m.topic, size, max = MAX_PUBLISH_SIZE, "a publish is larger than the host sends; dropped");
+            return Handed::Dropped;
+        }
+        let mut link = self.link();
+        if m.qos == 0 {
+            drop(link);
+            if self.client.try_publish(&m) {
+                self.stats.published.fetch_add(1, Ordering::Relaxed);
+                return Handed::Sent;
+            }
+            self.stats.publish_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(topic = %m.topic, "a QoS 0 publish was dropped: the connection's queue is full");
+            return Handed::Dropped;
+        }
+        if link.connected && link.backlog == 0 && self.client.try_publish(&m) {
+            self.stats.published.fetch_add(1, Ordering::Relaxed);
+            return Handed::Sent;
+        }
+        // Under the lock, so the order of spooled messages is the order of
+        // the calls.
+        link.backlog += 1;
+        let (tx, rx) = oneshot::channel();
+        self.command(Cmd::Spool(m, Some(tx)));
+        Handed::Spooling(rx)
+    }
+
+    /// Publishes `m` and waits until it is handed to the connection or on
+    /// disk; `false` when it was lost (counted and logged).
+    pub async fn publish_durably(&self, m: MqttMessage) -> bool {
+        match self.publish(m) {
+            Handed::Sent => true,
+            Handed::Spooling(rx) => rx.await.is_ok(),
+            Handed::Dropped => false,
+        }
+    }
+
+    /// The connection is up (CONNACK): send what waits, starting with
+    /// `requeue` (publishes the broker's lost session was to resend).
+    pub fn connected(&self, requeue: Vec<MqttMessage>) {
+        let mut link = self.link();
+        if !requeue.is_empty() {
+            tracing::warn!(
+                messages = requeue.len(),
+                "the broker lost this host's session: QoS 2 publishes it held are sent again"
+            );
+            link.backlog += requeue.len() as u64;
+            self.command(Cmd::Requeue(requeue));
+        }
+        link.connected = !link.paused;
+        self.command(Cmd::Wake);
+    }
+
+    /// Stops sending (the host is stopping): what waits stays in the spool,
+    /// and new QoS 1/2 publishes go there too.
+    pub fn pause(&self) {
+        let mut link = self.link();
+        link.paused = true;
+        link.connected = false;
+    }
+
+    /// The connection dropped. `clean` runs under the lock that every
+    /// hand-over to the connection takes, so nothing reaches the connection
+    /// after it; the QoS 1/2 publishes the broker has not acknowledged that
+    /// it returns go to the front of the spool, and what it dropped is
+    /// counted.
+    pub fn disconnected(&self, clean: impl FnOnce() -> Cleaned) {
+        let mut link = self.link();
+        link.connected = false;
+        link.drops += 1;
+        let Cleaned {
+            unacked,
+            dropped_qos0,
+            too_large,
+        } = clean();
+        let lost = dropped_qos0 + too_large;
+        if lost > 0 {
+            self.stats.publish_failed.fetch_add(lost, Ordering::Relaxed);
+            if dropped_qos0 > 0 {
+                tracing::warn!(
+                    messages = dropped_qos0,
+                    "QoS 0 publishes queued for the dropped connection were dropped (at most once)"
+                );
+            }
+        }
+        if !unacked.is_empty() {
+            link.backlog += unacked.len() as u64;
+            tracing::info!(
+                messages = unacked.len(),
+                "publishes not acknowledged by the broker are spooled and sent again after the reconnect"
+            );
+            self.command(Cmd::Requeue(unacked));
+        }
+    }
+
+    /// Writes what is queued for the spool and stops its thread.
+    pub async fn stop(&self) {
+        self.command(Cmd::Stop);
+        let thread = self.thread.lock().expect("thread lock").take();
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+
+    fn spool_loop(&self, mut spool: Spool, rx: std_mpsc::Receiver<Cmd>) {
+        let mut stopping = false;
+        let mut channel_full = false;
+        let mut wait = FULL_CHANNEL_WAIT;
+        loop {
+            let can_drain = !spool.is_empty() && self.link().connected;
+            let mut cmds = Vec::new();
+            let first = if stopping {
+                None
+            } else if can_drain && channel_full {
+                // Wait for room, but keep writing what comes meanwhile: a
+                // delivery waiting for its publish to be on disk must not
+                // wait for the connection.
+                match rx.recv_timeout(wait) {
+                    Ok(c) => Some(c),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                        stopping = true;
+                        None
+                    }
+                }
+            } else if can_drain {
+                None
+            } else {
+                match rx.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => {
+                        stopping = true;
+                        None
+                    }
+                }
+            };
+            cmds.extend(first);
+            cmds.extend(rx.try_iter());
+            if stopping && cmds.is_empty() {
+                break;
+            }
+            self.apply(&mut spool, cmds, &mut stopping);
+            channel_full = !stopping && self.drain(&mut spool);
+            // While the connection's queue stays full, look again less and
+            // less often (each look reads a batch from disk).
+            wait = if channel_full {
+                (wait * 2).min(FULL_CHANNEL_MAX_WAIT)
+            } else {
+                FULL_CHANNEL_WAIT
+            };
+            self.stats
+                .spool_waiting
+                .store(spool.len(), Ordering::Relaxed);
+        }
+        if !spool.is_empty() {
+            tracing::info!(
+                messages = spool.len(),
+                "MQTT publishes stay spooled for the next start"
+            );
+        }
+    }
+
+    /// Writes a batch of commands to the spool, consecutive messages in one
+    /// transaction.
+    fn apply(&self, spool: &mut Spool, cmds: Vec<Cmd>, stopping: &mut bool) {
+        let mut batch: Vec<MqttMessage> = Vec::new();
+        let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+        for cmd in cmds {
+            match cmd {
+                Cmd::Spool(m, w) => {
+                    batch.push(m);
+                    waiters.extend(w);
+                }
+                Cmd::Requeue(ms) => {
+                    self.write(spool, &mut batch, &mut waiters, false);
+                    let mut ms = ms;
+                    self.write(spool, &mut ms, &mut Vec::new(), true);
+                }
+                Cmd::Wake => {}
+                Cmd::Stop => *stopping = true,
+            }
+        }
+        self.write(spool, &mut batch, &mut waiters, false);
+    }
+
+    fn write(
+        &self,
+        spool: &mut Spool,
+        batch: &mut Vec<MqttMessage>,
+        waiters: &mut Vec<oneshot::Sender<()>>,
+        front: bool,
+    ) {
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len() as u64;
+        let result = if front {
+            spool.prepend(batch)
+        } else {
+            spool.append(batch)
+        };
+        let stats = &self.stats;
+        let lost = match result {
+            Ok(Stored {
+                stored,
+                dropped_oldest,
+                refused,
+            }) => {
+                stats.spooled.fetch_add(stored, Ordering::Relaxed);
+                if dropped_oldest > 0 {
+                    let total = stats
+                        .spool_dropped
+                        .fetch_add(dropped_oldest, Ordering::Relaxed)
+                        + dropped_oldest;
+                    tracing::warn!(
+                        dropped = dropped_oldest,
+                        total,
+                        "the MQTT publish spool is full: the oldest spooled publishes were dropped (on_full = \"drop_oldest\")"
+                    );
+                }
+                if refused > 0 {
+                    let total = stats.spool_refused.fetch_add(refused, Ordering::Relaxed) + refused;
+                    tracing::warn!(
+                        refused,
+                        total,
+                        "the MQTT publish spool is full (or a message is larger than max_bytes): new publishes were refused"
+                    );
+                }
+                dropped_oldest + refused
+            }
+            Err(e) => {
+                let total = stats.spool_errors.fetch_add(n, Ordering::Relaxed) + n;
+                tracing::error!(error = %e, messages = n, total, "cannot write to the MQTT publish spool (full disk?): these publishes are lost");
+                n
+            }
+        };
+        self.link().backlog -= lost;
+        batch.clear();
+        // A waiter hears "on disk" when the write succeeded; messages a full
+        // spool dropped or refused are counted and logged above.
+        let written = lost < n || n == 0;
+        for w in waiters.drain(..) {
+            if written {
+                let _ = w.send(());
+            }
+        }
+    }
+
+    /// Sends one batch of what waits, oldest first, while the connection
+    /// it started on is up. Returns `true` when it stopped on a full
+    /// request channel.
+    fn drain(&self, spool: &mut Spool) -> bool {
+        let drops = {
+            let link = self.link();
+            if spool.is_empty() || !link.connected {
+                return false;
+            }
+            link.drops
+        };
+        let rows = match spool.peek(DRAIN_BATCH) {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the MQTT publish spool; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+                return false;
+            }
+        };
+        let mut handed: Option<(i64, i64, u64)> = None;
+        let mut full = false;
+        for (seq, m) in rows {
+            let mut link = self.link();
+            if !link.connected || link.drops != drops {
+                break;
+            }
+            if !self.client.try_publish(&m) {
+                full = true;
+                break;
+            }
+            link.backlog -= 1;
+            handed = Some(match handed {
+                None => (seq, seq, 1),
+                Some((first, _, n)) => (first, seq, n + 1),
+            });
+            self.stats.spool_sent.fetch_add(1, Ordering::Relaxed);
+            self.stats.published.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some((first, last, n)) = handed
+            && let Err(e) = spool.remove_range(first, last)
+        {
+            // Sent again at the next drain (at least once).
+            self.link().backlog += n;
+            tracing::error!(error = %e, "cannot remove sent publishes from the MQTT publish spool; they will be sent again");
+        }
+        full
+    }
+}

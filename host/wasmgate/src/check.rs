@@ -1,0 +1,138 @@
+//! `wasmgate check`: validate a manifest, compile its components, print what it binds.
+
+use crate::cli::{CheckArgs, Fatal, load_manifest};
+use std::process::ExitCode;
+use wasmgate_manifest::limits::Size;
+use wasmgate_runtime::deployment::Deployment;
+use wasmgate_runtime::engine::EngineOptions;
+use wasmgate_store::spool::SpoolBounds;
+/// Runs `wasmgate check`.
+pub fn check(args: CheckArgs) -> Result<ExitCode, Fatal> {
+    let manifest = load_manifest(&args.file)?;
+    let gateway = Deployment::load(manifest, EngineOptions::default())?;
+    let m = &gateway.manifest;
+    println!(
+        "manifest {} (gateway {:?})",
+        m.path.display(),
+        m.gateway.name
+    );
+    if let Some(mqtt) = &m.mqtt {
+        let spool = SpoolBounds::from(&mqtt.spool);
+        println!(
+            "mqtt {} (MQTT {}), spool {} messages / {}, when full {}",
+            mqtt.broker.get_ref(),
+            if *mqtt.version.get_ref() == 3 {
+                "3.1.1"
+            } else {
+                "5"
+            },
+            spool.max_messages,
+            Size(spool.max_bytes),
+            spool.on_full
+        );
+    }
+    for (name, config) in &m.components {
+        let limits = gateway.components[name].limits;
+        let (exports, imports) = &gateway.compiled[name];
+        println!(
+            "component {name}: {} [fuel {}, memory {}, timeout {}, concurrency {}]",
+            m.resolve(config.source.get_ref()).display(),
+            limits.fuel,
+            Size(limits.memory),
+            humantime::format_duration(limits.timeout),
+            limits.concurrency
+        );
+        println!(
+            "  exports: {}",
+            if exports.is_empty() {
+                "-".into()
+            } else {
+                exports.join(", ")
+            }
+        );
+        println!(
+            "  imports: {}",
+            if imports.is_empty() {
+                "-".into()
+            } else {
+                imports.join(", ")
+            }
+        );
+    }
+    let t = &m.triggers;
+    for (i, x) in t.http.iter().enumerate() {
+        let path = x
+            .path
+            .as_ref()
+            .map_or("/*".to_string(), |p| p.get_ref().values().join(","));
+        let methods: Vec<&str> = x.methods.iter().map(|m| m.get_ref().as_str()).collect();
+        let methods = if methods.is_empty() {
+            "ANY".to_string()
+        } else {
+            methods.join(",")
+        };
+        println!(
+            "trigger.http[{i}] priority {} {methods} {path} -> {}",
+            x.priority.get_ref(),
+            x.action_text()
+        );
+    }
+    if let Ok(router) = wasmgate_trigger_http::router::Router::build(m) {
+        for warning in router.warnings() {
+            println!("warning: {warning}");
+        }
+    }
+    for (i, x) in t.mqtt.iter().enumerate() {
+        println!(
+            "trigger.mqtt[{i}] {} qos {} -> {}",
+            x.topic.get_ref(),
+            x.qos.get_ref(),
+            x.component.get_ref()
+        );
+    }
+    let now = args.now.unwrap_or_else(chrono::Utc::now);
+    for ((i, x), spec) in t
+        .timer
+        .iter()
+        .enumerate()
+        .zip(wasmgate_trigger_timer::specs(m))
+    {
+        let tz: chrono_tz::Tz = x
+            .timezone
+            .as_ref()
+            .and_then(|z| z.get_ref().parse().ok())
+            .unwrap_or(chrono_tz::UTC);
+        println!(
+            "trigger.timer[{i}] {} ({tz}) -> {}",
+            x.schedule_text(),
+            x.component.get_ref()
+        );
+        let offset = chrono::Duration::from_std(spec.offset).unwrap_or_default();
+        let mut cursor = now - offset;
+        let mut next = Vec::new();
+        for _ in 0..5 {
+            let Some(t) = spec.schedule.next_after(cursor) else {
+                break;
+            };
+            next.push(
+                (t + offset)
+                    .with_timezone(&tz)
+                    .format("%Y-%m-%d %H:%M:%S%.3f %Z")
+                    .to_string(),
+            );
+            cursor = t;
+        }
+        let next = if next.is_empty() {
+            "never".to_string()
+        } else {
+            next.join(", ")
+        };
+        println!("  next: {next}");
+    }
+    println!(
+        "ok: {} component(s), {} trigger(s)",
+        m.components.len(),
+        t.http.len() + t.mqtt.len() + t.timer.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}

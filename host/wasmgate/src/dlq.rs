@@ -1,0 +1,195 @@
+//! `wasmgate dlq`: list, show, purge and replay dead letters.
+
+use crate::cli::{DlqArgs, DlqCommand, Fatal, load_manifest};
+use std::io::Write as _;
+use std::process::ExitCode;
+use wasmgate_runtime::component::Cache;
+use wasmgate_runtime::deployment::{self, Runtime};
+use wasmgate_runtime::engine::EngineOptions;
+use wasmgate_runtime::invoke::{Admission, Invocable, InvocationContext};
+use wasmgate_store::deadletter::{self, AttemptError, Bounds, DeadLetterStore};
+/// Runs `wasmgate dlq`.
+pub async fn dlq(args: DlqArgs) -> Result<ExitCode, Fatal> {
+    let manifest = load_manifest(&args.file)?;
+    let store = DeadLetterStore::open(
+        &deadletter::path_in(&manifest.state_dir()),
+        Bounds::from(&manifest.dead_letters),
+    )
+    .map_err(Fatal)?;
+    match args.command {
+        DlqCommand::List {
+            component,
+            trigger,
+            json,
+        } => list(&store, component.as_deref(), trigger.as_deref(), json),
+        DlqCommand::Show { id } => match store.get(&id).map_err(Fatal)? {
+            Some(r) => {
+                let _ = writeln!(
+                    std::io::stdout().lock(),
+                    "{}",
+                    serde_json::to_string_pretty(&r).expect("record serializes")
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            None => Err(Fatal(format!(
+                "no dead letter with id {id:?} in {}",
+                store.path().display()
+            ))),
+        },
+        DlqCommand::Purge {
+            all,
+            component,
+            older_than,
+        } => {
+            if !all && component.is_none() && older_than.is_none() {
+                return Err(Fatal(
+                    "say what to purge: --all, --component C and/or --older-than DURATION".into(),
+                ));
+            }
+            let n = store
+                .purge(
+                    component.as_deref(),
+                    older_than.map(|d| d.0.as_millis() as u64),
+                )
+                .map_err(Fatal)?;
+            println!("purged {n} dead letter(s)");
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Replay {
+            id,
+            all: _,
+            component,
+        } => replay(&manifest, &store, id, component).await,
+    }
+}
+
+/// `dlq list`: a table, or JSON.
+fn list(
+    store: &DeadLetterStore,
+    component: Option<&str>,
+    trigger: Option<&str>,
+    json: bool,
+) -> Result<ExitCode, Fatal> {
+    let records = store.list(component, trigger).map_err(Fatal)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&records).expect("records serialize")
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "{:<36}  {:<24}  {:<16}  {:<20}  {:<18}  {:>8}  LAST ERROR",
+            "ID", "DEAD AT (UTC)", "COMPONENT", "TRIGGER", "CONDITION", "ATTEMPTS"
+        );
+        for r in &records {
+            let at = chrono::DateTime::from_timestamp_millis(r.dead_at_ms as i64)
+                .map_or_else(String::new, |t| {
+                    t.format("%Y-%m-%d %H:%M:%S%.3f").to_string()
+                });
+            let condition = serde_json::to_value(r.condition).expect("condition serializes");
+            let _ = writeln!(
+                out,
+                "{:<36}  {:<24}  {:<16}  {:<20}  {:<18}  {:>8}  {}: {}",
+                r.id,
+                at,
+                r.component,
+                r.trigger,
+                condition.as_str().unwrap_or_default(),
+                r.attempts,
+                r.last_error.outcome,
+                r.last_error.message
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{} dead letter(s) in {}",
+            records.len(),
+            store.path().display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dlq replay`: runs each record's event again; a success removes the
+/// record, a failure keeps it with one more attempt.
+async fn replay(
+    manifest: &wasmgate_manifest::Manifest,
+    store: &DeadLetterStore,
+    id: Option<String>,
+    component: Option<String>,
+) -> Result<ExitCode, Fatal> {
+    let records = match &id {
+        Some(id) => vec![store.get(id).map_err(Fatal)?.ok_or_else(|| {
+            Fatal(format!(
+                "no dead letter with id {id:?} in {}",
+                store.path().display()
+            ))
+        })?],
+        None => store.list(component.as_deref(), None).map_err(Fatal)?,
+    };
+    let cache = Cache::new(Some(manifest.state_dir().join("precompiled")));
+    let runtime = Runtime::new(EngineOptions::default(), cache)?;
+    let mut invocables: std::collections::BTreeMap<String, Invocable> =
+        std::collections::BTreeMap::new();
+    let (mut ok, mut failed) = (0, 0);
+    for mut record in records {
+        if !manifest.components.contains_key(&record.component) {
+            let msg = format!(
+                "dead letter {} belongs to component {:?}, which {} no longer defines; kept",
+                record.id,
+                record.component,
+                manifest.path.display()
+            );
+            if id.is_some() {
+                return Err(Fatal(msg));
+            }
+            eprintln!("error: {msg}");
+            failed += 1;
+            continue;
+        }
+        if !invocables.contains_key(&record.component) {
+            let compiled = deployment::load_component(manifest, &runtime, &record.component)?;
+            invocables.insert(
+                record.component.clone(),
+                deployment::invocable(manifest, &runtime, &record.component, compiled),
+            );
+        }
+        let invocable = &invocables[&record.component];
+        let event = record
+            .event
+            .to_event()
+            .map_err(|e| Fatal(format!("dead letter {}: {e}", record.id)))?;
+        let ctx = InvocationContext {
+            id: record.id.clone(),
+            trigger: record.trigger.clone(),
+            attempt: record.attempts + 1,
+        };
+        let outcome = invocable.invoke(event, ctx, Admission::Wait).await;
+        if outcome.is_ok() {
+            store.delete(&record.id).map_err(Fatal)?;
+            println!("{}: replayed, ok; removed", record.id);
+            ok += 1;
+        } else {
+            record.attempts += 1;
+            record.last_error = AttemptError::from_outcome(&outcome);
+            store.put(record.clone()).await.map_err(Fatal)?;
+            println!(
+                "{}: replayed, {}: {}; kept",
+                record.id, record.last_error.outcome, record.last_error.message
+            );
+            failed += 1;
+        }
+    }
+    println!(
+        "replayed {} dead letter(s): {ok} ok, {failed} failed",
+        ok + failed
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,0 +1,512 @@
+//! `wasmgate up`: the composition root ([`Gateway`]) that wires the stores,
+//! the runtime's components, the one publish sink and the triggers, runs
+//! them, and shuts them down in order: stop taking events, drain in-flight
+//! invocations (with a deadline), then the last publishes into the spool.
+
+use crate::cli::{Fatal, UpArgs, load_manifest};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use wasmgate_manifest::Manifest;
+use wasmgate_runtime::deployment::Deployment;
+use wasmgate_runtime::engine::EngineOptions;
+use wasmgate_runtime::sink::{NoConnection, PublishSink};
+use wasmgate_runtime::trigger::Trigger;
+use wasmgate_store::deadletter::{self, Bounds, DeadLetterStore};
+use wasmgate_store::queue::EventQueue;
+use wasmgate_store::spool::{Spool, SpoolBounds};
+use wasmgate_store::timer_state::TimerState;
+use wasmgate_trigger_mqtt::{ClientOptions, MqttTriggers};
+use wasmgate_trigger_timer::clock::Clock;
+use wasmgate_trigger_timer::{SchedulerThread, TimerTrigger};
+
+/// Runs `wasmgate up` until SIGINT or SIGTERM.
+pub async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
+    let manifest = load_manifest(&args.file)?;
+    if args.build {
+        run_builds(&manifest).await?;
+    }
+    let options = EngineOptions {
+        allocator: args.allocator.into(),
+        ..EngineOptions::default()
+    };
+    let deployment = Deployment::load(manifest, options)?;
+    let gateway = Gateway::start(deployment).await?;
+    let m = &gateway.deployment.manifest;
+    tracing::info!(
+        gateway = %m.gateway.name,
+        timers = m.triggers.timer.len(),
+        mqtt_triggers = m.triggers.mqtt.len(),
+        components = gateway.deployment.components.len(),
+        startup_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1000.0),
+        "ready"
+    );
+    shutdown_signal().await;
+    gateway.shutdown().await;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A running gateway: a deployment with its stores and triggers.
+pub struct Gateway {
+    deployment: Deployment,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    /// The publish sink stays open until every invocation has finished;
+    /// then its last publishes go to the spool (`late` finishes that).
+    sink_closed: CancellationToken,
+    late: TaskTracker,
+    http_drain: Duration,
+    scheduler: Option<SchedulerThread>,
+    timer_state: Arc<TimerState>,
+    _embedded_broker: Option<EmbeddedBroker>,
+}
+
+/// The stores in `state_dir` that the triggers share.
+struct Stores {
+    dead_letters: Arc<DeadLetterStore>,
+    timer_state: Arc<TimerState>,
+    queue: Arc<EventQueue>,
+}
+
+impl Stores {
+    fn open(m: &Manifest, connected: bool) -> Result<Self, Fatal> {
+        let state_dir = m.state_dir();
+        let topic = m
+            .dead_letters
+            .mqtt_topic
+            .as_ref()
+            .map(|t| t.get_ref().clone());
+        if topic.is_some() && !connected {
+            tracing::warn!(
+                "dead_letters.mqtt_topic is set but there is no [mqtt] connection: dead letters are only stored"
+            );
+        }
+        let dead_letters = DeadLetterStore::open(
+            &deadletter::path_in(&state_dir),
+            Bounds::from(&m.dead_letters),
+        )
+        .map_err(Fatal)?
+        .with_publish_topic(topic.filter(|_| connected));
+        Ok(Self {
+            dead_letters: Arc::new(dead_letters),
+            timer_state: Arc::new(TimerState::open(&state_dir.join("timers.json")).map_err(Fatal)?),
+            queue: Arc::new(
+                EventQueue::open(&state_dir.join(wasmgate_store::queue::FILE_NAME))
+                    .map_err(Fatal)?,
+            ),
+        })
+    }
+}
+
+impl Gateway {
+    /// Opens the stores, connects the publish sink and starts every trigger.
+    pub async fn start(deployment: Deployment) -> Result<Self, Fatal> {
+        let m = &deployment.manifest;
+        let (embedded_broker, connection) = mqtt_connection(m).await?;
+        let stores = Stores::open(m, connection.is_some())?;
+        let tasks = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let sink_closed = CancellationToken::new();
+        let late = TaskTracker::new();
+        let mqtt = match connection {
+            Some((options, receive_maximum)) => Some(mqtt_trigger(
+                &deployment,
+                options,
+                receive_maximum,
+                &stores,
+                &sink_closed,
+                &late,
+            )?),
+            None => None,
+        };
+        let sink: Arc<dyn PublishSink> = match &mqtt {
+            Some(t) => t.publish_sink(),
+            None => {
+                warn_unconnected_publishers(m);
+                Arc::new(NoConnection::default())
+            }
+        };
+        for c in deployment.components.values() {
+            c.set_publish_sink(sink.clone());
+        }
+        let http_drain = start_http(&deployment, &tasks, &shutdown).await?;
+        tasks.spawn(wasmgate_store::queue::consume(
+            stores.queue.clone(),
+            deployment.components.clone(),
+            stores.dead_letters.clone(),
+            wasmgate_store::delivery::RetryPolicy::default(),
+            shutdown.clone(),
+        ));
+        if let Some(trigger) = mqtt {
+            tasks.spawn(Trigger::run(trigger, tasks.clone(), shutdown.clone()));
+        }
+        let scheduler = start_timers(
+            &deployment,
+            stores.timer_state.clone(),
+            stores.dead_letters.clone(),
+            &tasks,
+            &shutdown,
+        )?;
+        Ok(Self {
+            deployment,
+            tasks,
+            shutdown,
+            sink_closed,
+            late,
+            http_drain,
+            scheduler,
+            timer_state: stores.timer_state,
+            _embedded_broker: embedded_broker,
+        })
+    }
+
+    /// Stops taking events, drains in-flight invocations (up to the drain
+    /// timeout), then closes the publish sink and writes the timer state.
+    pub async fn shutdown(self) {
+        tracing::info!(
+            drain_timeout_s = DRAIN_TIMEOUT.as_secs(),
+            "shutting down: no new events; draining in-flight invocations"
+        );
+        self.shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT.max(self.http_drain), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "in-flight invocations did not finish within the drain timeout; abandoning them"
+            );
+        }
+        drop(self.scheduler);
+        self.sink_closed.cancel();
+        self.late.close();
+        if tokio::time::timeout(LATE_PUBLISH_TIMEOUT, self.late.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the last MQTT publishes could not be written to the spool in time");
+        }
+        if let Err(e) = self.timer_state.flush() {
+            tracing::error!(error = %e, "cannot write the timer state");
+        }
+    }
+}
+
+/// The broker connection `up` needs, if any: the embedded broker (when the
+/// manifest asks for it) and the client options to reach a broker. Without
+/// `[mqtt]` the broker defaults to "embedded" too; it starts when MQTT
+/// triggers need it or `[mqtt]` asks for it. Components that may publish, and
+/// a dead-letter topic, need the connection too, when there is an `[mqtt]`.
+async fn mqtt_connection(
+    m: &Manifest,
+) -> Result<(Option<EmbeddedBroker>, Option<(ClientOptions, u16)>), Fatal> {
+    let mqtt_config = m.mqtt.clone().unwrap_or_default();
+    let wants_embedded =
+        mqtt_config.is_embedded() && (m.mqtt.is_some() || !m.triggers.mqtt.is_empty());
+    let publishers = m
+        .components
+        .values()
+        .any(|c| c.allow.mqtt_publish.as_ref().is_some_and(|v| !v.is_empty()));
+    let needs_connection = !m.triggers.mqtt.is_empty()
+        || ((publishers || m.dead_letters.mqtt_topic.is_some()) && m.mqtt.is_some());
+    if wants_embedded {
+        start_embedded_broker(m, &mqtt_config, needs_connection).await
+    } else if needs_connection {
+        let options = wasmgate_trigger_mqtt::client_options(m)
+            .map_err(|e| Fatal(format!("{}: {e}", m.path.display())))?;
+        Ok((None, options))
+    } else {
+        Ok((None, None))
+    }
+}
+
+fn warn_unconnected_publishers(m: &Manifest) {
+    let publishers: Vec<&String> = m
+        .components
+        .iter()
+        .filter(|(_, c)| c.allow.mqtt_publish.as_ref().is_some_and(|v| !v.is_empty()))
+        .map(|(name, _)| name)
+        .collect();
+    if !publishers.is_empty() {
+        tracing::warn!(components = ?publishers, "these components may publish MQTT messages but there is no [mqtt] connection: their publishes are dropped (counted and logged)");
+    }
+}
+
+/// The MQTT triggers on one connection; its outbox is the publish sink.
+fn mqtt_trigger(
+    deployment: &Deployment,
+    options: ClientOptions,
+    receive_maximum: u16,
+    stores: &Stores,
+    sink_closed: &CancellationToken,
+    late: &TaskTracker,
+) -> Result<MqttTriggers, Fatal> {
+    let m = &deployment.manifest;
+    let specs = wasmgate_trigger_mqtt::specs(m, &deployment.components);
+    for s in &specs {
+        tracing::info!(trigger = %s.label, component = %s.component.name, topic = %s.filter.raw, qos = s.qos, max_in_flight = s.max_in_flight, "MQTT trigger armed");
+    }
+    let spool_bounds = SpoolBounds::from(&m.mqtt.clone().unwrap_or_default().spool);
+    let spool = Spool::open(
+        &m.state_dir().join(wasmgate_store::spool::FILE_NAME),
+        spool_bounds,
+    )
+    .map_err(Fatal)?;
+    Ok(MqttTriggers::new(options, receive_maximum, specs)
+        .with_dead_letters(stores.dead_letters.clone())
+        .with_spool(spool)
+        .outbox_open_until(sink_closed.clone(), late.clone()))
+}
+
+/// Binds and starts the HTTP listener, if the manifest has one; returns how
+/// long its connections may take to drain.
+async fn start_http(
+    deployment: &Deployment,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<Duration, Fatal> {
+    let Some(server) = wasmgate_trigger_http::HttpServer::bind(deployment)
+        .await
+        .map_err(Fatal)?
+    else {
+        return Ok(Duration::ZERO);
+    };
+    let m = &deployment.manifest;
+    let addr = server
+        .local_addr()
+        .map_err(|e| Fatal(format!("http.listen: {e}")))?;
+    tracing::info!(
+        address = %addr,
+        scheme = if server.is_tls() { "https" } else { "http" },
+        rules = m.triggers.http.len(),
+        "http listening"
+    );
+    tasks.spawn(Trigger::run(server, tasks.clone(), shutdown.clone()));
+    Ok(m.http.clone().unwrap_or_default().limits().drain_timeout)
+}
+
+#[cfg(feature = "embedded-broker")]
+type EmbeddedBroker = wasmgate_trigger_mqtt::broker::EmbeddedBroker;
+#[cfg(not(feature = "embedded-broker"))]
+type EmbeddedBroker = ();
+
+/// Starts the embedded broker and, when there are MQTT triggers, the client
+/// options to reach it.
+#[cfg(feature = "embedded-broker")]
+async fn start_embedded_broker(
+    m: &Manifest,
+    config: &wasmgate_manifest::MqttConfig,
+    needs_client: bool,
+) -> Result<
+    (
+        Option<EmbeddedBroker>,
+        Option<(wasmgate_trigger_mqtt::ClientOptions, u16)>,
+    ),
+    Fatal,
+> {
+    let mut options = wasmgate_trigger_mqtt::broker::EmbeddedOptions::default();
+    if let Some(e) = &config.embedded {
+        let e = e.get_ref();
+        if let Some(listen) = e.listen {
+            options.listen = listen;
+        }
+        if let Some(q) = &e.max_queued {
+            options.max_queued = *q.get_ref() as usize;
+        }
+    }
+    let broker = wasmgate_trigger_mqtt::broker::EmbeddedBroker::start(options)
+        .await
+        .map_err(|e| Fatal(format!("{}: {e}", m.path.display())))?;
+    let client = if !needs_client {
+        None
+    } else {
+        let addr = broker.local_addr();
+        let host = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            addr.ip().to_string()
+        };
+        let url = wasmgate_trigger_mqtt::BrokerUrl {
+            tls: false,
+            host,
+            port: addr.port(),
+        };
+        Some(
+            wasmgate_trigger_mqtt::client_options_for(m, &url)
+                .map_err(|e| Fatal(format!("{}: {e}", m.path.display())))?,
+        )
+    };
+    Ok((Some(broker), client))
+}
+
+#[cfg(not(feature = "embedded-broker"))]
+async fn start_embedded_broker(
+    m: &Manifest,
+    _config: &wasmgate_manifest::MqttConfig,
+    _needs_client: bool,
+) -> Result<
+    (
+        Option<EmbeddedBroker>,
+        Option<(wasmgate_trigger_mqtt::ClientOptions, u16)>,
+    ),
+    Fatal,
+> {
+    Err(Fatal(format!(
+        "{}: mqtt.broker = \"embedded\": this build has no embedded broker (cargo feature `embedded-broker`); set broker = \"mqtt://host:1883\"",
+        m.path.display()
+    )))
+}
+
+/// How long `up` waits for in-flight invocations after SIGINT/SIGTERM.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long `up`, once everything else has stopped, waits for the last
+/// MQTT publishes to be written to the spool.
+pub const LATE_PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Starts every timer of the gateway and the task that persists their state.
+fn start_timers(
+    gateway: &Deployment,
+    state: Arc<TimerState>,
+    dead_letters: Arc<DeadLetterStore>,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<Option<SchedulerThread>, Fatal> {
+    let m = &gateway.manifest;
+    if m.triggers.timer.is_empty() {
+        return Ok(None);
+    }
+    let scheduler = SchedulerThread::start()
+        .map_err(|e| Fatal(format!("cannot start the timer thread: {e}")))?;
+    let deliveries = tokio::runtime::Handle::current();
+    let clock =
+        Clock::system().map_err(|e| Fatal(format!("cannot start the timer thread: {e}")))?;
+    for (spec, t) in wasmgate_trigger_timer::specs(m)
+        .into_iter()
+        .zip(&m.triggers.timer)
+    {
+        let component = gateway.components[t.component.get_ref()].clone();
+        tracing::info!(trigger = %spec.label, component = %component.name, schedule = %spec.schedule_text, "timer armed");
+        let trigger = TimerTrigger::new(spec, component, state.clone(), clock.clone())
+            .with_delivery_runtime(deliveries.clone())
+            .with_dead_letters(dead_letters.clone());
+        tasks.spawn_on(
+            Trigger::run(trigger, tasks.clone(), shutdown.clone()),
+            scheduler.handle(),
+        );
+    }
+    let shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = every.tick() => {}
+            }
+            // The write ends in an fsync, which can stall on slow storage:
+            // keep it off the workers that run guests.
+            let s = state.clone();
+            match tokio::task::spawn_blocking(move || s.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot write the timer state; catch-up after a restart may repeat ticks"),
+                Err(e) => tracing::error!(error = %e, "the timer-state writer failed"),
+            }
+        }
+    });
+    Ok(Some(scheduler))
+}
+
+/// Runs each distinct `build` command once, in the manifest's directory.
+async fn run_builds(manifest: &Manifest) -> Result<(), Fatal> {
+    let mut done: Vec<&str> = Vec::new();
+    for (name, config) in &manifest.components {
+        let Some(cmd) = config.build.as_deref() else {
+            continue;
+        };
+        if done.contains(&cmd) {
+            continue;
+        }
+        done.push(cmd);
+        if cmd.contains("wasm32-wasip2") {
+            ensure_wasm_target(&manifest.base_dir, name).await?;
+        }
+        tracing::info!(component = %name, command = %cmd, "building");
+        let status = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(&manifest.base_dir)
+            .stdout(std::process::Stdio::inherit())
+            .status()
+            .await
+            .map_err(|e| Fatal(format!("component.{name}.build: cannot run `{cmd}`: {e}")))?;
+        if !status.success() {
+            return Err(Fatal(format!(
+                "component.{name}.build: `{cmd}` failed ({status})"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Installs the wasm32-wasip2 target for the toolchain a build in `dir`
+/// would use, when it is missing (a toolchain installed without it, or
+/// `RUSTUP_AUTO_INSTALL=0`, which leaves `rust-toolchain.toml`'s `targets`
+/// unapplied), and says so in one line.
+async fn ensure_wasm_target(dir: &std::path::Path, component: &str) -> Result<(), Fatal> {
+    let sysroot = tokio::process::Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .current_dir(dir)
+        .output()
+        .await;
+    let Ok(sysroot) = sysroot else {
+        // No rustc: the build command's own error says more.
+        return Ok(());
+    };
+    let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_string();
+    if sysroot.is_empty()
+        || std::path::Path::new(&sysroot)
+            .join("lib/rustlib/wasm32-wasip2")
+            .exists()
+    {
+        return Ok(());
+    }
+    tracing::info!(component, toolchain = %sysroot, "the wasm32-wasip2 target is missing; installing it with `rustup target add wasm32-wasip2`");
+    let status = tokio::process::Command::new("rustup")
+        .args(["target", "add", "wasm32-wasip2"])
+        .current_dir(dir)
+        .status()
+        .await
+        .map_err(|e| {
+            Fatal(format!(
+                "component.{component}.build needs the wasm32-wasip2 target, which is not installed, and rustup cannot be run ({e}): install the target for the Rust toolchain at {sysroot} (with rustup: `rustup target add wasm32-wasip2`)"
+            ))
+        })?;
+    if !status.success() {
+        return Err(Fatal(format!(
+            "component.{component}.build: `rustup target add wasm32-wasip2` failed ({status})"
+        )));
+    }
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM. A second signal while shutting down exits at once.
+async fn shutdown_signal() {
+    wait_for_signal().await;
+    tokio::spawn(async {
+        wait_for_signal().await;
+        eprintln!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
