@@ -39,7 +39,10 @@
 # per-request `invocation` info line is off, the `http listening` line stays;
 # set WASMGATE_LOG=info to measure with per-request logging),
 # SKIP_BUILD=1 (use what is built), OUT (results directory, default
-# target/bench-results/http-<UTC time>).
+# target/bench-results/http-<UTC time>), BASE (path to another `wasmgate`
+# binary, e.g. a release build of an earlier commit: adds the servers
+# `base-fresh` and `base-reuse`, run like wasmgate-fresh/-reuse with that
+# binary, so a change is compared with its baseline in the same rounds).
 #
 # Output: $OUT/results.tsv (one line per run), $OUT/table.md (the table),
 # $OUT/<server>-<round>.wrk (raw wrk output), $OUT/<server>-<round>.log
@@ -156,12 +159,16 @@ start_server() {
     local name=$1 logfile=$2 port
     ADDR=""
     case $name in
-    wasmgate-fresh | wasmgate-reuse)
-        local reuse=1
-        [[ $name == wasmgate-reuse ]] && reuse=$REUSE
+    wasmgate-fresh | wasmgate-reuse | base-fresh | base-reuse)
+        local reuse=1 bin=$WASMGATE
+        [[ $name == *-reuse ]] && reuse=$REUSE
+        if [[ $name == base-* ]]; then
+            [[ -x ${BASE:-} ]] || { echo "server $name needs BASE=/path/to/wasmgate" >&2; exit 2; }
+            bin=$BASE
+        fi
         local manifest
         manifest=$(write_manifest "$name" "$reuse")
-        "$WASMGATE" --log-format json up -f "$manifest" >"$logfile" 2>&1 &
+        "$bin" --log-format json up -f "$manifest" >"$logfile" 2>&1 &
         SERVER_PID=$!
         for _ in $(seq 600); do
             ADDR=$(sed -nE 's/.*"message":"http listening".*"address":"([^"]+)".*/\1/p' "$logfile" | head -1)

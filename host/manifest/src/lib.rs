@@ -546,62 +546,92 @@ impl Manifest {
         manifest.validate(raw.component)
     }
 
-    #[expect(
-        clippy::too_many_lines,
-        reason = "the single load-time pass over every section in document order; each step is short and names its key"
-    )]
+    /// The load-time pass over every section, in document order; each
+    /// error names its key.
     fn validate(
         mut self,
         components: BTreeMap<Spanned<String>, ComponentConfig>,
     ) -> Result<Self, ManifestError> {
         for (name, config) in components {
-            let key = format!("component.{}", name.get_ref());
-            if let Err(message) = validate_component_name(name.get_ref()) {
-                return Err(self.invalid(name.span(), &key, message));
-            }
-            if config.source.get_ref().as_os_str().is_empty() {
-                return Err(self.invalid(
-                    config.source.span(),
-                    &format!("{key}.source"),
-                    "the path is empty".into(),
-                ));
-            }
-            if let Err(message) = config.limits.get_ref().resolve().validate() {
-                return Err(self.invalid(config.limits.span(), &format!("{key}.limits"), message));
-            }
-            for filter in config.allow.mqtt_publish.iter().flatten() {
-                if let Err(message) = TopicFilter::parse(filter.get_ref()) {
-                    return Err(self.invalid(
-                        filter.span(),
-                        &format!("{key}.allow.mqtt_publish"),
-                        message,
-                    ));
-                }
-            }
-            for host in config.allow.outbound_http.iter().flatten() {
-                let h = host.get_ref();
-                if h.is_empty() || h.contains(['/', ' ']) {
-                    return Err(self.invalid(
-                        host.span(),
-                        &format!("{key}.allow.outbound_http"),
-                        format!("{h:?} is not a host name (write e.g. \"api.example.com\" or \"*.example.com\")"),
-                    ));
-                }
-            }
-            if let Some(r) = &config.reuse
-                && *r.get_ref() == 0
-            {
-                return Err(self.invalid(
-                    r.span(),
-                    &format!("{key}.reuse"),
-                    "must be at least 1 (1 means a fresh instance per request)".into(),
-                ));
-            }
+            self.check_component(&name, &config)?;
             self.components.insert(name.into_inner(), config);
         }
         if let Some(mqtt) = &self.mqtt {
             self.check_mqtt(mqtt)?;
         }
+        self.check_dead_letters()?;
+        let triggers = self.triggers.clone();
+        for (i, t) in triggers.http.iter().enumerate() {
+            let key = format!("trigger.http[{i}]");
+            for component in t.components() {
+                self.check_component_ref(component, &key)?;
+            }
+        }
+        if let Some(http) = &self.http {
+            self.check_http_limits(http)?;
+        }
+        for (i, t) in triggers.mqtt.iter().enumerate() {
+            self.check_mqtt_trigger(&format!("trigger.mqtt[{i}]"), t)?;
+        }
+        for (i, t) in triggers.timer.iter().enumerate() {
+            self.check_timer_trigger(&format!("trigger.timer[{i}]"), t)?;
+        }
+        Ok(self)
+    }
+
+    /// `[component.NAME]`: its name, source, limits, grants and reuse.
+    fn check_component(
+        &self,
+        name: &Spanned<String>,
+        config: &ComponentConfig,
+    ) -> Result<(), ManifestError> {
+        let key = format!("component.{}", name.get_ref());
+        if let Err(message) = validate_component_name(name.get_ref()) {
+            return Err(self.invalid(name.span(), &key, message));
+        }
+        if config.source.get_ref().as_os_str().is_empty() {
+            return Err(self.invalid(
+                config.source.span(),
+                &format!("{key}.source"),
+                "the path is empty".into(),
+            ));
+        }
+        if let Err(message) = config.limits.get_ref().resolve().validate() {
+            return Err(self.invalid(config.limits.span(), &format!("{key}.limits"), message));
+        }
+        for filter in config.allow.mqtt_publish.iter().flatten() {
+            if let Err(message) = TopicFilter::parse(filter.get_ref()) {
+                return Err(self.invalid(
+                    filter.span(),
+                    &format!("{key}.allow.mqtt_publish"),
+                    message,
+                ));
+            }
+        }
+        for host in config.allow.outbound_http.iter().flatten() {
+            let h = host.get_ref();
+            if h.is_empty() || h.contains(['/', ' ']) {
+                return Err(self.invalid(
+                    host.span(),
+                    &format!("{key}.allow.outbound_http"),
+                    format!("{h:?} is not a host name (write e.g. \"api.example.com\" or \"*.example.com\")"),
+                ));
+            }
+        }
+        if let Some(r) = &config.reuse
+            && *r.get_ref() == 0
+        {
+            return Err(self.invalid(
+                r.span(),
+                &format!("{key}.reuse"),
+                "must be at least 1 (1 means a fresh instance per request)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `[dead_letters]`: bounds and the topic records are published to.
+    fn check_dead_letters(&self) -> Result<(), ManifestError> {
         if let Some(m) = &self.dead_letters.max_records
             && *m.get_ref() == 0
         {
@@ -625,159 +655,162 @@ impl Manifest {
         {
             return Err(self.invalid(t.span(), "dead_letters.mqtt_topic", message));
         }
-        let triggers = self.triggers.clone();
-        for (i, t) in triggers.http.iter().enumerate() {
-            let key = format!("trigger.http[{i}]");
-            for component in t.components() {
-                self.check_component_ref(component, &key)?;
-            }
+        Ok(())
+    }
+
+    /// One `[[trigger.mqtt]]`.
+    fn check_mqtt_trigger(&self, key: &str, t: &MqttTrigger) -> Result<(), ManifestError> {
+        self.check_component_ref(&t.component, key)?;
+        if let Err(message) = TopicFilter::parse(t.topic.get_ref()) {
+            return Err(self.invalid(t.topic.span(), &format!("{key}.topic"), message));
         }
-        if let Some(http) = &self.http {
-            self.check_http_limits(http)?;
+        if *t.qos.get_ref() > 2 {
+            return Err(self.invalid(
+                t.qos.span(),
+                &format!("{key}.qos"),
+                format!("{} is not a QoS: use 0, 1 or 2", t.qos.get_ref()),
+            ));
         }
-        for (i, t) in triggers.mqtt.iter().enumerate() {
-            let key = format!("trigger.mqtt[{i}]");
-            self.check_component_ref(&t.component, &key)?;
-            if let Err(message) = TopicFilter::parse(t.topic.get_ref()) {
-                return Err(self.invalid(t.topic.span(), &format!("{key}.topic"), message));
-            }
-            if *t.qos.get_ref() > 2 {
+        if let Some(m) = &t.max_in_flight {
+            if *m.get_ref() == 0 || *m.get_ref() > 10_000 {
                 return Err(self.invalid(
-                    t.qos.span(),
-                    &format!("{key}.qos"),
-                    format!("{} is not a QoS: use 0, 1 or 2", t.qos.get_ref()),
+                    m.span(),
+                    &format!("{key}.max_in_flight"),
+                    format!("{} is out of range: use 1 to 10000", m.get_ref()),
                 ));
             }
-            if let Some(m) = &t.max_in_flight {
-                if *m.get_ref() == 0 || *m.get_ref() > 10_000 {
-                    return Err(self.invalid(
-                        m.span(),
-                        &format!("{key}.max_in_flight"),
-                        format!("{} is out of range: use 1 to 10000", m.get_ref()),
-                    ));
-                }
-                if t.ordered {
-                    return Err(self.invalid(
-                        m.span(),
-                        &format!("{key}.max_in_flight"),
-                        "`ordered = true` handles one message at a time; remove one of the two"
-                            .into(),
-                    ));
-                }
-            }
-            if let Some(r) = &t.retry {
-                r.check(&self, &format!("{key}.retry"))?;
-            }
-        }
-        for (i, t) in triggers.timer.iter().enumerate() {
-            let key = format!("trigger.timer[{i}]");
-            if let Some(start) = &t.start_at {
-                if t.every.is_none() {
-                    return Err(self.invalid(
-                        start.span(),
-                        &format!("{key}.start_at"),
-                        "`start_at` anchors an `every` interval; it does not apply to `cron`"
-                            .into(),
-                    ));
-                }
-                if chrono::DateTime::parse_from_rfc3339(start.get_ref()).is_err() {
-                    return Err(self.invalid(
-                        start.span(),
-                        &format!("{key}.start_at"),
-                        format!(
-                            "{:?} is not an RFC 3339 time (write e.g. \"2026-01-01T00:00:00Z\")",
-                            start.get_ref()
-                        ),
-                    ));
-                }
-            }
-            if let Some(max) = &t.max_catch_up {
-                if t.catch_up != CatchUp::All {
-                    return Err(self.invalid(
-                        max.span(),
-                        &format!("{key}.max_catch_up"),
-                        "applies only with catch_up = \"all\"".into(),
-                    ));
-                }
-                if *max.get_ref() == 0 {
-                    return Err(self.invalid(
-                        max.span(),
-                        &format!("{key}.max_catch_up"),
-                        "must be at least 1 (use catch_up = \"skip\" to run none)".into(),
-                    ));
-                }
-            }
-            if let Some(d) = &t.starting_deadline
-                && d.get_ref().0.is_zero()
-            {
+            if t.ordered {
                 return Err(self.invalid(
-                    d.span(),
-                    &format!("{key}.starting_deadline"),
-                    "must be greater than zero".into(),
+                    m.span(),
+                    &format!("{key}.max_in_flight"),
+                    "`ordered = true` handles one message at a time; remove one of the two".into(),
                 ));
             }
-            if let Some(r) = &t.retry {
-                r.check(&self, &format!("{key}.retry"))?;
-            }
-            self.check_component_ref(&t.component, &key)?;
-            match (&t.cron, &t.every) {
-                (Some(_), Some(every)) => {
-                    return Err(self.invalid(
-                        every.span(),
-                        &key,
-                        "set either `cron` or `every`, not both".into(),
-                    ));
-                }
-                (None, None) => {
-                    return Err(self.invalid(
-                        t.component.span(),
-                        &key,
-                        "a timer needs `cron = \"...\"` or `every = \"30s\"`".into(),
-                    ));
-                }
-                (Some(cron), None) => {
-                    let parser = croner::parser::CronParser::builder()
-                        .year(croner::parser::Year::Disallowed)
-                        .build();
-                    if let Err(e) = parser.parse(cron.get_ref()) {
-                        return Err(self.invalid(
-                            cron.span(),
-                            &format!("{key}.cron"),
-                            format!("{:?} is not a cron expression: {e}", cron.get_ref()),
-                        ));
-                    }
-                }
-                (None, Some(every)) => {
-                    if every.get_ref().0.is_zero() {
-                        return Err(self.invalid(
-                            every.span(),
-                            &format!("{key}.every"),
-                            "the interval must be greater than zero".into(),
-                        ));
-                    }
-                }
-            }
-            if let Some(tz) = &t.timezone
-                && tz.get_ref().parse::<chrono_tz::Tz>().is_err()
-            {
+        }
+        if let Some(r) = &t.retry {
+            r.check(self, &format!("{key}.retry"))?;
+        }
+        Ok(())
+    }
+
+    /// One `[[trigger.timer]]`: its options, then its schedule.
+    fn check_timer_trigger(&self, key: &str, t: &TimerTrigger) -> Result<(), ManifestError> {
+        if let Some(start) = &t.start_at {
+            if t.every.is_none() {
                 return Err(self.invalid(
-                    tz.span(),
-                    &format!("{key}.timezone"),
+                    start.span(),
+                    &format!("{key}.start_at"),
+                    "`start_at` anchors an `every` interval; it does not apply to `cron`".into(),
+                ));
+            }
+            if chrono::DateTime::parse_from_rfc3339(start.get_ref()).is_err() {
+                return Err(self.invalid(
+                    start.span(),
+                    &format!("{key}.start_at"),
                     format!(
-                        "{:?} is not an IANA time zone (write e.g. \"Europe/Berlin\" or \"UTC\")",
-                        tz.get_ref()
+                        "{:?} is not an RFC 3339 time (write e.g. \"2026-01-01T00:00:00Z\")",
+                        start.get_ref()
                     ),
                 ));
             }
         }
-        Ok(self)
+        if let Some(max) = &t.max_catch_up {
+            if t.catch_up != CatchUp::All {
+                return Err(self.invalid(
+                    max.span(),
+                    &format!("{key}.max_catch_up"),
+                    "applies only with catch_up = \"all\"".into(),
+                ));
+            }
+            if *max.get_ref() == 0 {
+                return Err(self.invalid(
+                    max.span(),
+                    &format!("{key}.max_catch_up"),
+                    "must be at least 1 (use catch_up = \"skip\" to run none)".into(),
+                ));
+            }
+        }
+        if let Some(d) = &t.starting_deadline
+            && d.get_ref().0.is_zero()
+        {
+            return Err(self.invalid(
+                d.span(),
+                &format!("{key}.starting_deadline"),
+                "must be greater than zero".into(),
+            ));
+        }
+        if let Some(r) = &t.retry {
+            r.check(self, &format!("{key}.retry"))?;
+        }
+        self.check_component_ref(&t.component, key)?;
+        self.check_timer_schedule(key, t)
     }
 
-    #[expect(
-        clippy::too_many_lines,
-        reason = "one check per [mqtt] key, in the order of the docs; each is a few lines, and splitting them apart would scatter that order"
-    )]
+    /// A timer's `cron` or `every`, and its time zone.
+    fn check_timer_schedule(&self, key: &str, t: &TimerTrigger) -> Result<(), ManifestError> {
+        match (&t.cron, &t.every) {
+            (Some(_), Some(every)) => {
+                return Err(self.invalid(
+                    every.span(),
+                    key,
+                    "set either `cron` or `every`, not both".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(self.invalid(
+                    t.component.span(),
+                    key,
+                    "a timer needs `cron = \"...\"` or `every = \"30s\"`".into(),
+                ));
+            }
+            (Some(cron), None) => {
+                let parser = croner::parser::CronParser::builder()
+                    .year(croner::parser::Year::Disallowed)
+                    .build();
+                if let Err(e) = parser.parse(cron.get_ref()) {
+                    return Err(self.invalid(
+                        cron.span(),
+                        &format!("{key}.cron"),
+                        format!("{:?} is not a cron expression: {e}", cron.get_ref()),
+                    ));
+                }
+            }
+            (None, Some(every)) => {
+                if every.get_ref().0.is_zero() {
+                    return Err(self.invalid(
+                        every.span(),
+                        &format!("{key}.every"),
+                        "the interval must be greater than zero".into(),
+                    ));
+                }
+            }
+        }
+        if let Some(tz) = &t.timezone
+            && tz.get_ref().parse::<chrono_tz::Tz>().is_err()
+        {
+            return Err(self.invalid(
+                tz.span(),
+                &format!("{key}.timezone"),
+                format!(
+                    "{:?} is not an IANA time zone (write e.g. \"Europe/Berlin\" or \"UTC\")",
+                    tz.get_ref()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `[mqtt]`: protocol version, spool and embedded broker, broker
+    /// address and TLS files, then the session settings.
     fn check_mqtt(&self, mqtt: &MqttConfig) -> Result<(), ManifestError> {
+        self.check_mqtt_version(mqtt)?;
+        self.check_mqtt_spool(mqtt)?;
+        self.check_mqtt_broker(mqtt)?;
+        self.check_mqtt_session(mqtt)
+    }
+
+    /// `version`, and the MQTT 5 settings 3.1.1 cannot send.
+    fn check_mqtt_version(&self, mqtt: &MqttConfig) -> Result<(), ManifestError> {
         let version = *mqtt.version.get_ref();
         match version {
             5 => {}
@@ -812,6 +845,11 @@ impl Manifest {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// `spool` bounds and `embedded` broker settings.
+    fn check_mqtt_spool(&self, mqtt: &MqttConfig) -> Result<(), ManifestError> {
         for (key, value) in [
             (
                 "mqtt.spool.max_messages",
@@ -850,6 +888,11 @@ impl Manifest {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// `broker`, and the TLS files an `mqtts://` broker needs (and only it).
+    fn check_mqtt_broker(&self, mqtt: &MqttConfig) -> Result<(), ManifestError> {
         let tls = match BrokerUrl::parse(mqtt.broker.get_ref()) {
             Ok(url) => url.map(|u| u.tls),
             Err(message) => return Err(self.invalid(mqtt.broker.span(), "mqtt.broker", message)),
@@ -889,6 +932,11 @@ impl Manifest {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// Credentials, client id, keep-alive, session expiry, Receive Maximum.
+    fn check_mqtt_session(&self, mqtt: &MqttConfig) -> Result<(), ManifestError> {
         if let Some(p) = &mqtt.password
             && mqtt.username.is_none()
         {

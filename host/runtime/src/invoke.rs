@@ -1,6 +1,15 @@
 //! One invocation: a fresh `Store` and instance under the component's limits,
 //! and exactly one [`Outcome`], whatever the guest does.
 //!
+//! [`Invocable::invoke`] is the one path every trigger takes: an MQTT
+//! message, a timer tick, a queued event or a replayed dead letter (an
+//! [`Event`]), and the HTTP trigger's streaming requests (an
+//! [`HttpExchange`]). So the limits, the outcome (an HTTP guest that answers
+//! with an error code or not at all has failed), instance reuse (`reuse`:
+//! only a successful invocation's instance is kept, decided once the outcome
+//! is final), logging and publishing (to the one [`PublishSink`]) are the
+//! same whatever caused an invocation.
+//!
 //! The limits and how each is enforced:
 //!
 //! - **fuel**: the store gets the component's budget; running out traps with
@@ -1040,19 +1049,10 @@ async fn collect_response(response: hyper::Response<HyperOutgoingBody>) -> HttpR
 }
 
 /// Logs one line with an invocation's outcome, then the guest's output, one
-/// line each, tagged with the invocation id.
-pub fn log_outcome(outcome: &Outcome) {
-    log_invocation(outcome, false);
-}
-
-/// Like [`log_outcome`], for HTTP requests: a request that succeeded logs
-/// its `invocation` line at debug level (HTTP is high volume; set
-/// `WASMGATE_LOG=info,wasmgate::invocation=debug` to see every one); a
-/// failed one at info, and what the guest wrote always at info.
-pub fn log_http_outcome(outcome: &Outcome) {
-    log_invocation(outcome, true);
-}
-
+/// line each, tagged with the invocation id. With `quiet_success` (HTTP
+/// exchanges, which are high volume) a success logs its `invocation` line at
+/// debug level (set `WASMGATE_LOG=info,wasmgate::invocation=debug` to see
+/// every one); a failure, and what the guest wrote, always at info.
 fn log_invocation(outcome: &Outcome, quiet_success: bool) {
     macro_rules! line {
         ($level:ident) => {

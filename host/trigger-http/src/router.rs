@@ -593,40 +593,18 @@ impl Template {
     }
 }
 
-#[expect(
-    clippy::too_many_lines,
-    reason = "compiles each condition of one rule (host, path, methods, headers, query, source IP, action) in the manifest's order; each step names its key"
-)]
+/// How a rule's checks report an error: the span, the field under the
+/// rule's key (e.g. `.path`), and the message.
+type RuleError<'a> = &'a dyn Fn(Range<usize>, &str, String) -> ManifestError;
+
+/// Compiles one rule, checking its conditions and its action in the
+/// manifest's order; each error names its key.
 fn compile_rule(manifest: &Manifest, index: usize, t: &HttpTrigger) -> Result<Rule, ManifestError> {
     let key = format!("trigger.http[{index}]");
     let err = |span: Range<usize>, field: &str, message: String| {
         manifest.invalid(span, &format!("{key}{field}"), message)
     };
-
-    let actions: Vec<&str> = [
-        ("component", t.component.is_some()),
-        ("targets", t.targets.is_some()),
-        ("fixed_response", t.fixed_response.is_some()),
-        ("redirect", t.redirect.is_some()),
-    ]
-    .into_iter()
-    .filter_map(|(name, set)| set.then_some(name))
-    .collect();
-    if actions.len() != 1 {
-        let found = if actions.is_empty() {
-            "none".to_string()
-        } else {
-            actions.join(" and ")
-        };
-        return Err(err(
-            t.priority.span(),
-            "",
-            format!(
-                "a rule needs exactly one action: component, targets, fixed_response or redirect (found {found})"
-            ),
-        ));
-    }
-
+    one_action(t, &err)?;
     let patterns = |value: &Option<Spanned<OneOrMany>>,
                     field: &str,
                     compile: &dyn Fn(&str) -> Result<(), String>|
@@ -651,7 +629,53 @@ fn compile_rule(manifest: &Manifest, index: usize, t: &HttpTrigger) -> Result<Ru
         .iter()
         .map(|p| PathPattern::new(p).expect("checked"))
         .collect();
+    let methods = compile_methods(t, &err)?;
+    let (headers, query) = compile_header_and_query(t, &err)?;
+    let sources = compile_sources(t, &err)?;
+    let action = compile_action(t, &err)?;
+    Ok(Rule {
+        index,
+        priority: *t.priority.get_ref(),
+        hosts,
+        paths,
+        methods,
+        headers,
+        query,
+        sources,
+        action,
+    })
+}
 
+/// A rule has exactly one action.
+fn one_action(t: &HttpTrigger, err: RuleError<'_>) -> Result<(), ManifestError> {
+    let actions: Vec<&str> = [
+        ("component", t.component.is_some()),
+        ("targets", t.targets.is_some()),
+        ("fixed_response", t.fixed_response.is_some()),
+        ("redirect", t.redirect.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
+    .collect();
+    if actions.len() != 1 {
+        let found = if actions.is_empty() {
+            "none".to_string()
+        } else {
+            actions.join(" and ")
+        };
+        return Err(err(
+            t.priority.span(),
+            "",
+            format!(
+                "a rule needs exactly one action: component, targets, fixed_response or redirect (found {found})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `methods`: upper-case tokens.
+fn compile_methods(t: &HttpTrigger, err: RuleError<'_>) -> Result<Vec<String>, ManifestError> {
     let mut methods = Vec::new();
     for m in &t.methods {
         let ok = !m.get_ref().is_empty() && m.get_ref().bytes().all(|b| b.is_ascii_uppercase());
@@ -667,7 +691,17 @@ fn compile_rule(manifest: &Manifest, index: usize, t: &HttpTrigger) -> Result<Ru
         }
         methods.push(m.get_ref().clone());
     }
+    Ok(methods)
+}
 
+/// Headers and query parameters alike: a name and its value patterns.
+type Conditions = Vec<(String, Vec<Pattern>)>;
+
+/// `headers` and `query`.
+fn compile_header_and_query(
+    t: &HttpTrigger,
+    err: RuleError<'_>,
+) -> Result<(Conditions, Conditions), ManifestError> {
     let mut headers = Vec::new();
     for (name, values) in &t.headers {
         let field = format!(".headers.{name}");
@@ -687,7 +721,11 @@ fn compile_rule(manifest: &Manifest, index: usize, t: &HttpTrigger) -> Result<Ru
         let compiled = compile_values(values, &|m| err(values.span(), &field, m))?;
         query.push((k.clone(), compiled));
     }
+    Ok((headers, query))
+}
 
+/// `source_ip`: CIDR ranges or single addresses.
+fn compile_sources(t: &HttpTrigger, err: RuleError<'_>) -> Result<Vec<IpNet>, ManifestError> {
     let mut sources = Vec::new();
     for s in &t.source_ip {
         let text = s.get_ref().trim();
@@ -705,8 +743,13 @@ fn compile_rule(manifest: &Manifest, index: usize, t: &HttpTrigger) -> Result<Ru
             })?;
         sources.push(net.trunc());
     }
+    Ok(sources)
+}
 
-    let action = if let Some(c) = &t.component {
+/// The rule's one action: a component (or weighted targets), a fixed
+/// response or a redirect.
+fn compile_action(t: &HttpTrigger, err: RuleError<'_>) -> Result<Action, ManifestError> {
+    Ok(if let Some(c) = &t.component {
         Action::Forward {
             targets: vec![(c.get_ref().clone(), 1)],
         }
@@ -779,18 +822,6 @@ fn compile_rule(manifest: &Manifest, index: usize, t: &HttpTrigger) -> Result<Ru
         Action::Redirect { status, location }
     } else {
         unreachable!("exactly one action was checked above")
-    };
-
-    Ok(Rule {
-        index,
-        priority: *t.priority.get_ref(),
-        hosts,
-        paths,
-        methods,
-        headers,
-        query,
-        sources,
-        action,
     })
 }
 

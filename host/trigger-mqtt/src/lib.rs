@@ -539,7 +539,7 @@ impl MqttTriggers {
     /// are spawned on `tasks`.
     #[expect(
         clippy::too_many_lines,
-        reason = "the connection's whole life (start-up, the event loop's one owner, reconnects, shutdown order) in sequence; the parts share its state; to split further"
+        reason = "the event loop's one owner: every event of the connection is handled in one match, in the order the loop sees them, around state only this loop may touch"
     )]
     pub async fn run(mut self, tasks: TaskTracker, shutdown: CancellationToken) {
         let (client, mut eventloop) = self.options.connect();
@@ -556,26 +556,7 @@ impl MqttTriggers {
             inflight: Default::default(),
         });
         let dispatched = CancellationToken::new();
-        // The outbox stays open until the MQTT deliveries are done: they
-        // publish through it (and so may their dead letters).
-        // `Some(outbox task)`: read until the deliveries are done, then the
-        // spool is stopped here; `None`: the late task stops it.
-        let outbox_rx = self.outbox_rx.take().expect("run takes the outbox once");
-        let outbox = match self.outbox_until.take() {
-            Some((closed, late)) => {
-                let publisher = publisher.clone();
-                late.spawn(async move {
-                    drain_outbox(outbox_rx, publisher.clone(), closed).await;
-                    publisher.stop().await;
-                });
-                None
-            }
-            None => Some(tokio::spawn(drain_outbox(
-                outbox_rx,
-                publisher.clone(),
-                dispatched.clone(),
-            ))),
-        };
+        let outbox = self.drain_outbox_until_done(&publisher, &dispatched);
         let filters: Vec<(TopicFilter, u8)> = self
             .specs
             .iter()
@@ -593,30 +574,7 @@ impl MqttTriggers {
             shutdown.clone(),
             dispatched.clone(),
         ));
-        // Once the dispatcher is done, every due ack is handed over and the
-        // broker acknowledged the host's publishes (or
-        // PUBLISH_SETTLE_TIMEOUT passed), a DISCONNECT (queued behind the
-        // acks) ends the session cleanly.
-        {
-            let shared = shared.clone();
-            let dispatched = dispatched.clone();
-            tasks.spawn(async move {
-                dispatched.cancelled().await;
-                // What still waits in the spool stays there for the next
-                // start; only what is on the wire is waited for.
-                shared.publisher.pause();
-                let give_up = tokio::time::Instant::now() + PUBLISH_SETTLE_TIMEOUT;
-                loop {
-                    let acks_out = shared.acks.lock().expect("acks lock").backlog.is_empty();
-                    let settled = shared.inflight.load(Ordering::Relaxed) == 0;
-                    if (acks_out && settled) || tokio::time::Instant::now() >= give_up {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                shared.publisher.client().disconnect().await;
-            });
-        }
+        spawn_disconnect(&tasks, shared.clone(), dispatched.clone());
         let broker = self.options.broker();
         let mut backoff = Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX, 0.5);
         let mut subacks_expected = 0usize;
@@ -631,18 +589,7 @@ impl MqttTriggers {
                     tracing::info!(%broker, session_present, "MQTT connected");
                     publisher.connected(requeue);
                     subacks_expected = subs.len();
-                    let client = client.clone();
-                    let subs = subs.clone();
-                    tokio::spawn(async move {
-                        for (i, s) in subs.iter().enumerate() {
-                            if !client
-                                .subscribe(&s.filter.raw, s.qos, Subscription::identifier(i))
-                                .await
-                            {
-                                break;
-                            }
-                        }
-                    });
+                    subscribe_all(client.clone(), subs.clone());
                 }
                 Ok(ConnEvent::SubAck { refused }) => {
                     for reason in &refused {
@@ -681,20 +628,7 @@ impl MqttTriggers {
                 Ok(ConnEvent::Other) => {}
                 Err(e) => {
                     self.stats.connection_errors.fetch_add(1, Ordering::Relaxed);
-                    {
-                        // Under the lock: no delivery can hand over an ack
-                        // between here and the new generation.
-                        let mut acks = shared.acks.lock().expect("acks lock");
-                        acks.generation += 1;
-                        let dropped = acks.tracker.len() as u64;
-                        acks.tracker.clear();
-                        acks.backlog.clear();
-                        self.stats
-                            .acks_discarded
-                            .fetch_add(dropped, Ordering::Relaxed);
-                        publisher.disconnected(|| eventloop.clean(Some(&e)));
-                        shared.inflight.store(0, Ordering::Relaxed);
-                    }
+                    shared.connection_lost(|| eventloop.clean(Some(&e)));
                     if dispatched.is_cancelled() || shutdown.is_cancelled() {
                         break;
                     }
@@ -728,6 +662,33 @@ impl MqttTriggers {
         if let Some(outbox) = outbox {
             let _ = outbox.await;
             publisher.stop().await;
+        }
+    }
+
+    /// Reads the outbox until the MQTT deliveries are done (they publish
+    /// through it, and so may their dead letters): `Some(task)` then stops
+    /// the spool in `run`; with [`Self::outbox_open_until`] a task on `late`
+    /// reads it until `closed` and stops the spool itself (`None`).
+    fn drain_outbox_until_done(
+        &mut self,
+        publisher: &Arc<Publisher>,
+        dispatched: &CancellationToken,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let outbox_rx = self.outbox_rx.take().expect("run takes the outbox once");
+        match self.outbox_until.take() {
+            Some((closed, late)) => {
+                let publisher = publisher.clone();
+                late.spawn(async move {
+                    drain_outbox(outbox_rx, publisher.clone(), closed).await;
+                    publisher.stop().await;
+                });
+                None
+            }
+            None => Some(tokio::spawn(drain_outbox(
+                outbox_rx,
+                publisher.clone(),
+                dispatched.clone(),
+            ))),
         }
     }
 
@@ -778,6 +739,64 @@ impl MqttTriggers {
     }
 }
 
+/// Once the dispatcher is done, every due ack is handed over and the
+/// broker acknowledged the host's publishes (or PUBLISH_SETTLE_TIMEOUT
+/// passed), a DISCONNECT (queued behind the acks) ends the session cleanly.
+fn spawn_disconnect(tasks: &TaskTracker, shared: Arc<Shared>, dispatched: CancellationToken) {
+    tasks.spawn(async move {
+        dispatched.cancelled().await;
+        // What still waits in the spool stays there for the next
+        // start; only what is on the wire is waited for.
+        shared.publisher.pause();
+        let give_up = tokio::time::Instant::now() + PUBLISH_SETTLE_TIMEOUT;
+        loop {
+            let acks_out = shared.acks.lock().expect("acks lock").backlog.is_empty();
+            let settled = shared.inflight.load(Ordering::Relaxed) == 0;
+            if (acks_out && settled) || tokio::time::Instant::now() >= give_up {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        shared.publisher.client().disconnect().await;
+    });
+}
+
+/// Subscribes to every filter, in a task (the event loop must keep polling
+/// for the SUBACKs).
+fn subscribe_all(client: publish::Client, subs: Arc<Vec<Subscription>>) {
+    tokio::spawn(async move {
+        for (i, s) in subs.iter().enumerate() {
+            if !client
+                .subscribe(&s.filter.raw, s.qos, Subscription::identifier(i))
+                .await
+            {
+                break;
+            }
+        }
+    });
+}
+
+impl Shared {
+    /// The connection dropped: its unsent acks are discarded (their packet
+    /// ids mean other messages on the next connection; the broker
+    /// redelivers those messages), and the publisher learns what the broker
+    /// had not acknowledged (`clean`).
+    fn connection_lost(&self, clean: impl FnOnce() -> connection::Cleaned) {
+        // Under the lock: no delivery can hand over an ack between here and
+        // the new generation.
+        let mut acks = self.acks.lock().expect("acks lock");
+        acks.generation += 1;
+        let dropped = acks.tracker.len() as u64;
+        acks.tracker.clear();
+        acks.backlog.clear();
+        self.stats
+            .acks_discarded
+            .fetch_add(dropped, Ordering::Relaxed);
+        self.publisher.disconnected(clean);
+        self.inflight.store(0, Ordering::Relaxed);
+    }
+}
+
 /// Hands the outbox's publishes to the publisher in order until `done`;
 /// then hands over what is already queued and stops. Each sender learns
 /// what became of its message without holding up the next one.
@@ -806,13 +825,71 @@ async fn drain_outbox(
     }
 }
 
+/// Delivers one message to one trigger (retries and dead letter included),
+/// redelivering it while its dead letter cannot be written; once settled,
+/// hands its ack over (sent in arrival order). `permit` is the trigger's
+/// in-flight slot, held until then.
+async fn deliver_message(
+    spec: MqttSpec,
+    shared: Arc<Shared>,
+    dead_letters: Option<Arc<DeadLetterStore>>,
+    message: MqttMessage,
+    ack: Option<(u64, u64, u16)>,
+    shutdown: CancellationToken,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let trigger = format!("mqtt:{}", spec.filter.raw);
+    let stats = &shared.stats;
+    let d = loop {
+        // A retry's wait ends on shutdown: the message then
+        // stays unacknowledged and the broker redelivers it.
+        let d = deliver_until(
+            &spec.component,
+            Event::Mqtt(message.clone()),
+            InvocationContext::new(trigger.clone()),
+            &spec.retry,
+            dead_letters.as_deref(),
+            &shutdown,
+        )
+        .await;
+        if d.settled || shutdown.is_cancelled() {
+            break d;
+        }
+        // The dead letter could not be written (a full disk?).
+        // Acking would lose the message and not acking holds back
+        // every later ack, so deliver it again until it settles;
+        // on shutdown it stays unacknowledged and the broker
+        // redelivers it at the next start.
+        stats.unsettled.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(component = %spec.component.name, trigger = %spec.label, retry_in_s = UNSETTLED_RETRY.as_secs(), "the message failed and could not be dead-lettered; it stays unacknowledged and is delivered again");
+        tokio::select! {
+            _ = shutdown.cancelled() => break d,
+            _ = tokio::time::sleep(UNSETTLED_RETRY) => {}
+        }
+    };
+    stats
+        .publish_denied
+        .fetch_add(d.outcome.publish_denied, Ordering::Relaxed);
+    if d.outcome.is_ok() {
+        // The invocation handed its publishes to the sink, and
+        // they are sent or spooled: the ack may go.
+        stats.succeeded.fetch_add(1, Ordering::Relaxed);
+    } else if d.settled {
+        stats.failed.fetch_add(1, Ordering::Relaxed);
+    }
+    if !d.settled {
+        drop(permit);
+        return;
+    }
+    if let Some((generation, seq, pkid)) = ack {
+        shared.settle(generation, seq, pkid);
+    }
+    drop(permit);
+}
+
 /// Takes arrivals in order and starts their deliveries under each trigger's
 /// in-flight bound. On shutdown it stops taking arrivals and waits for the
 /// deliveries it started.
-#[expect(
-    clippy::too_many_lines,
-    reason = "the dispatcher's loop and the delivery it spawns share one set of captured handles; the delivery's settle-then-ack order reads best in one place"
-)]
 async fn dispatch(
     mut rx: mpsc::Receiver<Arrival>,
     specs: Arc<Vec<MqttSpec>>,
@@ -856,61 +933,15 @@ async fn dispatch(
                 }
                 continue;
             }
-            let spec = specs[r].clone();
-            let shared = shared.clone();
-            let dead_letters = dead_letters.clone();
-            let message = arrival.message.clone();
-            let ack = arrival.ack;
-            let shutdown = shutdown.clone();
-            let delivery = async move {
-                let trigger = format!("mqtt:{}", spec.filter.raw);
-                let stats = &shared.stats;
-                let d = loop {
-                    // A retry's wait ends on shutdown: the message then
-                    // stays unacknowledged and the broker redelivers it.
-                    let d = deliver_until(
-                        &spec.component,
-                        Event::Mqtt(message.clone()),
-                        InvocationContext::new(trigger.clone()),
-                        &spec.retry,
-                        dead_letters.as_deref(),
-                        &shutdown,
-                    )
-                    .await;
-                    if d.settled || shutdown.is_cancelled() {
-                        break d;
-                    }
-                    // The dead letter could not be written (a full disk?).
-                    // Acking would lose the message and not acking holds back
-                    // every later ack, so deliver it again until it settles;
-                    // on shutdown it stays unacknowledged and the broker
-                    // redelivers it at the next start.
-                    stats.unsettled.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(component = %spec.component.name, trigger = %spec.label, retry_in_s = UNSETTLED_RETRY.as_secs(), "the message failed and could not be dead-lettered; it stays unacknowledged and is delivered again");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break d,
-                        _ = tokio::time::sleep(UNSETTLED_RETRY) => {}
-                    }
-                };
-                stats
-                    .publish_denied
-                    .fetch_add(d.outcome.publish_denied, Ordering::Relaxed);
-                if d.outcome.is_ok() {
-                    // The invocation handed its publishes to the sink, and
-                    // they are sent or spooled: the ack may go.
-                    stats.succeeded.fetch_add(1, Ordering::Relaxed);
-                } else if d.settled {
-                    stats.failed.fetch_add(1, Ordering::Relaxed);
-                }
-                if !d.settled {
-                    drop(permit);
-                    return;
-                }
-                if let Some((generation, seq, pkid)) = ack {
-                    shared.settle(generation, seq, pkid);
-                }
-                drop(permit);
-            };
+            let delivery = deliver_message(
+                specs[r].clone(),
+                shared.clone(),
+                dead_letters.clone(),
+                arrival.message.clone(),
+                arrival.ack,
+                shutdown.clone(),
+                permit,
+            );
             tracing::debug!(trigger = %specs[r].label, topic = %arrival.message.topic, "MQTT delivery started");
             inflight.spawn(tasks.track_future(delivery));
         }
