@@ -49,6 +49,10 @@ pub async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The embedded broker, if `up` runs one, and the options (with the Receive
+/// Maximum) of the client connection, if `up` needs one.
+type Connection = (Option<EmbeddedBroker>, Option<(ClientOptions, u16)>);
+
 /// A running gateway: a deployment with its stores and triggers.
 pub struct Gateway {
     deployment: Deployment,
@@ -200,9 +204,7 @@ impl Gateway {
 /// `[mqtt]` the broker defaults to "embedded" too; it starts when MQTT
 /// triggers need it or `[mqtt]` asks for it. Components that may publish, and
 /// a dead-letter topic, need the connection too, when there is an `[mqtt]`.
-async fn mqtt_connection(
-    m: &Manifest,
-) -> Result<(Option<EmbeddedBroker>, Option<(ClientOptions, u16)>), Fatal> {
+async fn mqtt_connection(m: &Manifest) -> Result<Connection, Fatal> {
     let mqtt_config = m.mqtt.clone().unwrap_or_default();
     let wants_embedded =
         mqtt_config.is_embedded() && (m.mqtt.is_some() || !m.triggers.mqtt.is_empty());
@@ -300,13 +302,7 @@ async fn start_embedded_broker(
     m: &Manifest,
     config: &wasmgate_manifest::MqttConfig,
     needs_client: bool,
-) -> Result<
-    (
-        Option<EmbeddedBroker>,
-        Option<(wasmgate_trigger_mqtt::ClientOptions, u16)>,
-    ),
-    Fatal,
-> {
+) -> Result<Connection, Fatal> {
     let mut options = wasmgate_trigger_mqtt::broker::EmbeddedOptions::default();
     if let Some(e) = &config.embedded {
         let e = e.get_ref();
@@ -347,13 +343,7 @@ async fn start_embedded_broker(
     m: &Manifest,
     _config: &wasmgate_manifest::MqttConfig,
     _needs_client: bool,
-) -> Result<
-    (
-        Option<EmbeddedBroker>,
-        Option<(wasmgate_trigger_mqtt::ClientOptions, u16)>,
-    ),
-    Fatal,
-> {
+) -> Result<Connection, Fatal> {
     Err(Fatal(format!(
         "{}: mqtt.broker = \"embedded\": this build has no embedded broker (cargo feature `embedded-broker`); set broker = \"mqtt://host:1883\"",
         m.path.display()
