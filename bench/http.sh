@@ -13,7 +13,8 @@
 #   2. Finds `wasmtime` 48.0.8: $WASMTIME if set, else target/bench-tools/bin,
 #      else `wasmtime` on PATH; if none is 48.0.8 it installs it with
 #      `cargo install --locked --root target/bench-tools wasmtime-cli@48.0.8`.
-#   3. For R rounds, runs each server in turn (same order every round), warms
+#   3. For R rounds, runs each server in turn (each round starts one server
+#      later than the round before, so none always runs first), warms
 #      it up for WARMUP s, then measures D s with `wrk -t2 -c32 --latency`:
 #        wasmgate-fresh   wasmgate, a fresh instance per request (the default)
 #        wasmgate-reuse   wasmgate, `reuse = 1000` on the component
@@ -28,7 +29,9 @@
 #      peak RSS (VmHWM from /proc/PID/status at the end of the run), and the
 #      non-2xx responses and socket errors wrk saw (a run with any is flagged).
 #   5. Prints a markdown table of the medians across rounds per server, with
-#      rps ratios against `wasmtime serve` default and against native axum.
+#      rps ratios against `wasmtime serve` default and against native axum,
+#      and the rps ratio of each round (wasmgate against base, wasmtime serve
+#      and axum) computed within that round.
 #
 # Knobs (environment): R (rounds, 3), D (seconds measured, 10), WARMUP (2),
 # THREADS (wrk -t, 2), CONNS (wrk -c, 32), SERVERS (space-separated subset of
@@ -252,8 +255,13 @@ to_ms() {
 } | tee "$OUT/header.txt" >&2
 printf 'server\tround\trps\tp50_ms\tp99_ms\tcpu_us_per_req\tpeak_rss_kib\trequests\tnon2xx\tsocket_errors\n' >"$OUT/results.tsv"
 
+read -r -a server_list <<<"$SERVERS"
 for round in $(seq "$R"); do
-    for server in $SERVERS; do
+    # Each round starts one server later than the one before, so no server
+    # always runs first (or right after the same neighbour).
+    shift_by=$(((round - 1) % ${#server_list[@]}))
+    order=("${server_list[@]:shift_by}" "${server_list[@]:0:shift_by}")
+    for server in "${order[@]}"; do
         tag="$server-$round"
         log "round $round/$R: $server"
         start_server "$server" "$OUT/$tag.log"
@@ -288,6 +296,7 @@ function median(list,    a, n, i, j, t) {
     return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
 }
 NR > 1 {
+    by_round[$1, $2] = $3
     rps[$1] = rps[$1] " " $3; p50[$1] = p50[$1] " " $4; p99[$1] = p99[$1] " " $5
     cpu[$1] = cpu[$1] " " $6; rss[$1] = rss[$1] " " $7; bad[$1] += $9 + $10
 }
@@ -306,6 +315,17 @@ END {
     }
     printf "\nMedians of %d round(s); rps of each round:\n", rounds
     for (i = 1; i <= n; i++) printf "- %s:%s\n", s[i], rps[s[i]]
+    # Same-round ratios: each divides two runs of one round, never a median
+    # by another median, so one slow run shows up as one odd ratio.
+    np = split("wasmgate-fresh:base-fresh wasmgate-reuse:base-reuse wasmgate-fresh:wasmtime-serve wasmgate-reuse:wasmtime-serve wasmgate-fresh:axum-native", pairs, " ")
+    for (q = 1; q <= np; q++) {
+        split(pairs[q], ab, ":")
+        line = ""
+        for (r = 1; r <= rounds; r++)
+            if ((ab[1], r) in by_round && (ab[2], r) in by_round && by_round[ab[2], r] > 0)
+                line = line sprintf(" %.2f×", by_round[ab[1], r] / by_round[ab[2], r])
+        if (line != "") printf "- rps %s / %s, each round:%s\n", ab[1], ab[2], line
+    }
 }' "$OUT/results.tsv" >"$OUT/table.md"
 
 echo

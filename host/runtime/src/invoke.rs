@@ -530,8 +530,17 @@ pub struct Invocable {
 /// An instance kept for its next invocation (`reuse` > 1).
 struct WarmInstance {
     run: StoreRun,
-    instance: wasmtime::component::Instance,
+    instance: Loaded,
     served: u32,
+}
+
+/// An instance and the handlers already looked up in it: a reused instance
+/// does not look its exports up again.
+struct Loaded {
+    instance: wasmtime::component::Instance,
+    mqtt: Option<bindings::exports::wasmgate::edge::mqtt_handler::Guest>,
+    timer: Option<bindings::exports::wasmgate::edge::timer_handler::Guest>,
+    http: Option<wasmtime_wasi_http::p2::bindings::exports::wasi::http::incoming_handler::Guest>,
 }
 
 impl std::fmt::Debug for Invocable {
@@ -715,7 +724,6 @@ impl Invocable {
             None => (self.new_store(response_topic), None, 0),
         };
         run.arm(self, started);
-        let wit_ctx = self.wit_invocation(ctx, started);
         let mut http_response = None;
         let remaining = run.deadline.saturating_duration_since(Instant::now());
         let result = tokio::time::timeout(
@@ -724,7 +732,7 @@ impl Invocable {
                 &mut run.store,
                 &mut instance,
                 input,
-                &wit_ctx,
+                (ctx, started),
                 &mut http_response,
             ),
         )
@@ -855,14 +863,19 @@ impl Invocable {
     }
 
     /// The instance to call: the warm one, or a new one.
-    async fn instance(
+    async fn instance<'a>(
         &self,
         store: &mut Store<State>,
-        instance: &mut Option<wasmtime::component::Instance>,
-    ) -> wasmtime::Result<wasmtime::component::Instance> {
+        instance: &'a mut Option<Loaded>,
+    ) -> wasmtime::Result<&'a mut Loaded> {
         Ok(match instance {
-            Some(i) => *i,
-            None => *instance.insert(self.pre.instantiate_async(store).await?),
+            Some(loaded) => loaded,
+            None => instance.insert(Loaded {
+                instance: self.pre.instantiate_async(store).await?,
+                mqtt: None,
+                timer: None,
+                http: None,
+            }),
         })
     }
 
@@ -871,9 +884,9 @@ impl Invocable {
     async fn call(
         &self,
         store: &mut Store<State>,
-        instance: &mut Option<wasmtime::component::Instance>,
+        instance: &mut Option<Loaded>,
         input: Input,
-        ctx: &Invocation,
+        (ctx, started): (&InvocationContext, Instant),
         http_response: &mut Option<HttpResponse>,
     ) -> wasmtime::Result<Result<(), HandlerError>> {
         match input {
@@ -881,29 +894,39 @@ impl Invocable {
                 let Some(indices) = &self.mqtt else {
                     return Ok(Err(not_exported(crate::component::Handler::Mqtt)));
                 };
-                let instance = self.instance(store, instance).await?;
-                let guest = indices.load(&mut *store, &instance)?;
+                let loaded = self.instance(store, instance).await?;
+                if loaded.mqtt.is_none() {
+                    loaded.mqtt = Some(indices.load(&mut *store, &loaded.instance)?);
+                }
+                let guest = loaded.mqtt.as_ref().expect("looked up above");
+                let ctx = self.wit_invocation(ctx, started);
                 guest
-                    .call_handle_message(&mut *store, ctx, &Message::from(&msg))
+                    .call_handle_message(&mut *store, &ctx, &Message::from(&msg))
                     .await
             }
             Input::Event(Event::Timer(tick)) => {
                 let Some(indices) = &self.timer else {
                     return Ok(Err(not_exported(crate::component::Handler::Timer)));
                 };
-                let instance = self.instance(store, instance).await?;
-                let guest = indices.load(&mut *store, &instance)?;
+                let loaded = self.instance(store, instance).await?;
+                if loaded.timer.is_none() {
+                    loaded.timer = Some(indices.load(&mut *store, &loaded.instance)?);
+                }
+                let guest = loaded.timer.as_ref().expect("looked up above");
+                let ctx = self.wit_invocation(ctx, started);
                 let tick = Tick {
                     schedule: tick.schedule,
                     scheduled_at_ms: tick.scheduled_at_ms,
                     fired_at_ms: tick.fired_at_ms,
                     missed: tick.missed,
                 };
-                guest.call_on_tick(&mut *store, ctx, &tick).await
+                guest.call_on_tick(&mut *store, &ctx, &tick).await
             }
+            // Boxed: a rare path (`invoke`, replays) whose large future
+            // would otherwise grow every invocation's future, which is
+            // moved into its task on every request.
             Input::Event(Event::Http(request)) => {
-                self.call_buffered_http(store, instance, request, http_response)
-                    .await
+                Box::pin(self.call_buffered_http(store, instance, request, http_response)).await
             }
             Input::Http(exchange) => {
                 self.call_http(
@@ -924,7 +947,7 @@ impl Invocable {
     async fn call_buffered_http(
         &self,
         store: &mut Store<State>,
-        instance: &mut Option<wasmtime::component::Instance>,
+        instance: &mut Option<Loaded>,
         request: HttpRequest,
         http_response: &mut Option<HttpResponse>,
     ) -> wasmtime::Result<Result<(), HandlerError>> {
@@ -975,7 +998,7 @@ impl Invocable {
     async fn call_http(
         &self,
         store: &mut Store<State>,
-        instance: &mut Option<wasmtime::component::Instance>,
+        instance: &mut Option<Loaded>,
         request: hyper::Request<HttpBody>,
         scheme: Scheme,
         response: ResponseSender,
@@ -983,8 +1006,11 @@ impl Invocable {
         let Some(indices) = &self.http else {
             return Ok(Err(not_exported(crate::component::Handler::Http)));
         };
-        let instance = self.instance(store, instance).await?;
-        let guest = indices.load(&mut *store, &instance)?;
+        let loaded = self.instance(store, instance).await?;
+        if loaded.http.is_none() {
+            loaded.http = Some(indices.load(&mut *store, &loaded.instance)?);
+        }
+        let guest = loaded.http.as_ref().expect("looked up above");
         let answer = Arc::new(std::sync::Mutex::new(Answer::None));
         let seen = answer.clone();
         let (req, out) = {
