@@ -13,5 +13,6 @@ mod layout;
 mod limits;
 mod manifest;
 mod mqtt;
+mod service;
 mod timer;
 mod util;
