@@ -2,6 +2,7 @@
 
 use crate::util::{json, root, run, wasmgate};
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use wasmgate_test_artifacts::{ECHO_MQTT, HELLO_HTTP, HOSTILE, TICK_TIMER};
@@ -342,9 +343,14 @@ fn up_becomes_ready_and_stops_on_sigterm() {
         .status()
         .unwrap();
     assert!(status.success());
-    let code = child.wait().unwrap();
-    assert_eq!(code.code(), Some(0));
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        (status.code(), status.signal()),
+        (Some(0), None),
+        "up did not exit cleanly on SIGTERM; its log after ready:\n{}",
+        rest.join("\n")
+    );
     assert!(rest.iter().any(|l| l.contains("shutting down")), "{rest:?}");
 }
 

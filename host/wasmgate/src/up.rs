@@ -24,6 +24,9 @@ use wasmgate_trigger_timer::{SchedulerThread, TimerTrigger};
 
 /// Runs `wasmgate up` until SIGINT or SIGTERM.
 pub async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
+    // Handlers go in before anything else: a SIGTERM that arrives once
+    // `ready` is logged must start a clean shutdown, not kill the process.
+    let signals = Signals::install();
     let manifest = load_manifest(&args.file)?;
     if args.build {
         run_builds(&manifest).await?;
@@ -43,7 +46,7 @@ pub async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
         startup_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1000.0),
         "ready"
     );
-    shutdown_signal().await;
+    signals.shutdown_requested().await;
     gateway.shutdown().await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
@@ -482,21 +485,35 @@ async fn ensure_wasm_target(dir: &std::path::Path, component: &str) -> Result<()
     Ok(())
 }
 
-/// Waits for SIGINT or SIGTERM. A second signal while shutting down exits at once.
-async fn shutdown_signal() {
-    wait_for_signal().await;
-    tokio::spawn(async {
-        wait_for_signal().await;
-        eprintln!("second signal: exiting now");
-        std::process::exit(130);
-    });
+/// SIGINT and SIGTERM, caught from the start of `up`.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
 }
 
-async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+impl Signals {
+    fn install() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self {
+            term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+        }
+    }
+
+    /// Waits for SIGINT or SIGTERM. A second signal while shutting down exits at once.
+    async fn shutdown_requested(mut self) {
+        self.next().await;
+        tokio::spawn(async move {
+            self.next().await;
+            eprintln!("second signal: exiting now");
+            std::process::exit(130);
+        });
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
     }
 }
