@@ -1086,3 +1086,167 @@ retry = {{ attempts = 1 }}
     let r = c.get(server.url("/after")).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// The HTTP/2 client preface and an empty SETTINGS frame: what an h2c
+/// client sends before its first request.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+/// Reads until the server closes the connection (or `wait` passes);
+/// `true` when it closed.
+fn closed_within(mut s: &TcpStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 4096];
+    let started = Instant::now();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) if started.elapsed() < wait => {}
+            Ok(_) => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Idle clients that hold every connection slot: an HTTP/2 client that sent
+/// its preface and nothing more (and never answers a ping), an HTTP/1.1
+/// keep-alive client after one request, a client that never sends a byte.
+/// Each is closed after `idle_timeout`, and a new client is then served.
+#[tokio::test]
+async fn idle_connections_are_closed_and_cannot_lock_out_new_clients() {
+    let server = Server::start(&format!(
+        r#"
+[http]
+listen = "127.0.0.1:0"
+max_connections = 3
+idle_timeout = "1s"
+header_timeout = "30s"
+
+[component.probe]
+source = "{HTTP_PROBE}"
+
+[[trigger.http]]
+priority = 1
+component = "probe"
+"#
+    ));
+    let addr = server.addr;
+    let closed = tokio::task::spawn_blocking(move || {
+        let mut h2 = TcpStream::connect(addr).unwrap();
+        h2.write_all(H2_PREFACE).unwrap();
+        let mut h1 = TcpStream::connect(addr).unwrap();
+        h1.write_all(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        let silent = TcpStream::connect(addr).unwrap();
+        // Every slot is now taken. The HTTP/1.1 client reads its response
+        // and keeps the connection open.
+        h1.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut head = [0u8; 12];
+        h1.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        let wait = Duration::from_secs(20);
+        [
+            closed_within(&h2, wait),
+            closed_within(&h1, wait),
+            closed_within(&silent, wait),
+        ]
+    })
+    .await
+    .unwrap();
+    assert_eq!(closed, [true, true, true], "h2, h1 keep-alive, silent");
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        client().get(server.url("/after")).send(),
+    )
+    .await
+    .expect("a new client waited behind idle connections")
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "probe GET /after\n");
+}
+
+/// A client cannot pass its own headers off as the host's, and a Host
+/// header that is not a host name (user info, spaces, a path) is refused
+/// before it can reach a redirect's `Location`.
+#[tokio::test]
+async fn client_wasmgate_headers_are_stripped_and_bad_hosts_refused() {
+    let server = Server::start(&format!(
+        r#"
+[component.probe]
+source = "{HTTP_PROBE}"
+
+[[trigger.http]]
+priority = 1
+path = "/old/*"
+redirect = {{ status = 301, location = "https://#{{host}}#{{path}}" }}
+
+[[trigger.http]]
+priority = 2
+path = "/users/{{id}}/*"
+component = "probe"
+"#
+    ));
+    let (status, headers, body) = text(
+        client()
+            .get(server.url("/users/42/headers"))
+            .header("x-wasmgate-param-id", "spoofed")
+            .header("x-wasmgate-param-role", "admin")
+            .header("x-wasmgate-invocation-id", "forged")
+            .header("x-wasmgate-anything", "forged")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let id = headers["x-wasmgate-invocation-id"].to_str().unwrap();
+    assert!(body.contains("x-wasmgate-param-id: 42\n"), "{body}");
+    assert!(
+        body.contains(&format!("x-wasmgate-invocation-id: {id}\n")),
+        "{body}"
+    );
+    for forged in ["spoofed", "admin", "forged", "x-wasmgate-param-role"] {
+        assert!(
+            !body.contains(forged),
+            "{forged} reached the guest:\n{body}"
+        );
+    }
+
+    let addr = server.addr;
+    let answers = tokio::task::spawn_blocking(move || {
+        [
+            "a@evil.example",
+            "user:pw@evil.example",
+            "evil.example/x",
+            "good.example:99999",
+        ]
+        .map(|host| {
+            raw(
+                addr,
+                format!("GET /old/page HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n")
+                    .as_bytes(),
+                Duration::from_secs(10),
+            )
+        })
+    })
+    .await
+    .unwrap();
+    for answer in &answers {
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(
+            !answer.to_ascii_lowercase().contains("location:"),
+            "{answer}"
+        );
+    }
+    let (status, headers, _) = text(
+        client()
+            .get(server.url("/old/page"))
+            .header("host", "good.example:8080")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 301);
+    assert_eq!(headers["location"], "https://good.example/old/page");
+}

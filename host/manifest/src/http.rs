@@ -30,6 +30,11 @@ pub struct HttpConfig {
     /// Time from the request head to the response head (default 60 s); past
     /// it the client gets 504.
     pub request_timeout: Option<Spanned<HumanDuration>>,
+    /// How long a connection may stay open with no request in flight
+    /// (default 60 s, as ALB): an idle HTTP/1.1 keep-alive or HTTP/2
+    /// connection, or one that never sends a request, is then closed
+    /// gracefully so it cannot hold one of `max_connections` for ever.
+    pub idle_timeout: Option<Spanned<HumanDuration>>,
     /// Connections served at once (default 1,024); further clients wait in
     /// the kernel's accept queue.
     pub max_connections: Option<Spanned<u32>>,
@@ -47,6 +52,8 @@ pub struct HttpLimits {
     pub header_timeout: Duration,
     /// See [`HttpConfig::request_timeout`].
     pub request_timeout: Duration,
+    /// See [`HttpConfig::idle_timeout`].
+    pub idle_timeout: Duration,
     /// See [`HttpConfig::max_connections`].
     pub max_connections: u32,
     /// See [`HttpConfig::drain_timeout`].
@@ -59,6 +66,7 @@ impl Default for HttpLimits {
             max_body: 10 * 1024 * 1024,
             header_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
             drain_timeout: Duration::from_secs(30),
         }
@@ -79,6 +87,10 @@ impl HttpConfig {
                 .request_timeout
                 .as_ref()
                 .map_or(d.request_timeout, |t| t.get_ref().0),
+            idle_timeout: self
+                .idle_timeout
+                .as_ref()
+                .map_or(d.idle_timeout, |t| t.get_ref().0),
             max_connections: self
                 .max_connections
                 .as_ref()
@@ -99,6 +111,7 @@ impl Default for HttpConfig {
             max_body: None,
             header_timeout: None,
             request_timeout: None,
+            idle_timeout: None,
             max_connections: None,
             drain_timeout: None,
         }

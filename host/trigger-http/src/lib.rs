@@ -28,7 +28,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use wasmgate_manifest::HttpLimits;
 use wasmgate_runtime::deployment::Deployment;
 use wasmgate_runtime::invoke::{Invocable, InvocationContext, Outcome, Status};
@@ -38,13 +40,17 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 /// The header that carries the invocation id on every response.
 pub const INVOCATION_ID_HEADER: &str = "x-wasmgate-invocation-id";
 
+/// Prefix of every header the host adds to a request; a client's own
+/// headers with it are removed before the request reaches a guest.
+pub const HOST_HEADER_PREFIX: &str = "x-wasmgate-";
+
 /// Prefix of the headers that carry `{name}` path parameters to the guest.
 pub const PARAM_HEADER_PREFIX: &str = "x-wasmgate-param-";
 
 /// A bound listener, ready to serve.
 pub struct HttpServer {
     listener: TcpListener,
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    acceptor: Option<TlsAcceptor>,
     app: Arc<App>,
 }
 
@@ -111,10 +117,6 @@ impl HttpServer {
 
     /// Serves until `shutdown`; then stops accepting and gives open
     /// connections up to the drain timeout to finish their requests.
-    #[expect(
-        clippy::too_many_lines,
-        reason = "the accept loop with its connection limit, TLS handshake and graceful drain, in the order they happen"
-    )]
     pub async fn run(self, shutdown: CancellationToken) {
         let limits = self.app.limits;
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -127,14 +129,18 @@ impl HttpServer {
             .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(MAX_HEAD_BYTES as u32)
-            .keep_alive_interval(Some(Duration::from_secs(30)));
+            .keep_alive_interval(Some(H2_PING_INTERVAL))
+            .keep_alive_timeout(H2_PING_TIMEOUT);
         let builder = Arc::new(builder);
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let connections = Arc::new(Semaphore::new(limits.max_connections as usize));
+        let connections_open = TaskTracker::new();
+        // Cancelled when the drain timeout has passed: connections still
+        // open then are dropped.
+        let force = CancellationToken::new();
+        let permits = Arc::new(Semaphore::new(limits.max_connections as usize));
         loop {
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                p = connections.clone().acquire_owned() => p.expect("never closed"),
+                p = permits.clone().acquire_owned() => p.expect("never closed"),
             };
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -149,57 +155,184 @@ impl HttpServer {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let app = self.app.clone();
-            let builder = builder.clone();
-            let watcher = graceful.watcher();
+            let conn = Conn {
+                app: self.app.clone(),
+                builder: builder.clone(),
+                peer,
+                shutdown: shutdown.clone(),
+                force: force.clone(),
+            };
             let acceptor = self.acceptor.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let app = app.clone();
-                    async move { Ok::<_, Infallible>(app.handle(req, peer).await) }
-                });
-                let result = match acceptor {
-                    None => {
-                        let conn = builder.serve_connection(TokioIo::new(stream), service);
-                        watcher.watch(conn.into_owned()).await
-                    }
-                    Some(acceptor) => {
-                        let tls =
-                            tokio::time::timeout(limits.header_timeout, acceptor.accept(stream))
-                                .await;
-                        match tls {
-                            Ok(Ok(tls)) => {
-                                let conn = builder.serve_connection(TokioIo::new(tls), service);
-                                watcher.watch(conn.into_owned()).await
-                            }
-                            Ok(Err(e)) => {
-                                tracing::info!(peer = %peer, error = %e, "http: TLS handshake failed");
-                                Ok(())
-                            }
-                            Err(_) => {
-                                tracing::info!(peer = %peer, "http: TLS handshake timed out");
-                                Ok(())
-                            }
-                        }
-                    }
-                };
-                if let Err(e) = result {
-                    tracing::info!(peer = %peer, error = %e, "http: connection ended with an error");
-                }
+            connections_open.spawn(async move {
+                conn.serve(stream, acceptor).await;
                 drop(permit);
             });
         }
         drop(self.listener);
+        connections_open.close();
         tracing::info!(
-            connections = graceful.count(),
+            connections = connections_open.len(),
             drain_timeout_ms = limits.drain_timeout.as_millis() as u64,
             "http: stopped accepting; draining open connections"
         );
-        if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
+        if tokio::time::timeout(limits.drain_timeout, connections_open.wait())
             .await
             .is_err()
         {
             tracing::warn!("http: requests still in flight after the drain timeout; closing");
+            force.cancel();
+            connections_open.wait().await;
+        }
+    }
+}
+
+/// Interval of the HTTP/2 keep-alive pings.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// An HTTP/2 connection whose ping goes unanswered this long is closed.
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One accepted connection and what serving it needs.
+struct Conn {
+    app: Arc<App>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+}
+
+impl Conn {
+    /// Serves the connection (after the TLS handshake, if any) until it
+    /// ends, sits idle past `idle_timeout`, or the listener shuts down.
+    async fn serve(self, stream: tokio::net::TcpStream, acceptor: Option<TlsAcceptor>) {
+        let peer = self.peer;
+        let result = match acceptor {
+            None => self.serve_http(stream).await,
+            Some(acceptor) => {
+                let timeout = self.app.limits.header_timeout;
+                match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => self.serve_http(tls).await,
+                    Ok(Err(e)) => {
+                        tracing::info!(peer = %peer, error = %e, "http: TLS handshake failed");
+                        Ok(())
+                    }
+                    Err(_) => {
+                        tracing::info!(peer = %peer, "http: TLS handshake timed out");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::info!(peer = %peer, error = %e, "http: connection ended with an error");
+        }
+    }
+
+    async fn serve_http<I>(self, io: I) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let limits = self.app.limits;
+        let activity = Arc::new(Activity::new());
+        let service = {
+            let (app, peer, activity) = (self.app.clone(), self.peer, activity.clone());
+            hyper::service::service_fn(move |req| {
+                let app = app.clone();
+                let busy = activity.begin();
+                async move {
+                    let response = app.handle(req, peer).await;
+                    // The request counts as in flight until its response
+                    // body has been sent (or dropped).
+                    Ok::<_, Infallible>(response.map(|body| {
+                        body.map_frame(move |frame| {
+                            let _ = &busy;
+                            frame
+                        })
+                        .boxed_unsync()
+                    }))
+                }
+            })
+        };
+        let conn = self.builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => return result,
+                () = self.force.cancelled() => return Ok(()),
+                () = self.shutdown.cancelled(), if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                () = activity.idle_for(limits.idle_timeout), if !closing => {
+                    tracing::debug!(peer = %self.peer, "http: closing an idle connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                    activity.touch();
+                }
+                // A client that does not take part in the graceful close
+                // (an HTTP/2 client that never answers GOAWAY's ping) is
+                // dropped once it has been idle that long again.
+                () = activity.idle_for(limits.idle_timeout), if closing => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Requests in flight on one connection, and when the last one ended.
+struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    last: std::sync::Mutex<tokio::time::Instant>,
+}
+
+/// Marks a request in flight until dropped.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            last: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Busy(self.clone())
+    }
+
+    fn touch(&self) {
+        *self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = tokio::time::Instant::now();
+    }
+
+    /// Resolves once no request has been in flight for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let last = *self
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            tokio::time::sleep_until(last + timeout).await;
+            let last = *self
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if self.in_flight.load(Ordering::Acquire) == 0 && last.elapsed() >= timeout {
+                return;
+            }
+            if self.in_flight.load(Ordering::Acquire) > 0 {
+                // Busy: check again a full timeout later.
+                tokio::time::sleep(timeout).await;
+            }
         }
     }
 }
@@ -277,6 +410,13 @@ impl App {
                 StatusCode::BAD_REQUEST,
                 id,
                 "400 Bad Request: the Host header is not ASCII",
+            );
+        }
+        if !valid_authority(&host_header) {
+            return simple(
+                StatusCode::BAD_REQUEST,
+                id,
+                "400 Bad Request: the Host is not a host name or address with an optional port",
             );
         }
         let host = strip_port(&host_header).to_ascii_lowercase();
@@ -423,6 +563,15 @@ impl App {
         if let Ok(v) = HeaderValue::from_str(&self.port.to_string()) {
             h.insert(HeaderName::from_static("x-forwarded-port"), v);
         }
+        // The host's own headers: none of the client's may pass for one.
+        let spoofed: Vec<HeaderName> = h
+            .keys()
+            .filter(|n| n.as_str().starts_with(HOST_HEADER_PREFIX))
+            .cloned()
+            .collect();
+        for name in spoofed {
+            h.remove(name);
+        }
         set_id(h, id);
         for (name, value) in &params {
             if let (Ok(n), Ok(v)) = (
@@ -486,6 +635,39 @@ fn failure_response(outcome: &Outcome, id: &str) -> Response<Body> {
     }
 }
 
+/// Is `authority` a Host header we can route on and put in a redirect: a
+/// DNS name, an IPv4 address or a bracketed IPv6 address, with an optional
+/// port? (No user info, no path, no spaces.) Empty is allowed: an HTTP/1.0
+/// request may have no Host.
+fn valid_authority(authority: &str) -> bool {
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let Some((v6, after)) = rest.split_once(']') else {
+            return false;
+        };
+        if v6.parse::<std::net::Ipv6Addr>().is_err() {
+            return false;
+        }
+        match after {
+            "" => return true,
+            _ => match after.strip_prefix(':') {
+                Some(port) => ("v6", Some(port)),
+                None => return false,
+            },
+        }
+    } else {
+        match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    let host_ok = host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.parse::<u16>().is_ok());
+    host_ok && port_ok && !(host.is_empty() && port.is_some())
+}
+
 /// `host:port` → `host`; `[v6]:port` → `[v6]`.
 fn strip_port(authority: &str) -> &str {
     if authority.starts_with('[') {
@@ -509,7 +691,39 @@ impl wasmgate_runtime::trigger::Trigger for HttpServer {
 
 #[cfg(test)]
 mod tests {
-    use super::strip_port;
+    use super::{strip_port, valid_authority};
+
+    #[test]
+    fn hosts_are_validated() {
+        for ok in [
+            "",
+            "example.com",
+            "example.com:8080",
+            "a-b.c_d.example",
+            "10.0.0.1:80",
+            "[::1]",
+            "[::1]:8443",
+            "localhost",
+        ] {
+            assert!(valid_authority(ok), "{ok:?} should be valid");
+        }
+        for bad in [
+            "a@evil",
+            "user:pw@evil.example",
+            "evil.example/path",
+            "a b",
+            "example.com:",
+            "example.com:99999",
+            "example.com:80:80",
+            ":80",
+            "[::1",
+            "[not-v6]:80",
+            "[::1]x",
+            "example.com\\x",
+        ] {
+            assert!(!valid_authority(bad), "{bad:?} should be refused");
+        }
+    }
 
     #[test]
     fn ports_are_stripped() {

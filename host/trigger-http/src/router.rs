@@ -22,7 +22,7 @@ use wasmgate_manifest::{HttpTrigger, Manifest, ManifestError, OneOrMany};
 
 /// Longest pattern accepted, in bytes (as ALB).
 const MAX_PATTERN_LEN: usize = 128;
-/// Most wildcards (`*`, `?`, `{name}`) in one pattern; bounds backtracking.
+/// Most wildcards (`*`, `?`, `{name}`) in one pattern.
 const MAX_WILDCARDS: usize = 8;
 
 /// The request as the router sees it.
@@ -346,17 +346,24 @@ fn glob(pattern: &[u8], input: &[u8], ignore_case: bool) -> bool {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Token {
-    Literal(Vec<u8>),
+    Literal(String),
     Star,
     One,
     Param(String),
 }
 
 /// A path pattern: literals, `*`, `?` and `{name}` segments.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Compiled to a regular expression, so matching takes time linear in the
+/// path whatever the pattern: `*` is a lazy `.*?` (the shortest run that
+/// lets the rest match), `?` one byte, `{name}` a greedy `[^/]+` in a capture
+/// group.
+#[derive(Debug, Clone)]
 pub struct PathPattern {
     text: String,
-    tokens: Vec<Token>,
+    regex: regex::bytes::Regex,
+    /// The parameter names, in the order of their capture groups.
+    names: Vec<String>,
 }
 
 impl PathPattern {
@@ -367,7 +374,7 @@ impl PathPattern {
         }
         check_pattern_size(text)?;
         let mut tokens = Vec::new();
-        let mut literal = Vec::new();
+        let mut literal = String::new();
         let mut names: Vec<String> = Vec::new();
         let mut rest = text;
         while let Some(c) = rest.chars().next() {
@@ -404,7 +411,7 @@ impl PathPattern {
                     tokens.push(if c == '*' { Token::Star } else { Token::One });
                 }
                 '}' => return Err(format!("{text:?} has a '}}' without an opening '{{'")),
-                _ => literal.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                _ => literal.push(c),
             }
             rest = &rest[c.len_utf8()..];
         }
@@ -422,19 +429,27 @@ impl PathPattern {
         }
         Ok(Self {
             text: text.to_string(),
-            tokens,
+            regex: compile_path(&tokens)?,
+            names,
         })
     }
 
     /// `Some(params)` when `path` matches.
     pub fn matches(&self, path: &str) -> Option<Vec<(&str, String)>> {
-        let mut params = Vec::new();
-        match_tokens(&self.tokens, path.as_bytes(), &mut params).then(|| {
-            params
-                .into_iter()
-                .map(|(name, value)| (name, String::from_utf8_lossy(value).into_owned()))
-                .collect()
-        })
+        let caps = self.regex.captures(path.as_bytes())?;
+        Some(
+            self.names
+                .iter()
+                .enumerate()
+                .filter_map(|(i, name)| {
+                    let value = caps.get(i + 1)?;
+                    Some((
+                        name.as_str(),
+                        String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                    ))
+                })
+                .collect(),
+        )
     }
 
     fn covers(&self, other: &PathPattern) -> bool {
@@ -442,32 +457,20 @@ impl PathPattern {
     }
 }
 
-fn match_tokens<'t, 'i>(
-    tokens: &'t [Token],
-    input: &'i [u8],
-    params: &mut Vec<(&'t str, &'i [u8])>,
-) -> bool {
-    let Some((first, rest)) = tokens.split_first() else {
-        return input.is_empty();
-    };
-    match first {
-        Token::Literal(lit) => {
-            input.starts_with(lit) && match_tokens(rest, &input[lit.len()..], params)
-        }
-        Token::One => !input.is_empty() && match_tokens(rest, &input[1..], params),
-        Token::Star => (0..=input.len()).any(|n| match_tokens(rest, &input[n..], params)),
-        Token::Param(name) => {
-            let segment = input.iter().position(|&b| b == b'/').unwrap_or(input.len());
-            for n in (1..=segment).rev() {
-                params.push((name.as_str(), &input[..n]));
-                if match_tokens(rest, &input[n..], params) {
-                    return true;
-                }
-                params.pop();
-            }
-            false
+/// The regular expression of a path pattern, anchored at both ends and
+/// matched on bytes (`.` is any byte, `/` and newlines included).
+fn compile_path(tokens: &[Token]) -> Result<regex::bytes::Regex, String> {
+    let mut re = String::from(r"(?s-u)\A");
+    for token in tokens {
+        match token {
+            Token::Literal(lit) => re.push_str(&regex::escape(lit)),
+            Token::Star => re.push_str(".*?"),
+            Token::One => re.push('.'),
+            Token::Param(_) => re.push_str("([^/]+)"),
         }
     }
+    re.push_str(r"\z");
+    regex::bytes::Regex::new(&re).map_err(|e| format!("cannot compile the path pattern: {e}"))
 }
 
 fn check_pattern_size(text: &str) -> Result<(), String> {
@@ -991,6 +994,51 @@ component = "a"
             m.params,
             vec![("id", "42".to_string()), ("post-id", "7".to_string())]
         );
+    }
+
+    #[test]
+    fn path_patterns_keep_their_semantics() {
+        let p = |t: &str| PathPattern::new(t).unwrap();
+        // `*` takes the shortest run, `{name}` the longest segment.
+        assert_eq!(
+            p("/{a}*").matches("/xyz/more"),
+            Some(vec![("a", "xyz".to_string())])
+        );
+        assert_eq!(
+            p("/{a}?").matches("/xyz"),
+            Some(vec![("a", "xy".to_string())])
+        );
+        assert!(p("/{a}").matches("/").is_none());
+        assert!(p("/{a}").matches("/x/y").is_none());
+        assert!(p("/a?c").matches("/abc").is_some());
+        assert!(p("/a?c").matches("/ac").is_none());
+        // Regex metacharacters in literals are literal.
+        assert!(p("/a.b+(c)|$").matches("/a.b+(c)|$").is_some());
+        assert!(p("/a.b").matches("/aXb").is_none());
+        // `*` and `?` cross `/` and match newlines and any byte.
+        assert!(p("/*").matches("/a/b\nc").is_some());
+        assert!(p("/?").matches("/\n").is_some());
+    }
+
+    /// A hostile path against the pattern that made the backtracking
+    /// matcher cubic (`/*a*b*c`, 60 KB without a `c`): the match must end,
+    /// and a watchdog turns a hang into a failure instead of a stuck run.
+    #[test]
+    fn matching_is_linear_in_the_path() {
+        let r = router(
+            "[[trigger.http]]\npriority = 1\npath = \"/*a*b*c*d*e*f*g*h\"\ncomponent = \"a\"\n",
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let path = format!("/{}", "ab".repeat(30_000));
+            let hostile = req("GET", "h", Box::leak(path.into_boxed_str()));
+            let matched = r.route(&hostile.info()).is_some();
+            let _ = tx.send(matched);
+        });
+        let matched = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("routing a 60 KB path did not finish");
+        assert!(!matched);
     }
 
     #[test]
