@@ -183,7 +183,7 @@ fn up_serves_mqtt_triggers_through_the_embedded_broker() {
             r#"
 [component.echo]
 source = "{}"
-allow = {{ mqtt_publish = [] }}
+allow = {{ mqtt_response = ["replies/#"] }}
 [[trigger.mqtt]]
 component = "echo"
 topic = "devices/+/temperature"
@@ -213,6 +213,23 @@ qos = 1
         .unwrap();
     assert!(status.success());
     assert_eq!(output(reply), "replies/7 21.5\n", "{}", host.logs());
+
+    // A device names a response topic outside `allow.mqtt_response` (another
+    // device's command topic): no reply is published there.
+    let hijack = sub(
+        port,
+        &["-t", "devices/+/command", "-C", "1", "-W", "3", "-v"],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let status = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv5"])
+        .args(["-q", "1", "-t", "devices/7/temperature", "-m", "open"])
+        .args(["-D", "publish", "response-topic", "devices/9/command"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(output(hijack), "", "{}", host.logs());
+    assert!(host.logs().contains("publish denied"), "{}", host.logs());
 }
 
 /// A timer guest's publishes reach subscribers through the outbox and the

@@ -73,6 +73,8 @@ fn invoke_mqtt_with_properties_and_a_payload_file() {
         payload.path().to_str().unwrap(),
         "--response-topic",
         "replies/7",
+        "--allow-response",
+        "replies/+",
         "--correlation-data",
         "req-1",
         "--user-property",

@@ -21,6 +21,7 @@ fn limits(fuel: u64, memory: u64, timeout_ms: u64) -> Limits {
         memory,
         timeout: Duration::from_millis(timeout_ms),
         concurrency: 4,
+        ..Limits::default()
     }
 }
 
@@ -348,7 +349,8 @@ async fn past_its_concurrency_a_component_is_throttled() {
 }
 
 #[tokio::test]
-async fn publishes_follow_the_acl_and_the_response_topic_is_always_allowed() {
+async fn publishes_follow_the_acl_and_replies_need_a_response_grant() {
+    use wasmgate_manifest::topic::TopicFilter;
     use wasmgate_runtime::invoke::{Event, MqttMessage};
     use wasmgate_test_artifacts::ECHO_MQTT;
     let denied = invocable(ECHO_MQTT, Limits::default(), &[]);
@@ -357,20 +359,53 @@ async fn publishes_follow_the_acl_and_the_response_topic_is_always_allowed() {
     assert_eq!(out.publish_denied, 1);
     assert!(out.published.is_empty());
 
-    let reply = Event::Mqtt(MqttMessage {
-        topic: "dev/1/temp".into(),
-        payload: b"21.5".to_vec(),
-        qos: 1,
-        response_topic: Some("replies/42".into()),
-        correlation_data: Some(vec![0, 1, 2, 255]),
-        ..MqttMessage::default()
-    });
-    let out = call(&denied, reply).await;
+    let request = |response_topic: &str| {
+        Event::Mqtt(MqttMessage {
+            topic: "dev/1/temp".into(),
+            payload: b"21.5".to_vec(),
+            qos: 1,
+            response_topic: Some(response_topic.into()),
+            correlation_data: Some(vec![0, 1, 2, 255]),
+            ..MqttMessage::default()
+        })
+    };
+    // The publisher of the message chose the response topic: without
+    // `allow.mqtt_response` the guest cannot reply there.
+    let out = call(&denied, request("replies/42")).await;
+    assert_eq!(out.status.name(), "reject", "{out:?}");
+    assert!(
+        format!("{:?}", out.status).contains("allow.mqtt_response"),
+        "{out:?}"
+    );
+    assert_eq!(out.publish_denied, 1);
+
+    let replying = invocable(ECHO_MQTT, Limits::default(), &[])
+        .with_response_acl(vec![TopicFilter::parse("replies/+").unwrap()]);
+    let out = call(&replying, request("replies/42")).await;
     assert_eq!(out.status, Status::Ok, "{out:?}");
     assert_eq!(out.published.len(), 1);
     assert_eq!(out.published[0].topic, "replies/42");
     assert_eq!(out.published[0].correlation_data, Some(vec![0, 1, 2, 255]));
     assert_eq!(out.published[0].payload, b"21.5");
+    // A response topic outside the grant (a device's command topic).
+    let out = call(&replying, request("devices/9/command")).await;
+    assert_eq!(out.status.name(), "reject", "{out:?}");
+    assert!(out.published.is_empty());
+
+    // A reply on the response topic is never retained.
+    let hostile = invocable(HOSTILE, Limits::default(), &[])
+        .with_response_acl(vec![TopicFilter::parse("#").unwrap()]);
+    let mut retained = request("replies/42");
+    if let Event::Mqtt(m) = &mut retained {
+        m.topic = "reply-retained".into();
+    }
+    let out = call(&hostile, retained).await;
+    assert_eq!(out.status.name(), "reject", "{out:?}");
+    assert!(
+        format!("{:?}", out.status).contains("cannot be retained"),
+        "{out:?}"
+    );
+    assert!(out.published.is_empty());
 
     let allowed = invocable(ECHO_MQTT, Limits::default(), &["dev/+/temp/reply"]);
     let out = call(&allowed, mqtt("dev/1/temp", "21.5")).await;
@@ -391,4 +426,54 @@ async fn publishes_follow_the_acl_and_the_response_topic_is_always_allowed() {
     let out = call(&allowed, mqtt(topic, &fits)).await;
     assert_eq!(out.status, Status::Ok, "{:?}", out.status);
     assert_eq!(out.published[0].payload.len(), fits.len());
+}
+
+/// A guest that publishes 1 MB messages in a loop gets `unavailable` once
+/// its invocation's publish budget is spent; the host holds no more than
+/// the budget, and the held bytes count against the memory cap.
+#[tokio::test]
+async fn publishes_are_bounded_per_invocation_and_count_against_memory() {
+    let flood = |limits: Limits| async move {
+        let inv = invocable(HOSTILE, limits, &["flood/#"]);
+        tokio::time::timeout(HANG_GUARD, call(&inv, mqtt("publish-flood", "200")))
+            .await
+            .expect("publish-flood hung")
+    };
+    // The default budget, 4 MiB: four messages of 1,000,000 bytes.
+    let out = flood(Limits::default()).await;
+    assert_eq!(out.status, Status::Ok, "{out:?}");
+    assert_eq!(out.published.len(), 4);
+    assert!(out.stdout.contains("ok=4 refused=196"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("limits.publish_bytes"),
+        "{}",
+        out.stdout
+    );
+
+    let out = flood(Limits {
+        publishes: 2,
+        ..Limits::default()
+    })
+    .await;
+    assert_eq!(out.published.len(), 2);
+    assert!(out.stdout.contains("ok=2 refused=198"), "{}", out.stdout);
+    assert!(out.stdout.contains("limits.publishes"), "{}", out.stdout);
+
+    // A large byte budget under a small memory cap: the held publishes and
+    // the guest's memory together stay under the cap.
+    let memory = 8 << 20;
+    let out = flood(Limits {
+        memory,
+        publish_bytes: Limits::MAX_PUBLISH_BYTES,
+        ..Limits::default()
+    })
+    .await;
+    let held: u64 = out.published.iter().map(|m| m.size()).sum();
+    assert!(held < memory, "{held} bytes held");
+    assert!(out.memory_peak_bytes <= memory, "{}", out.memory_peak_bytes);
+    match out.status.name() {
+        "ok" => assert!(out.stdout.contains("memory limit"), "{}", out.stdout),
+        "memory_limit" => {}
+        other => panic!("unexpected outcome {other}: {out:?}"),
+    }
 }

@@ -276,6 +276,14 @@ fn spec(path: &str, publish: &[&str], topic: &str, qos: u8, max_in_flight: u32) 
     }
 }
 
+/// `spec` whose component may reply on response topics matching `filter`.
+fn replying(mut spec: MqttSpec, filter: &str) -> MqttSpec {
+    let component = Arc::try_unwrap(spec.component).unwrap_or_else(|_| unreachable!());
+    spec.component =
+        Arc::new(component.with_response_acl(vec![TopicFilter::parse(filter).unwrap()]));
+    spec
+}
+
 /// A running trigger set; stopped (and drained) by `stop`.
 struct Running {
     stats: Arc<MqttStats>,
@@ -460,9 +468,12 @@ async fn request_response_through_the_response_topic_with_correlation_data() {
         &[("replies/me", QoS::AtLeastOnce)],
     )
     .await;
-    // `allow.mqtt_publish = []`: only the response topic may be published to;
-    // `#` matches the request topic at any depth.
-    let specs = vec![spec(ECHO_MQTT, &[], "requests/#", 1, 4)];
+    // No publish grant; `allow.mqtt_response = ["replies/+"]` lets the
+    // guest reply. `#` matches the request topic at any depth.
+    let specs = vec![replying(
+        spec(ECHO_MQTT, &[], "requests/#", 1, 4),
+        "replies/+",
+    )];
     let host = Running::start(&broker.url(), "host-rr", specs, None).await;
     let props = PublishProperties {
         response_topic: Some("replies/me".into()),
@@ -657,6 +668,7 @@ keep_alive = "5s"
 
 [component.hostile]
 source = "{hostile}"
+allow = {{ mqtt_publish = [] }}
 
 [[trigger.mqtt]]
 component = "hostile"
@@ -933,7 +945,11 @@ async fn mutual_tls_with_certificates_made_by_the_test() {
         "host-mtls",
         &format!("ca = \"{d}/ca.pem\"\ncert = \"{d}/client.pem\"\nkey = \"{d}/client.key\"\n"),
     );
-    let host = Running::spawn(with_cert, vec![spec(ECHO_MQTT, &[], "tls/req", 1, 1)], None);
+    let host = Running::spawn(
+        with_cert,
+        vec![replying(spec(ECHO_MQTT, &[], "tls/req", 1, 1), "tls/reply")],
+        None,
+    );
     host.wait_for(|s| s.subscribed.load(Relaxed) >= 1).await;
     let mut requester = TestClient::connect(
         broker.port,
@@ -981,7 +997,7 @@ fn refused_credentials_are_logged_naming_the_setting() {
         &file,
         format!(
             "[gateway]\nstate_dir = \"{state}\"\n[mqtt]\nbroker = \"mqtt://127.0.0.1:{port}\"\n\
-             username = \"gw\"\npassword = \"wrong\"\n[component.hostile]\nsource = \"{HOSTILE}\"\n\
+             username = \"gw\"\npassword = \"wrong\"\n[component.hostile]\nsource = \"{HOSTILE}\"\nallow = {{ mqtt_publish = [] }}\n\
              [[trigger.mqtt]]\ncomponent = \"hostile\"\ntopic = \"ok\"\n",
             state = dir.path().join("state").display()
         ),
@@ -1002,7 +1018,7 @@ async fn sigterm_lets_messages_in_flight_finish_and_acks_them() {
         &file,
         format!(
             "[gateway]\nname = \"drain-host\"\nstate_dir = \"{state}\"\n[mqtt]\nbroker = \"{url}\"\n\
-             [component.hostile]\nsource = \"{HOSTILE}\"\n\
+             [component.hostile]\nsource = \"{HOSTILE}\"\nallow = {{ mqtt_publish = [] }}\n\
              [[trigger.mqtt]]\ncomponent = \"hostile\"\ntopic = \"sleep\"\nmax_in_flight = 4\n",
             state = dir.path().join("state").display(),
             url = broker.url(),
@@ -1113,7 +1129,7 @@ fn an_unreadable_certificate_stops_up_naming_the_setting() {
         &file,
         format!(
             "[gateway]\nstate_dir = \"{state}\"\n[mqtt]\nbroker = \"mqtts://127.0.0.1:8883\"\n\
-             ca = \"missing-ca.pem\"\n[component.hostile]\nsource = \"{HOSTILE}\"\n\
+             ca = \"missing-ca.pem\"\n[component.hostile]\nsource = \"{HOSTILE}\"\nallow = {{ mqtt_publish = [] }}\n\
              [[trigger.mqtt]]\ncomponent = \"hostile\"\ntopic = \"ok\"\n",
             state = dir.path().join("state").display()
         ),

@@ -1,8 +1,8 @@
 //! `echo-mqtt`: replies to every message with the same payload.
 //!
-//! The reply goes to the message's MQTT 5 response topic (always allowed, with
-//! its correlation data copied), or else to `<topic>/reply`, which the
-//! component's `allow.mqtt_publish` must grant.
+//! The reply goes to the message's MQTT 5 response topic (with its
+//! correlation data copied), which the component's `allow.mqtt_response`
+//! must grant, or else to `<topic>/reply`, which `allow.mqtt_publish` must.
 
 wasmgate_guest::bindings!("mqtt-app");
 

@@ -16,6 +16,8 @@
 //! | `read-file`      | reads the host file named by the payload                    |
 //! | `open-socket`    | opens a TCP connection to the address in the payload        |
 //! | `sleep`          | sleeps `payload` milliseconds in a host call                |
+//! | `publish-flood`  | publishes `payload` (default 200) messages of 1,000,000 bytes to `flood/N`, ignoring refusals, and prints how many went through |
+//! | `reply-retained` | replies on the response topic with the retain flag set      |
 //! | `retry`/`reject` | returns that handler error with the payload as message      |
 
 wasmgate_guest::bindings!("mqtt-app");
@@ -126,6 +128,42 @@ impl Guest for Hostile {
                 let ms: u64 = arg(&msg).trim().parse().unwrap_or(60_000);
                 std::thread::sleep(std::time::Duration::from_millis(ms));
                 Ok(())
+            }
+            "publish-flood" => {
+                let n: u32 = arg(&msg).trim().parse().unwrap_or(200);
+                let payload = vec![b'x'; 1_000_000];
+                let (mut ok, mut refused, mut last) = (0, 0, String::new());
+                for i in 0..n {
+                    let out = Message {
+                        topic: format!("flood/{i}"),
+                        payload: payload.clone(),
+                        qos: msg.qos,
+                        retain: false,
+                        content_type: None,
+                        response_topic: None,
+                        correlation_data: None,
+                        user_properties: Vec::new(),
+                    };
+                    match wasmgate::edge::mqtt_publisher::publish(&out) {
+                        Ok(()) => ok += 1,
+                        Err(e) => {
+                            refused += 1;
+                            last = format!("{e:?}");
+                        }
+                    }
+                }
+                println!("publish-flood ok={ok} refused={refused} last={last}");
+                Ok(())
+            }
+            "reply-retained" => {
+                let reply = Message {
+                    topic: msg.response_topic.clone().unwrap_or_default(),
+                    retain: true,
+                    response_topic: None,
+                    ..msg
+                };
+                wasmgate::edge::mqtt_publisher::publish(&reply)
+                    .map_err(|e| HandlerError::Reject(format!("{e:?}")))
             }
             "retry" => Err(HandlerError::Retry(arg(&msg))),
             "reject" => Err(HandlerError::Reject(arg(&msg))),

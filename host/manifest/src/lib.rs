@@ -277,7 +277,8 @@ fn default_limits() -> Spanned<LimitsConfig> {
     Spanned::new(0..0, LimitsConfig::default())
 }
 
-/// `limits = { fuel, memory, timeout, concurrency }`; omitted fields default.
+/// `limits = { fuel, memory, timeout, concurrency, publishes, publish_bytes }`;
+/// omitted fields default.
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -289,6 +290,10 @@ pub struct LimitsConfig {
     pub timeout: Option<HumanDuration>,
     /// See [`Limits::concurrency`].
     pub concurrency: Option<u32>,
+    /// See [`Limits::publishes`].
+    pub publishes: Option<u32>,
+    /// See [`Limits::publish_bytes`].
+    pub publish_bytes: Option<Size>,
 }
 
 impl LimitsConfig {
@@ -300,6 +305,8 @@ impl LimitsConfig {
             memory: self.memory.map_or(d.memory, |s| s.0),
             timeout: self.timeout.map_or(d.timeout, |t| t.0),
             concurrency: self.concurrency.unwrap_or(d.concurrency),
+            publishes: self.publishes.unwrap_or(d.publishes),
+            publish_bytes: self.publish_bytes.map_or(d.publish_bytes, |s| s.0),
         }
     }
 }
@@ -311,9 +318,13 @@ impl LimitsConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AllowConfig {
-    /// Topic filters the component may publish to. Present but empty (`[]`)
-    /// grants only replies on a handled message's response topic.
+    /// Topic filters the component may publish to.
     pub mqtt_publish: Option<Vec<Spanned<String>>>,
+    /// Topic filters a handled message's MQTT 5 response topic must match
+    /// for the component to reply there. The response topic is chosen by
+    /// whoever published the message, so replies need this grant; a reply
+    /// through it is never retained.
+    pub mqtt_response: Option<Vec<Spanned<String>>>,
     /// Hosts the component may send HTTP requests to.
     pub outbound_http: Option<Vec<Spanned<String>>>,
 }
@@ -321,12 +332,27 @@ pub struct AllowConfig {
 impl AllowConfig {
     /// The parsed publish filters (validated at load, so parsing cannot fail here).
     pub fn publish_filters(&self) -> Vec<TopicFilter> {
-        self.mqtt_publish
-            .iter()
-            .flatten()
-            .filter_map(|f| TopicFilter::parse(f.get_ref()).ok())
-            .collect()
+        parse_filters(self.mqtt_publish.as_ref())
     }
+
+    /// The parsed response-topic filters (validated at load).
+    pub fn response_filters(&self) -> Vec<TopicFilter> {
+        parse_filters(self.mqtt_response.as_ref())
+    }
+
+    /// Does the manifest grant MQTT publishing in any form (a publish ACL
+    /// or replies on response topics)?
+    pub fn grants_mqtt(&self) -> bool {
+        self.mqtt_publish.is_some() || self.mqtt_response.is_some()
+    }
+}
+
+fn parse_filters(filters: Option<&Vec<Spanned<String>>>) -> Vec<TopicFilter> {
+    filters
+        .into_iter()
+        .flatten()
+        .filter_map(|f| TopicFilter::parse(f.get_ref()).ok())
+        .collect()
 }
 
 /// `[[trigger.http]]`, `[[trigger.mqtt]]`, `[[trigger.timer]]`.
@@ -599,13 +625,18 @@ impl Manifest {
         if let Err(message) = config.limits.get_ref().resolve().validate() {
             return Err(self.invalid(config.limits.span(), &format!("{key}.limits"), message));
         }
-        for filter in config.allow.mqtt_publish.iter().flatten() {
-            if let Err(message) = TopicFilter::parse(filter.get_ref()) {
-                return Err(self.invalid(
-                    filter.span(),
-                    &format!("{key}.allow.mqtt_publish"),
-                    message,
-                ));
+        for (field, filters) in [
+            ("mqtt_publish", &config.allow.mqtt_publish),
+            ("mqtt_response", &config.allow.mqtt_response),
+        ] {
+            for filter in filters.iter().flatten() {
+                if let Err(message) = TopicFilter::parse(filter.get_ref()) {
+                    return Err(self.invalid(
+                        filter.span(),
+                        &format!("{key}.allow.{field}"),
+                        message,
+                    ));
+                }
             }
         }
         for host in config.allow.outbound_http.iter().flatten() {
@@ -998,6 +1029,7 @@ impl Manifest {
         for (key, value) in [
             ("http.header_timeout", &http.header_timeout),
             ("http.request_timeout", &http.request_timeout),
+            ("http.idle_timeout", &http.idle_timeout),
             ("http.drain_timeout", &http.drain_timeout),
         ] {
             if let Some(t) = value

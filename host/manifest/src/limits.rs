@@ -25,6 +25,14 @@ pub struct Limits {
     /// How many invocations of this component may run at once. Past it an
     /// event is refused (`throttled`, HTTP 503) or waits, depending on the trigger.
     pub concurrency: u32,
+    /// Most MQTT messages one invocation may publish. Past it `publish`
+    /// returns `unavailable`; the invocation goes on.
+    pub publishes: u32,
+    /// Most bytes (topic, payload and properties) one invocation may
+    /// publish. The host holds them until the invocation ends, so they also
+    /// count against `memory`: buffered publishes plus linear memory stay
+    /// under the memory cap. Past either, `publish` returns `unavailable`.
+    pub publish_bytes: u64,
 }
 
 impl Limits {
@@ -37,6 +45,10 @@ impl Limits {
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
     /// Default concurrency per component.
     pub const DEFAULT_CONCURRENCY: u32 = 16;
+    /// Default publishes per invocation: room for a fan-out to many devices.
+    pub const DEFAULT_PUBLISHES: u32 = 1000;
+    /// Default publish bytes per invocation: four of the largest messages.
+    pub const DEFAULT_PUBLISH_BYTES: u64 = 4 * 1024 * 1024;
 
     /// Largest fuel budget accepted: about 15 minutes of busy CPU.
     pub const MAX_FUEL: u64 = 10_000_000_000_000;
@@ -50,6 +62,10 @@ impl Limits {
     pub const MAX_TIMEOUT: Duration = Duration::from_secs(15 * 60);
     /// Largest concurrency per component.
     pub const MAX_CONCURRENCY: u32 = 10_000;
+    /// Largest publish count per invocation.
+    pub const MAX_PUBLISHES: u32 = 100_000;
+    /// Largest publish byte budget per invocation.
+    pub const MAX_PUBLISH_BYTES: u64 = 256 * 1024 * 1024;
 
     /// Checks every limit against its range; the error names the field.
     pub fn validate(&self) -> Result<(), String> {
@@ -79,6 +95,19 @@ impl Limits {
                 Self::MAX_CONCURRENCY
             ));
         }
+        if self.publishes > Self::MAX_PUBLISHES {
+            return Err(format!(
+                "publishes = {} is out of range: it must be between 0 and {}",
+                self.publishes,
+                Self::MAX_PUBLISHES
+            ));
+        }
+        if self.publish_bytes > Self::MAX_PUBLISH_BYTES {
+            return Err(format!(
+                "publish_bytes = {} is out of range: it must be at most 256MiB",
+                Size(self.publish_bytes)
+            ));
+        }
         Ok(())
     }
 }
@@ -90,6 +119,8 @@ impl Default for Limits {
             memory: Self::DEFAULT_MEMORY,
             timeout: Self::DEFAULT_TIMEOUT,
             concurrency: Self::DEFAULT_CONCURRENCY,
+            publishes: Self::DEFAULT_PUBLISHES,
+            publish_bytes: Self::DEFAULT_PUBLISH_BYTES,
         }
     }
 }
@@ -235,6 +266,14 @@ mod tests {
             },
             Limits {
                 concurrency: 0,
+                ..Limits::default()
+            },
+            Limits {
+                publishes: Limits::MAX_PUBLISHES + 1,
+                ..Limits::default()
+            },
+            Limits {
+                publish_bytes: Limits::MAX_PUBLISH_BYTES + 1,
                 ..Limits::default()
             },
         ];

@@ -43,7 +43,8 @@ impl Handler {
 /// Capabilities that the manifest must grant before a component may import them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Capability {
-    /// `wasmgate:edge/mqtt-publisher`, granted by `allow.mqtt_publish`.
+    /// `wasmgate:edge/mqtt-publisher`, granted by `allow.mqtt_publish`
+    /// (or `allow.mqtt_response`, for a component that only replies).
     MqttPublish,
     /// `wasi:http/outgoing-handler`, granted by `allow.outbound_http`.
     OutboundHttp,
@@ -180,10 +181,23 @@ pub enum LoadError {
 /// The key of an artifact is the SHA-256 of the component's bytes plus a hash
 /// of the engine's compatibility settings, so a changed component, a changed
 /// engine configuration or another wasmtime version all miss the cache.
+///
+/// An artifact is native code the host will run, so the cache trusts only
+/// what it wrote itself: each file ends with an HMAC-SHA-256 of the artifact
+/// under a random key kept in the directory (`.key`, mode 0600; the
+/// directory is 0700), checked before the bytes are deserialized. A torn,
+/// truncated or edited file fails the check and is recompiled. Files are
+/// written to a temporary name, fsynced, renamed into place, and the
+/// directory is fsynced, so a power cut leaves the old file or the new one.
 #[derive(Debug, Clone)]
 pub struct Cache {
     dir: Option<PathBuf>,
 }
+
+/// Length of the MAC trailer of an artifact file.
+const MAC_LEN: usize = 32;
+/// Name of the cache key file in the cache directory.
+const KEY_FILE: &str = ".key";
 
 impl Cache {
     /// A cache in `dir` (created when first written), or none.
@@ -219,47 +233,143 @@ impl Cache {
         let Some(dir) = &self.dir else {
             return Ok((Component::new(engine, bytes)?, false));
         };
+        let mac_key = match open_dir(dir) {
+            Ok(key) => key,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot use the precompile cache; compiling without it");
+                return Ok((Component::new(engine, bytes)?, false));
+            }
+        };
         let file = dir.join(Self::key(engine, bytes));
         if file.exists() {
-            match deserialize(engine, &file) {
+            match load_verified(engine, &mac_key, &file) {
                 Ok(component) => return Ok((component, true)),
                 Err(e) => {
                     tracing::warn!(file = %file.display(), error = %e, "ignoring unusable precompiled artifact; recompiling")
                 }
             }
         }
-        let artifact = engine.precompile_component(bytes)?;
-        if let Err(e) = write_atomically(dir, &file, &artifact) {
+        let mut artifact = engine.precompile_component(bytes)?;
+        let component = deserialize(engine, &artifact)?;
+        let tag = ring::hmac::sign(&mac_key, &artifact);
+        artifact.extend_from_slice(tag.as_ref());
+        if let Err(e) = write_durably(dir, &file, &artifact) {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot write the precompile cache; components will be recompiled at the next start");
         }
-        // Load through the same path as a cache hit, so both behave alike.
-        match deserialize(engine, &file) {
-            Ok(component) => Ok((component, false)),
-            Err(_) => Ok((Component::new(engine, bytes)?, false)),
-        }
+        Ok((component, false))
     }
 }
 
-/// Loads a precompiled artifact that this process's cache wrote.
-#[allow(unsafe_code)]
-fn deserialize(engine: &Engine, file: &Path) -> wasmtime::Result<Component> {
-    // SAFETY: wasmtime requires that the file is a trusted artifact produced
-    // by `Engine::precompile_component` of a compatible engine. Only this cache
-    // writes into its directory (atomically, via rename), the name contains the
-    // engine's compatibility hash, and wasmtime itself checks the header and
-    // version and refuses an incompatible artifact with an error.
-    unsafe { Component::deserialize_file(engine, file) }
+/// Creates the cache directory (0700) if needed, tightens its mode, and
+/// returns the MAC key, made on first use.
+fn open_dir(dir: &Path) -> std::io::Result<ring::hmac::Key> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    let path = dir.join(KEY_FILE);
+    let key = match std::fs::read(&path) {
+        Ok(key) if key.len() == MAC_LEN => key,
+        Ok(_) => {
+            // Not a key of ours: a new one (every old artifact then misses).
+            std::fs::remove_file(&path)?;
+            new_key(dir, &path)?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => new_key(dir, &path)?,
+        Err(e) => return Err(e),
+    };
+    Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key))
 }
 
-fn write_atomically(dir: &Path, file: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+/// Makes the cache key at `path` (mode 0600, fsynced). When another process
+/// made one first, that one is used.
+fn new_key(dir: &Path, path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; MAC_LEN];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| std::io::Error::other("no random numbers for the cache key"))?;
+    let tmp = dir.join(format!(".key-{}", uuid::Uuid::now_v7()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&key)?;
+    f.sync_all()?;
+    // A link, not a rename: it fails rather than replace another's key.
+    let linked = std::fs::hard_link(&tmp, path);
+    std::fs::remove_file(&tmp)?;
+    match linked {
+        Ok(()) => {
+            std::fs::File::open(dir)?.sync_all()?;
+            Ok(key.to_vec())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read(path),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads an artifact file, checks its MAC, and deserializes the artifact.
+fn load_verified(
+    engine: &Engine,
+    key: &ring::hmac::Key,
+    file: &Path,
+) -> wasmtime::Result<Component> {
+    let bytes = std::fs::read(file)?;
+    let Some(split) = bytes.len().checked_sub(MAC_LEN) else {
+        wasmtime::bail!("the file is too short to be an artifact");
+    };
+    let (artifact, tag) = bytes.split_at(split);
+    ring::hmac::verify(key, artifact, tag).map_err(|_| {
+        wasmtime::format_err!(
+            "the artifact's MAC does not match: the file is torn, edited or not this cache's"
+        )
+    })?;
+    deserialize(engine, artifact)
+}
+
+/// Loads an artifact whose MAC this cache has checked (or that the engine
+/// just produced).
+#[allow(unsafe_code)]
+fn deserialize(engine: &Engine, artifact: &[u8]) -> wasmtime::Result<Component> {
+    // SAFETY: wasmtime requires that the bytes are a trusted artifact produced
+    // by `Engine::precompile_component` of a compatible engine. They either
+    // come straight from the engine, or from a file whose HMAC under this
+    // cache's private key was checked on exactly these bytes (so nobody
+    // without the key wrote them, and the file is neither torn nor edited);
+    // wasmtime itself also checks the header and version and refuses an
+    // incompatible artifact with an error.
+    unsafe { Component::deserialize(engine, artifact) }
+}
+
+/// Writes `file` so that after a crash or power cut it is either absent or
+/// complete: a temporary file, fsync, rename, fsync of the directory.
+fn write_durably(dir: &Path, file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = dir.join(format!(
         ".tmp-{}-{}",
         std::process::id(),
         uuid::Uuid::now_v7()
     ));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, file)
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, file)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Reads, validates, compiles and pre-instantiates a component file.

@@ -136,7 +136,7 @@ pub fn load_component(
         manifest.invalid(config.source.span(), &key, format!("{e}{hint}"))
     })?;
     for (cap, granted) in [
-        (Capability::MqttPublish, config.allow.mqtt_publish.is_some()),
+        (Capability::MqttPublish, config.allow.grants_mqtt()),
         (
             Capability::OutboundHttp,
             config.allow.outbound_http.is_some(),
@@ -180,6 +180,7 @@ pub fn invocable(
         outbound,
         runtime.engine(),
     )
+    .with_response_acl(config.allow.response_filters())
     .with_env(
         config
             .env

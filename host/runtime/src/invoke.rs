@@ -102,11 +102,15 @@ pub struct MemoryLimitExceeded {
 #[error("deadline exceeded")]
 pub struct DeadlineExceeded;
 
-/// Caps the sum of all linear memories of one instance and records the peak.
+/// Caps the sum of all linear memories of one instance, plus the publishes
+/// the host holds for it, and records the peak.
 #[derive(Debug)]
 pub struct MemoryLimiter {
     limit: u64,
     current: u64,
+    /// Bytes of the invocation's accepted publishes, held by the host until
+    /// the invocation ends: host memory the guest made the host spend.
+    held: u64,
     peak: u64,
     breached: bool,
 }
@@ -122,16 +126,16 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         let total = self.current - current as u64 + desired as u64;
-        if total > self.limit {
+        if total + self.held > self.limit {
             self.breached = true;
             return Err(MemoryLimitExceeded {
-                desired: total,
+                desired: total + self.held,
                 limit: self.limit,
             }
             .into());
         }
         self.current = total;
-        self.peak = self.peak.max(total);
+        self.peak = self.peak.max(total + self.held);
         Ok(true)
     }
 
@@ -213,14 +217,23 @@ impl WasiHttpHooks for OutboundPolicy {
 }
 
 /// Publishing state of one invocation: the ACL, the response topic that is
-/// always allowed, and what the guest published.
+/// always allowed, its budget, and what the guest published.
 #[derive(Debug, Default)]
 struct PublishState {
     component: String,
     acl: Arc<Vec<TopicFilter>>,
+    /// `allow.mqtt_response`: the response topics the guest may reply on.
+    response_acl: Arc<Vec<TopicFilter>>,
     response_topic: Option<String>,
+    /// `limits.publishes` and `limits.publish_bytes`.
+    max_count: u32,
+    max_bytes: u64,
     published: Vec<MqttMessage>,
+    /// Bytes of `published`.
+    bytes: u64,
     denied: u64,
+    /// Publishes refused for the budget (logged once per invocation).
+    over_budget: u64,
 }
 
 impl bindings::types::Host for State {}
@@ -232,14 +245,28 @@ impl bindings::mqtt_publisher::Host for State {
             return Err(PublishError::InvalidTopic(e));
         }
         let p = &mut self.publish;
-        let is_reply = p.response_topic.as_deref() == Some(msg.topic.as_str());
-        if !is_reply && !p.acl.iter().any(|f| f.matches(&msg.topic)) {
-            p.denied += 1;
-            tracing::warn!(component = %p.component, topic = %msg.topic, "publish denied by allow.mqtt_publish");
-            return Err(PublishError::Denied(format!(
-                "topic {:?} is not allowed: it matches no filter in allow.mqtt_publish of component {:?} and is not the response topic",
-                msg.topic, p.component
-            )));
+        if !p.acl.iter().any(|f| f.matches(&msg.topic)) {
+            let is_reply = p.response_topic.as_deref() == Some(msg.topic.as_str());
+            let why = if !is_reply {
+                format!(
+                    "topic {:?} is not allowed: it matches no filter in allow.mqtt_publish of component {:?} and is not the response topic",
+                    msg.topic, p.component
+                )
+            } else if !p.response_acl.iter().any(|f| f.matches(&msg.topic)) {
+                format!(
+                    "the response topic {:?} is not allowed: it matches no filter in allow.mqtt_response (or allow.mqtt_publish) of component {:?}",
+                    msg.topic, p.component
+                )
+            } else if msg.retain {
+                "a reply on a response topic cannot be retained".to_string()
+            } else {
+                String::new()
+            };
+            if !why.is_empty() {
+                p.denied += 1;
+                tracing::warn!(component = %p.component, topic = %msg.topic, reason = %why, "publish denied");
+                return Err(PublishError::Denied(why));
+            }
         }
         let m = MqttMessage::from(msg);
         let size = m.size();
@@ -248,7 +275,51 @@ impl bindings::mqtt_publisher::Host for State {
                 "the message is {size} bytes (topic, payload and properties); the host sends at most {MAX_PUBLISH_SIZE}"
             )));
         }
+        if let Err(why) = self.charge(size) {
+            let p = &mut self.publish;
+            p.over_budget += 1;
+            if p.over_budget == 1 {
+                tracing::warn!(component = %p.component, reason = %why, "publish refused: the invocation's publish budget is spent");
+            }
+            return Err(PublishError::Unavailable(why));
+        }
+        let p = &mut self.publish;
+        p.bytes += size;
+        self.limiter.held += size;
+        self.limiter.peak = self
+            .limiter
+            .peak
+            .max(self.limiter.current + self.limiter.held);
         p.published.push(m);
+        Ok(())
+    }
+}
+
+impl State {
+    /// Checks one more publish of `size` bytes against the invocation's
+    /// budget: `limits.publishes`, `limits.publish_bytes`, and the memory
+    /// cap, which counts the publishes the host holds.
+    fn charge(&self, size: u64) -> Result<(), String> {
+        let p = &self.publish;
+        if p.published.len() >= p.max_count as usize {
+            return Err(format!(
+                "this invocation has already published {} messages, its limit (limits.publishes of component {:?})",
+                p.max_count, p.component
+            ));
+        }
+        if p.bytes + size > p.max_bytes {
+            return Err(format!(
+                "this invocation has published {} bytes; {size} more would pass its limit of {} (limits.publish_bytes of component {:?})",
+                p.bytes, p.max_bytes, p.component
+            ));
+        }
+        let l = &self.limiter;
+        if l.current + l.held + size > l.limit {
+            return Err(format!(
+                "{size} more bytes held by the host would pass the memory limit of {} bytes (linear memory {} + publishes {}; limits.memory of component {:?})",
+                l.limit, l.current, l.held, p.component
+            ));
+        }
         Ok(())
     }
 }
@@ -514,6 +585,7 @@ pub struct Invocable {
     timer: Option<TimerHandlerIndices>,
     http: Option<HttpHandlerIndices>,
     publish_acl: Arc<Vec<TopicFilter>>,
+    response_acl: Arc<Vec<TopicFilter>>,
     outbound_http: Arc<Vec<String>>,
     env: Arc<Vec<(String, String)>>,
     slots: Arc<Semaphore>,
@@ -570,6 +642,7 @@ impl Invocable {
             pre,
             limits,
             publish_acl: Arc::new(publish_acl),
+            response_acl: Arc::new(Vec::new()),
             outbound_http: Arc::new(outbound_http),
             env: Arc::default(),
             slots: Arc::new(Semaphore::new(limits.concurrency as usize)),
@@ -590,6 +663,13 @@ impl Invocable {
     /// with an error code or not at all — drops its instance.
     pub fn with_reuse(mut self, reuse: u32) -> Self {
         self.reuse = reuse.max(1);
+        self
+    }
+
+    /// Lets the guest reply on a handled message's response topic when the
+    /// topic matches one of `acl` (`allow.mqtt_response`).
+    pub fn with_response_acl(mut self, acl: Vec<TopicFilter>) -> Self {
+        self.response_acl = Arc::new(acl);
         self
     }
 
@@ -792,15 +872,18 @@ impl Invocable {
             limiter: MemoryLimiter {
                 limit: self.limits.memory,
                 current: 0,
+                held: 0,
                 peak: 0,
                 breached: false,
             },
             publish: PublishState {
                 component: self.name.clone(),
                 acl: self.publish_acl.clone(),
+                response_acl: self.response_acl.clone(),
                 response_topic,
-                published: Vec::new(),
-                denied: 0,
+                max_count: self.limits.publishes,
+                max_bytes: self.limits.publish_bytes,
+                ..PublishState::default()
             },
         };
         let mut store = Store::new(self.pre.engine(), state);
@@ -848,6 +931,9 @@ impl Invocable {
         let (out, out_dropped) = run.stdout.take();
         let (err, err_dropped) = run.stderr.take();
         let data = run.store.data_mut();
+        data.limiter.held = 0;
+        data.publish.bytes = 0;
+        data.publish.over_budget = 0;
         Outcome {
             fuel_consumed,
             memory_peak_bytes: data.limiter.peak,

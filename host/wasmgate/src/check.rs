@@ -35,12 +35,14 @@ pub fn check(args: CheckArgs) -> Result<ExitCode, Fatal> {
         let limits = gateway.components[name].limits;
         let (exports, imports) = &gateway.compiled[name];
         println!(
-            "component {name}: {} [fuel {}, memory {}, timeout {}, concurrency {}]",
+            "component {name}: {} [fuel {}, memory {}, timeout {}, concurrency {}, publishes {} / {}]",
             m.resolve(config.source.get_ref()).display(),
             limits.fuel,
             Size(limits.memory),
             humantime::format_duration(limits.timeout),
-            limits.concurrency
+            limits.concurrency,
+            limits.publishes,
+            Size(limits.publish_bytes),
         );
         println!(
             "  exports: {}",

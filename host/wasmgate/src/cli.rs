@@ -175,7 +175,8 @@ pub struct InvokeArgs {
     /// MQTT 5 content type.
     #[arg(long, help_heading = "MQTT")]
     pub content_type: Option<String>,
-    /// MQTT 5 response topic (the guest may always publish to it).
+    /// MQTT 5 response topic (the guest may reply on it when a filter of
+    /// `allow.mqtt_response`, or `--allow-response` for a bare `.wasm`, matches it).
     #[arg(long, help_heading = "MQTT")]
     pub response_topic: Option<String>,
     /// MQTT 5 correlation data (text).
@@ -220,6 +221,10 @@ pub struct InvokeArgs {
     /// For a bare `.wasm`: a topic filter it may publish to; repeatable.
     #[arg(long, value_name = "FILTER", help_heading = "Grants (bare .wasm)")]
     pub allow_publish: Vec<String>,
+    /// For a bare `.wasm`: a topic filter a response topic must match for
+    /// the guest to reply on it; repeatable.
+    #[arg(long, value_name = "FILTER", help_heading = "Grants (bare .wasm)")]
+    pub allow_response: Vec<String>,
     /// For a bare `.wasm`: a host it may send HTTP requests to; repeatable.
     #[arg(long, value_name = "HOST", help_heading = "Grants (bare .wasm)")]
     pub allow_outbound_http: Vec<String>,

@@ -39,13 +39,17 @@ pub async fn invoke(args: InvokeArgs) -> Result<ExitCode, Fatal> {
         let compiled = runtime.compile(&path)?;
         let mut limits = Limits::default();
         apply_limit_flags(&args, &mut limits)?;
-        let mut acl = Vec::new();
-        for f in &args.allow_publish {
-            acl.push(
-                wasmgate_manifest::topic::TopicFilter::parse(f)
-                    .map_err(|e| Fatal(format!("--allow-publish: {e}")))?,
-            );
-        }
+        let filters = |flag: &str, values: &[String]| {
+            values
+                .iter()
+                .map(|f| {
+                    wasmgate_manifest::topic::TopicFilter::parse(f)
+                        .map_err(|e| Fatal(format!("{flag}: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let acl = filters("--allow-publish", &args.allow_publish)?;
+        let response_acl = filters("--allow-response", &args.allow_response)?;
         let name = path
             .file_stem()
             .map_or("component".into(), |s| s.to_string_lossy().into_owned());
@@ -60,7 +64,8 @@ pub async fn invoke(args: InvokeArgs) -> Result<ExitCode, Fatal> {
                 acl,
                 args.allow_outbound_http.clone(),
                 runtime.engine(),
-            ),
+            )
+            .with_response_acl(response_acl),
             runtime,
         )
     } else {
