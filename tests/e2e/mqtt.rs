@@ -1500,3 +1500,84 @@ impl SinkHandle {
         Ok(())
     }
 }
+
+/// A flood on a slow trigger (one delivery at a time, 1.5 s each) does not
+/// hold back another trigger: the fast trigger's reply comes while the slow
+/// one has finished at most one of its five messages. (Before each trigger
+/// had its own queue, the fast message waited until the fifth slow one had
+/// a slot: four slow deliveries first.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_trigger_does_not_hold_back_another_triggers_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let mut requester = TestClient::connect(
+        broker.port,
+        "requester-fast",
+        &[("replies/fast", QoS::AtLeastOnce)],
+    )
+    .await;
+    let specs = vec![
+        spec(HOSTILE, &[], "sleep", 1, 1),
+        replying(spec(ECHO_MQTT, &[], "fast/+", 1, 4), "replies/#"),
+    ];
+    let host = Running::start(&broker.url(), "host-fair", specs, None).await;
+    for _ in 0..5 {
+        requester.publish("sleep", QoS::AtLeastOnce, "1500").await;
+    }
+    let props = PublishProperties {
+        response_topic: Some("replies/fast".into()),
+        ..PublishProperties::default()
+    };
+    requester
+        .client
+        .publish_with_properties("fast/1", QoS::AtLeastOnce, false, "now", props)
+        .await
+        .unwrap();
+    let got = requester.collect(|g| !g.is_empty()).await;
+    assert_eq!(&got[0].payload[..], b"now");
+    // The fast delivery itself may be counted already; at most one slow one.
+    let done = host.stats.succeeded.load(Relaxed);
+    assert!(
+        done <= 2,
+        "{done} deliveries had finished when the fast reply came"
+    );
+    host.wait_for(|s| s.acks_sent.load(Relaxed) == 6).await;
+    host.stop().await;
+}
+
+/// The loop that reads the connection never waits on a handler: a QoS 0
+/// flood on a slow trigger fills its queue, QoS 1 messages follow, and the
+/// host keeps answering the broker's keep-alive (5 s, the shortest there
+/// is, so the broker drops a silent client after 7.5 s): no connection is
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos0_flood_on_a_slow_trigger_does_not_stall_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let text = format!(
+        "[gateway]\nname = \"host-flood\"\n[mqtt]\nbroker = \"{}\"\nkeep_alive = \"5s\"\n",
+        broker.url()
+    );
+    let m = Manifest::parse(Path::new("wasmgate.toml"), text).unwrap();
+    let (o, receive_maximum) = client_options(&m).unwrap().unwrap();
+    let slow = spec(HOSTILE, &[], "sleep", 1, 1);
+    let host = Running::start_with((o, receive_maximum), vec![slow], None).await;
+    let publisher = TestClient::connect(broker.port, "pub-flood", &[]).await;
+    let flood = wasmgate_trigger_mqtt::QOS0_BUFFER + receive_maximum as usize + 500;
+    for _ in 0..flood {
+        publisher.publish("sleep", QoS::AtMostOnce, "2000").await;
+    }
+    // Each would have waited 2 s for the slow trigger's slot in the old
+    // shared queue, with the loop blocked: 20 s without a ping.
+    for _ in 0..10 {
+        publisher.publish("sleep", QoS::AtLeastOnce, "1").await;
+    }
+    host.wait_for(|s| s.received.load(Relaxed) >= flood as u64 + 10)
+        .await;
+    // Longer than the broker's patience with a silent client.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(host.stats.connection_errors.load(Relaxed), 0);
+    assert_eq!(host.stats.connects.load(Relaxed), 1);
+    assert!(host.stats.dropped_qos0.load(Relaxed) >= 400);
+    host.stop().await;
+}

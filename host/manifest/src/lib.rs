@@ -174,8 +174,9 @@ pub struct MqttConfig {
     /// `trigger::connection`).
     #[serde(default = "default_mqtt_version")]
     pub version: Spanned<u8>,
-    /// Keep-alive interval (default 30 s): how often an idle connection is
-    /// checked; a dead broker is noticed after about 1.5 times this.
+    /// Keep-alive interval (default 30 s, 5 s to 65,535 s): how often an
+    /// idle connection is checked; a dead broker is noticed after about 1.5
+    /// times this.
     pub keep_alive: Option<Spanned<HumanDuration>>,
     /// How long the broker keeps this client's session (subscriptions and
     /// unacknowledged messages) after a disconnect (default 1 day). Messages
@@ -987,12 +988,13 @@ impl Manifest {
             ));
         }
         if let Some(k) = &mqtt.keep_alive
-            && !(Duration::from_secs(1)..=Duration::from_secs(65_535)).contains(&k.get_ref().0)
+            && !(Duration::from_secs(5)..=Duration::from_secs(65_535)).contains(&k.get_ref().0)
         {
+            // The MQTT client (rumqttc) refuses keep-alives under 5 s.
             return Err(self.invalid(
                 k.span(),
                 "mqtt.keep_alive",
-                "must be between 1s and 65535s".into(),
+                "must be between 5s and 65535s".into(),
             ));
         }
         if let Some(e) = &mqtt.session_expiry

@@ -54,7 +54,7 @@ use crate::publish::Publisher;
 use rumqttc::v5::MqttOptions;
 use rumqttc::{NetworkOptions, Transport};
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
@@ -77,7 +77,8 @@ pub const DEFAULT_SESSION_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_RECEIVE_MAXIMUM: u16 = 100;
 /// Default `max_in_flight` of a trigger.
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 16;
-/// QoS 0 messages that may wait for dispatch; past it new ones are dropped
+/// QoS 0 deliveries (one per trigger a message is routed to) that may wait
+/// in the triggers' queues together; past it new messages are dropped
 /// (counted): QoS 0 is at most once, and the broker applies no bound to it.
 pub const QOS0_BUFFER: usize = 1024;
 /// How long a delivery whose dead letter could not be written waits before
@@ -283,10 +284,14 @@ pub struct MqttStats {
     /// Deliveries that failed and could not be dead-lettered (each is
     /// delivered again until it settles).
     pub unsettled: AtomicU64,
-    /// Messages not delivered because their message expiry passed.
+    /// Deliveries not made because the message's expiry passed while it
+    /// waited for the trigger (one per trigger the message was routed to).
     pub expired: AtomicU64,
-    /// QoS 0 messages dropped because the dispatch buffer was full.
+    /// QoS 0 messages dropped because the QoS 0 buffer was full.
     pub dropped_qos0: AtomicU64,
+    /// QoS 1/2 messages left unacknowledged because a trigger's queue was
+    /// full: the broker sent more than the Receive Maximum allows.
+    pub overflow: AtomicU64,
     /// Messages that matched no trigger (acknowledged).
     pub unrouted: AtomicU64,
     /// Acknowledgements handed to the connection.
@@ -426,13 +431,28 @@ impl Shared {
     }
 }
 
-/// A message on its way to the dispatcher.
+/// A message as it arrived, its ack registered.
 struct Arrival {
     message: MqttMessage,
-    routes: Vec<usize>,
     /// `(generation, seq, pkid)` of a QoS 1/2 message.
     ack: Option<(u64, u64, u16)>,
     expires: Option<Instant>,
+}
+
+/// One message's delivery to one trigger, waiting in the trigger's queue.
+struct Job {
+    message: MqttMessage,
+    /// `(generation, seq, pkid)` of a QoS 1/2 message.
+    ack: Option<(u64, u64, u16)>,
+    expires: Option<Instant>,
+    qos0: bool,
+}
+
+/// The triggers' queues, as the event loop sees them.
+struct Queues {
+    senders: Vec<mpsc::Sender<Job>>,
+    /// QoS 0 jobs waiting in all queues (bounded by [`QOS0_BUFFER`]).
+    qos0_waiting: Arc<AtomicUsize>,
 }
 
 /// Every `[[trigger.mqtt]]` of a host on one broker connection.
@@ -563,10 +583,27 @@ impl MqttTriggers {
             .map(|s| (s.filter.clone(), s.qos))
             .collect();
         let subs = Arc::new(subscriptions(&filters));
-        let (tx, rx) = mpsc::channel::<Arrival>(self.receive_maximum as usize + QOS0_BUFFER);
+        // One queue per trigger, so a slow trigger's backlog never holds
+        // back another's messages. Each holds every QoS 1/2 message the
+        // broker may have unacknowledged (its Receive Maximum) plus the
+        // shared QoS 0 buffer: for a broker that keeps to the Receive
+        // Maximum, putting a message in never waits.
+        let capacity = self.receive_maximum as usize + QOS0_BUFFER;
+        let (senders, receivers): (Vec<_>, Vec<_>) = self
+            .specs
+            .iter()
+            .map(|_| mpsc::channel::<Job>(capacity))
+            .unzip();
+        let queues = Queues {
+            senders,
+            qos0_waiting: Arc::new(AtomicUsize::new(0)),
+        };
         let specs = Arc::new(std::mem::take(&mut self.specs));
+        let loop_ended = CancellationToken::new();
         tasks.spawn(dispatch(
-            rx,
+            receivers,
+            queues.qos0_waiting.clone(),
+            loop_ended.clone(),
             specs.clone(),
             shared.clone(),
             self.dead_letters.clone(),
@@ -609,14 +646,9 @@ impl MqttTriggers {
                         // Not taken: without an ack the broker redelivers it.
                         continue;
                     }
-                    let arrival = self.arrival(&shared, &subs, p);
-                    if arrival.ack.is_none() {
-                        if tx.try_send(arrival).is_err() {
-                            self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
-                        }
-                    } else if tx.send(arrival).await.is_err() {
-                        break;
-                    }
+                    // Never waits: the loop must keep polling the
+                    // connection (pings, acks) whatever the handlers do.
+                    self.take(&shared, &subs, &queues, p);
                 }
                 Ok(ConnEvent::BrokerDisconnect(reason)) => {
                     tracing::warn!(%broker, %reason, "the broker closed the MQTT session");
@@ -649,7 +681,8 @@ impl MqttTriggers {
                 shared.release(&mut acks, Vec::new());
             }
         }
-        drop(tx);
+        drop(queues);
+        loop_ended.cancel();
         // What the broker has not acknowledged of the host's publishes waits
         // in the spool for the next start.
         publisher.disconnected(|| eventloop.clean(None));
@@ -692,9 +725,52 @@ impl MqttTriggers {
         }
     }
 
-    fn arrival(&self, shared: &Shared, subs: &[Subscription], p: Incoming) -> Arrival {
+    /// Puts a message in the queue of each trigger it is routed to, without
+    /// waiting. A QoS 0 message past the shared QoS 0 buffer is dropped
+    /// (counted); a QoS 1/2 message that finds a queue full (only a broker
+    /// that sends more than the Receive Maximum unacknowledged can cause
+    /// it) is left unacknowledged, so the broker redelivers it on the next
+    /// connection, and counted.
+    fn take(&self, shared: &Shared, subs: &[Subscription], queues: &Queues, p: Incoming) {
+        let routes = route(subs, &p.topic, &p.properties.subscription_identifiers);
+        let qos0 = p.qos == 0;
+        if qos0 && queues.qos0_waiting.load(Ordering::Relaxed) + routes.len() > QOS0_BUFFER {
+            self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut permits = Vec::with_capacity(routes.len());
+        for &r in &routes {
+            match queues.senders[r].try_reserve() {
+                Ok(permit) => permits.push(permit),
+                Err(_) if qos0 => {
+                    self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err(_) => {
+                    self.stats.overflow.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(topic = %p.topic, receive_maximum = self.receive_maximum, "the broker sent more unacknowledged messages than the Receive Maximum allows; this one stays unacknowledged and is redelivered on the next connection");
+                    return;
+                }
+            }
+        }
+        if qos0 {
+            queues
+                .qos0_waiting
+                .fetch_add(routes.len(), Ordering::Relaxed);
+        }
+        let arrival = self.arrival(shared, routes, p);
+        for permit in permits {
+            permit.send(Job {
+                message: arrival.message.clone(),
+                ack: arrival.ack,
+                expires: arrival.expires,
+                qos0,
+            });
+        }
+    }
+
+    fn arrival(&self, shared: &Shared, routes: Vec<usize>, p: Incoming) -> Arrival {
         let props = p.properties;
-        let routes = route(subs, &p.topic, &props.subscription_identifiers);
         if routes.is_empty() {
             self.stats.unrouted.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(topic = %p.topic, "a message matched no trigger (a subscription left in the session by an earlier manifest?); acknowledged");
@@ -732,7 +808,6 @@ impl MqttTriggers {
                 correlation_data: props.correlation_data.map(|b| b.to_vec()),
                 user_properties: props.user_properties,
             },
-            routes,
             ack,
             expires,
         }
@@ -887,11 +962,15 @@ async fn deliver_message(
     drop(permit);
 }
 
-/// Takes arrivals in order and starts their deliveries under each trigger's
-/// in-flight bound. On shutdown it stops taking arrivals and waits for the
-/// deliveries it started.
+/// Runs one worker per trigger, each taking its queue in order and starting
+/// deliveries under the trigger's in-flight bound. On shutdown the workers
+/// stop taking messages (those left are not acknowledged, so the broker
+/// redelivers them) and it waits for the deliveries they started.
+#[allow(clippy::too_many_arguments)]
 async fn dispatch(
-    mut rx: mpsc::Receiver<Arrival>,
+    queues: Vec<mpsc::Receiver<Job>>,
+    qos0_waiting: Arc<AtomicUsize>,
+    loop_ended: CancellationToken,
     specs: Arc<Vec<MqttSpec>>,
     shared: Arc<Shared>,
     dead_letters: Option<Arc<DeadLetterStore>>,
@@ -899,54 +978,87 @@ async fn dispatch(
     shutdown: CancellationToken,
     done: CancellationToken,
 ) {
-    let slots: Vec<Arc<Semaphore>> = specs
-        .iter()
-        .map(|s| Arc::new(Semaphore::new(s.max_in_flight as usize)))
-        .collect();
     let inflight = TaskTracker::new();
-    'arrivals: loop {
-        let arrival = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            a = rx.recv() => match a {
-                Some(a) => a,
-                None => break,
+    let workers = TaskTracker::new();
+    for (spec, queue) in specs.iter().zip(queues) {
+        workers.spawn(trigger_worker(
+            queue,
+            spec.clone(),
+            Worker {
+                qos0_waiting: qos0_waiting.clone(),
+                shared: shared.clone(),
+                dead_letters: dead_letters.clone(),
+                tasks: tasks.clone(),
+                inflight: inflight.clone(),
+                shutdown: shutdown.clone(),
             },
-        };
-        let mut expired = false;
-        for &r in &arrival.routes {
-            let permit = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break 'arrivals,
-                p = slots[r].clone().acquire_owned() => p.expect("semaphore never closes"),
-            };
-            // Checked once the message's turn has come: the wait for a slot
-            // is where it ages.
-            if arrival.expires.is_some_and(|t| Instant::now() >= t) {
-                if !expired {
-                    expired = true;
-                    shared.stats.expired.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(topic = %arrival.message.topic, "message expired before delivery; not delivered");
-                }
-                if let Some((generation, seq, pkid)) = arrival.ack {
-                    shared.settle(generation, seq, pkid);
-                }
-                continue;
-            }
-            let delivery = deliver_message(
-                specs[r].clone(),
-                shared.clone(),
-                dead_letters.clone(),
-                arrival.message.clone(),
-                arrival.ack,
-                shutdown.clone(),
-                permit,
-            );
-            tracing::debug!(trigger = %specs[r].label, topic = %arrival.message.topic, "MQTT delivery started");
-            inflight.spawn(tasks.track_future(delivery));
-        }
+        ));
     }
+    // Done once the event loop has ended (its queues then close, and the
+    // workers finish them) or on shutdown; with no triggers there are no
+    // workers to wait for.
+    tokio::select! {
+        () = loop_ended.cancelled() => {}
+        () = shutdown.cancelled() => {}
+    }
+    workers.close();
+    workers.wait().await;
     inflight.close();
     inflight.wait().await;
     done.cancel();
+}
+
+/// What a trigger's worker shares with the others.
+struct Worker {
+    qos0_waiting: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
+    dead_letters: Option<Arc<DeadLetterStore>>,
+    tasks: TaskTracker,
+    inflight: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+/// Takes one trigger's queue in order: waits for one of its in-flight slots,
+/// then starts the delivery.
+async fn trigger_worker(mut queue: mpsc::Receiver<Job>, spec: MqttSpec, w: Worker) {
+    let slots = Arc::new(Semaphore::new(spec.max_in_flight as usize));
+    loop {
+        let job = tokio::select! {
+            biased;
+            _ = w.shutdown.cancelled() => break,
+            j = queue.recv() => match j {
+                Some(j) => j,
+                None => break,
+            },
+        };
+        let permit = tokio::select! {
+            biased;
+            _ = w.shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => p.expect("semaphore never closes"),
+        };
+        if job.qos0 {
+            w.qos0_waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        // Checked once the message's turn has come: the wait for a slot is
+        // where it ages.
+        if job.expires.is_some_and(|t| Instant::now() >= t) {
+            w.shared.stats.expired.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(trigger = %spec.label, topic = %job.message.topic, "message expired before delivery; not delivered");
+            if let Some((generation, seq, pkid)) = job.ack {
+                w.shared.settle(generation, seq, pkid);
+            }
+            continue;
+        }
+        tracing::debug!(trigger = %spec.label, topic = %job.message.topic, "MQTT delivery started");
+        let delivery = deliver_message(
+            spec.clone(),
+            w.shared.clone(),
+            w.dead_letters.clone(),
+            job.message,
+            job.ack,
+            w.shutdown.clone(),
+            permit,
+        );
+        w.inflight.spawn(w.tasks.track_future(delivery));
+    }
 }
