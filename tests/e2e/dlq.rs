@@ -51,11 +51,15 @@ fn dead_letters_are_listed_replayed_and_purged() {
         .unwrap();
     let mut lines = BufReader::new(host.stderr.take().unwrap()).lines();
     let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        assert!(Instant::now() < deadline, "no dead letter was written");
+    let mut dead = 0;
+    while dead < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no two dead letters were written"
+        );
         let line = lines.next().expect("host stderr open").unwrap();
         if line.contains("event dead-lettered") {
-            break;
+            dead += 1;
         }
     }
 
@@ -82,6 +86,20 @@ fn dead_letters_are_listed_replayed_and_purged() {
         table.contains(&id) && table.contains("retries_exhausted"),
         "{table}"
     );
+    // Pages: the table shows `--limit` records and how to get the next page.
+    let all = json(&run(&["dlq", "list", "-f", &file, "--json"]));
+    assert!(all.as_array().unwrap().len() >= 2, "{all}");
+    let out = run(&["dlq", "list", "-f", &file, "--limit", "1"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    let newest = all[0]["id"].as_str().unwrap();
+    assert!(
+        table.contains(&format!("more: wasmgate dlq list --before {newest}")),
+        "{table}"
+    );
+    let next = json(&run(&[
+        "dlq", "list", "-f", &file, "--json", "--limit", "1", "--before", newest,
+    ]));
+    assert_eq!(next[0]["id"], all[1]["id"]);
 
     let out = run(&["dlq", "show", &id, "-f", &file]);
     assert_eq!(out.status.code(), Some(0));

@@ -108,6 +108,10 @@ struct RawManifest {
 pub struct DeadLettersConfig {
     /// Most records kept; past it the oldest are evicted (default 100,000).
     pub max_records: Option<Spanned<u64>>,
+    /// Most bytes the records take, payloads included; past it the oldest
+    /// are evicted (default 100 MiB, at least 1 MiB: one largest MQTT
+    /// message).
+    pub max_bytes: Option<Spanned<Size>>,
     /// Records older than this are removed (default 30 days).
     pub max_age: Option<Spanned<HumanDuration>>,
     /// Also publish each dead letter (as JSON, QoS 1) to this MQTT topic.
@@ -671,6 +675,15 @@ impl Manifest {
                 m.span(),
                 "dead_letters.max_records",
                 "must be at least 1".into(),
+            ));
+        }
+        if let Some(b) = &self.dead_letters.max_bytes
+            && b.get_ref().0 < 1024 * 1024
+        {
+            return Err(self.invalid(
+                b.span(),
+                "dead_letters.max_bytes",
+                "must be at least 1MiB (the largest MQTT message the host takes)".into(),
             ));
         }
         if let Some(a) = &self.dead_letters.max_age

@@ -9,9 +9,10 @@
 //! that moment in one transaction (group commit): under a burst of failures
 //! the cost of a durable commit is shared by the whole batch.
 //!
-//! The store is bounded: past `max_records` the oldest records are evicted,
-//! and records older than `max_age` are removed; each eviction is logged and
-//! counted. A store that cannot be opened or fails its integrity check is a
+//! The store is bounded: past `max_records` records or `max_bytes` bytes the
+//! oldest records are evicted, and records older than `max_age` are removed;
+//! each eviction is logged and counted. Payloads and bodies are stored as
+//! blobs, apart from the record's JSON, so listing records never reads them. A store that cannot be opened or fails its integrity check is a
 //! start-up error that names the file: wasmgate never deletes it.
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -245,11 +246,41 @@ pub struct DeadLetter {
     pub dead_at_ms: u64,
 }
 
+/// Which records [`DeadLetterStore::list_page`] returns.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Filter<'a> {
+    /// Only this component's.
+    pub component: Option<&'a str>,
+    /// Only this trigger's.
+    pub trigger: Option<&'a str>,
+    /// Read payloads and bodies too.
+    pub with_payloads: bool,
+}
+
+/// Where a page of records ended: the next page starts after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    dead_at_ms: i64,
+    rowid: i64,
+}
+
+/// One page of records, newest first.
+#[derive(Debug)]
+pub struct Page {
+    /// The records.
+    pub records: Vec<DeadLetter>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<Cursor>,
+}
+
 /// Bounds of the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bounds {
     /// Most records kept; past it the oldest are evicted.
     pub max_records: u64,
+    /// Most bytes the records take (payloads, bodies and the rest of each
+    /// record); past it the oldest are evicted.
+    pub max_bytes: u64,
     /// Records older than this are removed.
     pub max_age: Duration,
 }
@@ -263,6 +294,7 @@ impl From<&wasmgate_manifest::DeadLettersConfig> for Bounds {
                 .max_records
                 .as_ref()
                 .map_or(d.max_records, |m| *m.get_ref()),
+            max_bytes: c.max_bytes.as_ref().map_or(d.max_bytes, |m| m.get_ref().0),
             max_age: c.max_age.as_ref().map_or(d.max_age, |a| a.get_ref().0),
         }
     }
@@ -274,10 +306,11 @@ pub fn path_in(state_dir: &Path) -> PathBuf {
 }
 
 impl Default for Bounds {
-    /// 100,000 records, 30 days.
+    /// 100,000 records, 100 MiB, 30 days.
     fn default() -> Self {
         Self {
             max_records: 100_000,
+            max_bytes: 100 * 1024 * 1024,
             max_age: Duration::from_secs(30 * 24 * 3600),
         }
     }
@@ -325,16 +358,76 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS dead_letters (
              first_error TEXT NOT NULL,
              last_error TEXT NOT NULL,
              first_attempt_ms INTEGER NOT NULL,
-             dead_at_ms INTEGER NOT NULL
+             dead_at_ms INTEGER NOT NULL,
+             payload BLOB,
+             size INTEGER NOT NULL DEFAULT 0
          );
          CREATE INDEX IF NOT EXISTS dead_letters_by_time ON dead_letters (dead_at_ms);";
 
 fn open_connection(path: &Path) -> Result<Connection, String> {
-    crate::sqlite::open(path, "dead-letter store", SCHEMA)
+    let conn = crate::sqlite::open(path, "dead-letter store", SCHEMA)?;
+    migrate(&conn).map_err(|e| {
+        format!(
+            "dead-letter store {} cannot be upgraded: {e}",
+            path.display()
+        )
+    })?;
+    Ok(conn)
 }
 
-fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<DeadLetter, String>> {
+/// A store written before payloads became blobs: add the columns (its
+/// records keep their payloads in the JSON, which still reads) and size
+/// them.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_payload: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('dead_letters') WHERE name = 'payload'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_payload {
+        conn.execute_batch(
+            "BEGIN;
+             ALTER TABLE dead_letters ADD COLUMN payload BLOB;
+             ALTER TABLE dead_letters ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+             UPDATE dead_letters SET size = length(event) + length(first_error) + length(last_error);
+             COMMIT;",
+        )?;
+    }
+    Ok(())
+}
+
+/// The bytes of an event's payload (MQTT) or body (HTTP), and the event
+/// with them taken out (to be stored as a blob).
+fn split_payload(event: &StoredEvent) -> (StoredEvent, Option<Vec<u8>>) {
+    let mut bare = event.clone();
+    let hex = match &mut bare {
+        StoredEvent::Mqtt { payload_hex, .. } => std::mem::take(payload_hex),
+        StoredEvent::Http { body_hex, .. } => std::mem::take(body_hex),
+        StoredEvent::Timer { .. } => return (bare, None),
+    };
+    (
+        bare,
+        Some(hex::decode(hex).expect("the store wrote this hex")),
+    )
+}
+
+/// Puts a stored payload back into its event.
+fn join_payload(event: &mut StoredEvent, payload: Vec<u8>) {
+    match event {
+        StoredEvent::Mqtt { payload_hex, .. } => *payload_hex = hex::encode(payload),
+        StoredEvent::Http { body_hex, .. } => *body_hex = hex::encode(payload),
+        StoredEvent::Timer { .. } => {}
+    }
+}
+
+/// A row of [`COLUMNS`], followed by the payload column when
+/// `with_payload`.
+fn row_to_record(
+    row: &rusqlite::Row<'_>,
+    with_payload: bool,
+) -> rusqlite::Result<Result<DeadLetter, String>> {
     let condition: String = row.get(3)?;
+    let payload: Option<Vec<u8>> = if with_payload { row.get(10)? } else { None };
     let event: String = row.get(5)?;
     let first: String = row.get(6)?;
     let last: String = row.get(7)?;
@@ -354,7 +447,14 @@ fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<DeadLetter,
             dead_at_ms: row.get::<_, i64>(9).map_err(|e| e.to_string())? as u64,
         })
     })();
-    Ok(parsed.map_err(|e| format!("record {id} is unreadable: {e}")))
+    Ok(parsed
+        .map(|mut record| {
+            if let Some(payload) = payload {
+                join_payload(&mut record.event, payload);
+            }
+            record
+        })
+        .map_err(|e| format!("record {id} is unreadable: {e}")))
 }
 
 const COLUMNS: &str = "id, component, trigger, condition, attempts, event, first_error, last_error, first_attempt_ms, dead_at_ms";
@@ -369,10 +469,22 @@ fn write_batch(
     {
         let mut insert = tx
             .prepare_cached(&format!(
-                "INSERT OR REPLACE INTO dead_letters ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+                "INSERT OR REPLACE INTO dead_letters ({COLUMNS}, payload, size) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
             ))
             .map_err(|e| e.to_string())?;
         for d in batch {
+            let (event, payload) = split_payload(&d.event);
+            let event = serde_json::to_string(&event).expect("event serializes");
+            let first = serde_json::to_string(&d.first_error).expect("error serializes");
+            let last = serde_json::to_string(&d.last_error).expect("error serializes");
+            let size = event.len()
+                + first.len()
+                + last.len()
+                + d.id.len()
+                + d.component.len()
+                + d.trigger.len()
+                + payload.as_ref().map_or(0, Vec::len);
             insert
                 .execute(params![
                     d.id,
@@ -380,15 +492,39 @@ fn write_batch(
                     d.trigger,
                     d.condition.as_str(),
                     d.attempts,
-                    serde_json::to_string(&d.event).expect("event serializes"),
-                    serde_json::to_string(&d.first_error).expect("error serializes"),
-                    serde_json::to_string(&d.last_error).expect("error serializes"),
+                    event,
+                    first,
+                    last,
                     d.first_attempt_ms as i64,
                     d.dead_at_ms as i64,
+                    payload,
+                    size as i64,
                 ])
                 .map_err(|e| e.to_string())?;
         }
     }
+    let evicted = evict(&tx, bounds)?;
+    tx.commit().map_err(|e| e.to_string())?;
+    stats.commits.fetch_add(1, Ordering::Relaxed);
+    stats
+        .written
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    if evicted > 0 {
+        stats.evicted.fetch_add(evicted, Ordering::Relaxed);
+        tracing::warn!(
+            evicted,
+            max_records = bounds.max_records,
+            max_bytes = bounds.max_bytes,
+            max_age_s = bounds.max_age.as_secs(),
+            "dead letters evicted by the store's bounds"
+        );
+    }
+    Ok(())
+}
+
+/// Removes what the bounds no longer allow: records past `max_age`, the
+/// oldest past `max_records`, the oldest past `max_bytes`. Returns how many.
+fn evict(tx: &rusqlite::Transaction<'_>, bounds: Bounds) -> Result<u64, String> {
     let oldest = crate::sqlite::now_ms().saturating_sub(bounds.max_age.as_millis() as u64) as i64;
     let mut evicted = tx
         .execute(
@@ -409,25 +545,40 @@ fn write_batch(
             )
             .map_err(|e| e.to_string())? as u64;
     }
-    tx.commit().map_err(|e| e.to_string())?;
-    stats.commits.fetch_add(1, Ordering::Relaxed);
-    stats
-        .written
-        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-    if evicted > 0 {
-        stats.evicted.fetch_add(evicted, Ordering::Relaxed);
-        tracing::warn!(
-            evicted,
-            max_records = bounds.max_records,
-            max_age_s = bounds.max_age.as_secs(),
-            "dead letters evicted by the store's bounds"
-        );
+    let bytes: i64 = tx
+        .query_row("SELECT COALESCE(SUM(size), 0) FROM dead_letters", [], |r| {
+            r.get(0)
+        })
+        .map_err(|e| e.to_string())?;
+    if bytes > bounds.max_bytes as i64 {
+        // Keep the newest records that fit in max_bytes together.
+        evicted += tx
+            .execute(
+                "DELETE FROM dead_letters WHERE rowid IN (SELECT rowid FROM \
+                 (SELECT rowid, SUM(size) OVER (ORDER BY dead_at_ms DESC, rowid DESC \
+                  ROWS UNBOUNDED PRECEDING) AS kept FROM dead_letters) WHERE kept > ?1)",
+                params![bounds.max_bytes as i64],
+            )
+            .map_err(|e| e.to_string())? as u64;
     }
-    Ok(())
+    Ok(evicted)
 }
 
 /// Most records one transaction of the writer takes.
 const MAX_BATCH: usize = 1000;
+/// Most payload bytes one transaction takes (it passes through the WAL).
+const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+impl DeadLetter {
+    /// About the bytes the record's payload or body takes.
+    fn approx_size(&self) -> usize {
+        match &self.event {
+            StoredEvent::Mqtt { payload_hex, .. } => payload_hex.len() / 2,
+            StoredEvent::Http { body_hex, .. } => body_hex.len() / 2,
+            StoredEvent::Timer { .. } => 0,
+        }
+    }
+}
 
 impl DeadLetterStore {
     /// Also publishes each record, once committed, as JSON (QoS 1) to
@@ -455,10 +606,14 @@ impl DeadLetterStore {
             .name("wasmgate-dlq".into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
+                    let mut bytes = first.0.approx_size();
                     let mut jobs = vec![first];
-                    while jobs.len() < MAX_BATCH {
+                    while jobs.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                         match rx.try_recv() {
-                            Ok(job) => jobs.push(job),
+                            Ok(job) => {
+                                bytes += job.0.approx_size();
+                                jobs.push(job);
+                            }
                             Err(_) => break,
                         }
                     }
@@ -533,32 +688,114 @@ impl DeadLetterStore {
             .unwrap_or_else(|_| Err("the dead-letter writer has stopped".into()))
     }
 
-    /// Records, newest first, optionally only those of a component and/or trigger.
+    /// Every record, newest first, optionally only those of a component
+    /// and/or trigger, payloads included. This holds the whole selection in
+    /// memory: commands page with [`Self::list_page`].
     pub fn list(
         &self,
         component: Option<&str>,
         trigger: Option<&str>,
     ) -> Result<Vec<DeadLetter>, String> {
+        let filter = Filter {
+            component,
+            trigger,
+            with_payloads: true,
+        };
+        let mut out = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = self.list_page(&filter, cursor, 1000)?;
+            let Some(last) = page.next else {
+                out.extend(page.records);
+                return Ok(out);
+            };
+            cursor = Some(last);
+            out.extend(page.records);
+        }
+    }
+
+    /// Up to `limit` records, newest first, older than `before` (from the
+    /// newest when `None`). A page never holds more than `limit` records;
+    /// without [`Filter::with_payloads`] their payloads and bodies are not
+    /// read (the events carry empty ones).
+    pub fn list_page(
+        &self,
+        filter: &Filter<'_>,
+        before: Option<Cursor>,
+        limit: usize,
+    ) -> Result<Page, String> {
         let conn = self.reader.lock().expect("reader lock");
+        let payload = if filter.with_payloads {
+            ", payload"
+        } else {
+            ""
+        };
+        let (at, rowid) = before.map_or((i64::MAX, i64::MAX), |c| (c.dead_at_ms, c.rowid));
         let mut stmt = conn
-            .prepare(&format!(
-                "SELECT {COLUMNS} FROM dead_letters \
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS}{payload}, rowid FROM dead_letters \
                  WHERE (?1 IS NULL OR component = ?1) AND (?2 IS NULL OR trigger = ?2) \
-                 ORDER BY dead_at_ms DESC, rowid DESC"
+                 AND (dead_at_ms < ?3 OR (dead_at_ms = ?3 AND rowid < ?4)) \
+                 ORDER BY dead_at_ms DESC, rowid DESC LIMIT ?5"
             ))
             .map_err(|e| e.to_string())?;
+        let rowid_column = if filter.with_payloads { 11 } else { 10 };
         let rows = stmt
-            .query_map(params![component, trigger], row_to_record)
+            .query_map(
+                params![
+                    filter.component,
+                    filter.trigger,
+                    at,
+                    rowid,
+                    limit.saturating_add(1) as i64
+                ],
+                |row| {
+                    Ok((
+                        row_to_record(row, filter.with_payloads)?,
+                        Cursor {
+                            dead_at_ms: row.get(9)?,
+                            rowid: row.get(rowid_column)?,
+                        },
+                    ))
+                },
+            )
             .map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
+        let mut records = Vec::new();
+        let (mut seen, mut last, mut more) = (0, None, false);
         for row in rows {
+            let (record, cursor) = row.map_err(|e| e.to_string())?;
+            if seen == limit {
+                more = true;
+                break;
+            }
+            seen += 1;
+            last = Some(cursor);
             // One unreadable record must not hide the others.
-            match row.map_err(|e| e.to_string())? {
-                Ok(record) => out.push(record),
+            match record {
+                Ok(record) => records.push(record),
                 Err(e) => tracing::warn!(error = %e, "skipping an unreadable dead letter"),
             }
         }
-        Ok(out)
+        let next = if more { last } else { None };
+        Ok(Page { records, next })
+    }
+
+    /// Where the record `id` sits in the newest-first order: a page
+    /// `before` it starts with the next older record.
+    pub fn cursor_of(&self, id: &str) -> Result<Option<Cursor>, String> {
+        let conn = self.reader.lock().expect("reader lock");
+        conn.query_row(
+            "SELECT dead_at_ms, rowid FROM dead_letters WHERE id = ?1",
+            params![id],
+            |r| {
+                Ok(Cursor {
+                    dead_at_ms: r.get(0)?,
+                    rowid: r.get(1)?,
+                })
+            },
+        )
+        .optional()
+        .map_err(|e| e.to_string())
     }
 
     /// One record.
@@ -566,9 +803,9 @@ impl DeadLetterStore {
         let conn = self.reader.lock().expect("reader lock");
         let row = conn
             .query_row(
-                &format!("SELECT {COLUMNS} FROM dead_letters WHERE id = ?1"),
+                &format!("SELECT {COLUMNS}, payload FROM dead_letters WHERE id = ?1"),
                 params![id],
-                row_to_record,
+                |row| row_to_record(row, true),
             )
             .optional()
             .map_err(|e| e.to_string())?;
@@ -672,6 +909,7 @@ mod tests {
         let bounds = Bounds {
             max_records: 3,
             max_age: Duration::from_secs(3600),
+            ..Bounds::default()
         };
         let store = DeadLetterStore::open(&path, bounds).unwrap();
         let now = crate::sqlite::now_ms();
@@ -712,6 +950,160 @@ mod tests {
         store.put_blocking(letter("again", "c", now)).unwrap();
         assert_eq!(store.list(Some("c"), None).unwrap().len(), 1);
         assert_eq!(store.list(Some("nope"), None).unwrap().len(), 0);
+    }
+
+    fn with_payload(mut d: DeadLetter, bytes: usize) -> DeadLetter {
+        if let StoredEvent::Mqtt { payload_hex, .. } = &mut d.event {
+            *payload_hex = hex::encode(vec![0xA5u8; bytes]);
+        }
+        d
+    }
+
+    /// A flood of failed 100 KB messages: the store keeps the newest that
+    /// fit in max_bytes, and its file stays near that size.
+    #[test]
+    fn the_store_is_bounded_in_bytes_and_stores_payloads_as_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let bounds = Bounds {
+            max_bytes: 1024 * 1024,
+            ..Bounds::default()
+        };
+        let store = DeadLetterStore::open(&path, bounds).unwrap();
+        let now = crate::sqlite::now_ms();
+        for i in 0..100 {
+            store
+                .put_blocking(with_payload(
+                    letter(&format!("id-{i:03}"), "c", now - 1000 + i),
+                    100_000,
+                ))
+                .unwrap();
+        }
+        let kept = store.list(None, None).unwrap();
+        assert!(
+            (8..=10).contains(&kept.len()),
+            "{} records kept",
+            kept.len()
+        );
+        assert_eq!(kept[0].id, "id-099", "the newest are kept");
+        assert_eq!(
+            store.stats().evicted.load(Ordering::Relaxed),
+            100 - kept.len() as u64
+        );
+        let Event::Mqtt(m) = kept[0].event.to_event().unwrap() else {
+            panic!()
+        };
+        assert_eq!(m.payload, vec![0xA5u8; 100_000]);
+        // On disk: the bound, plus the WAL (checkpointed every 1,000 pages,
+        // cut back to 4 MiB); without the byte bound the flood took 20 MB.
+        drop(store);
+        let on_disk: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(
+            on_disk < 8 * 1024 * 1024,
+            "{on_disk} bytes on disk for a 1 MiB bound"
+        );
+        let conn = Connection::open(&path).unwrap();
+        let stored: i64 = conn
+            .query_row(
+                "SELECT length(payload) FROM dead_letters WHERE id = 'id-099'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored, 100_000);
+    }
+
+    #[test]
+    fn pages_list_every_record_once_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DeadLetterStore::open(&dir.path().join(FILE_NAME), Bounds::default()).unwrap();
+        let now = crate::sqlite::now_ms();
+        for i in 0..250u64 {
+            // Groups of five share a timestamp: the cursor must tell them apart.
+            store
+                .put_blocking(with_payload(
+                    letter(&format!("id-{i:03}"), "c", now - 1000 + i / 5),
+                    10,
+                ))
+                .unwrap();
+        }
+        let filter = Filter::default();
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        let mut pages = 0;
+        loop {
+            let page = store.list_page(&filter, cursor, 100).unwrap();
+            assert!(page.records.len() <= 100);
+            // Without payloads, none is read.
+            assert!(page.records.iter().all(|r| matches!(
+                &r.event,
+                StoredEvent::Mqtt { payload_hex, .. } if payload_hex.is_empty()
+            )));
+            seen.extend(page.records.into_iter().map(|r| r.id));
+            pages += 1;
+            cursor = page.next;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        assert_eq!(pages, 3);
+        let mut want: Vec<String> = (0..250).map(|i| format!("id-{i:03}")).collect();
+        want.reverse();
+        assert_eq!(seen, want);
+        let from = store.cursor_of("id-100").unwrap();
+        let page = store.list_page(&filter, from, 2).unwrap();
+        let ids: Vec<&str> = page.records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["id-099", "id-098"]);
+    }
+
+    /// A store written before payloads were blobs opens, reads and is
+    /// bounded like a new one.
+    #[test]
+    fn a_store_of_the_earlier_schema_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let old = letter("old", "c", crate::sqlite::now_ms() - 5);
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE dead_letters (id TEXT PRIMARY KEY, component TEXT NOT NULL, \
+                 trigger TEXT NOT NULL, condition TEXT NOT NULL, attempts INTEGER NOT NULL, \
+                 event TEXT NOT NULL, first_error TEXT NOT NULL, last_error TEXT NOT NULL, \
+                 first_attempt_ms INTEGER NOT NULL, dead_at_ms INTEGER NOT NULL)",
+            )
+            .unwrap();
+            conn.execute(
+                &format!("INSERT INTO dead_letters ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+                params![
+                    old.id,
+                    old.component,
+                    old.trigger,
+                    old.condition.as_str(),
+                    old.attempts,
+                    serde_json::to_string(&old.event).unwrap(),
+                    serde_json::to_string(&old.first_error).unwrap(),
+                    serde_json::to_string(&old.last_error).unwrap(),
+                    old.first_attempt_ms as i64,
+                    old.dead_at_ms as i64,
+                ],
+            )
+            .unwrap();
+        }
+        let store = DeadLetterStore::open(&path, Bounds::default()).unwrap();
+        assert_eq!(store.get("old").unwrap().unwrap(), old);
+        store
+            .put_blocking(letter("new", "c", crate::sqlite::now_ms()))
+            .unwrap();
+        let ids: Vec<String> = store
+            .list(None, None)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, ["new", "old"]);
     }
 
     #[test]

@@ -64,7 +64,7 @@ pub struct DlqArgs {
 /// `wasmgate dlq` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
-    /// List dead letters, newest first.
+    /// List dead letters, newest first, a page at a time.
     List {
         /// Only this component's.
         #[arg(long)]
@@ -72,9 +72,15 @@ pub enum DlqCommand {
         /// Only this trigger's (e.g. `timer:every 30s`).
         #[arg(long)]
         trigger: Option<String>,
-        /// Print JSON instead of a table.
+        /// Print JSON (payloads and bodies included) instead of a table.
         #[arg(long)]
         json: bool,
+        /// Most records to print.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        limit: u64,
+        /// Start after this record (the last id of the previous page).
+        #[arg(long, value_name = "ID")]
+        before: Option<String>,
     },
     /// Print one dead letter as JSON.
     Show {

@@ -7,7 +7,7 @@ use wasmgate_runtime::component::Cache;
 use wasmgate_runtime::deployment::{self, Runtime};
 use wasmgate_runtime::engine::EngineOptions;
 use wasmgate_runtime::invoke::{Admission, Invocable, InvocationContext};
-use wasmgate_store::deadletter::{self, AttemptError, Bounds, DeadLetterStore};
+use wasmgate_store::deadletter::{self, AttemptError, Bounds, DeadLetterStore, Filter};
 /// Runs `wasmgate dlq`.
 pub async fn dlq(args: DlqArgs) -> Result<ExitCode, Fatal> {
     let manifest = load_manifest(&args.file)?;
@@ -21,7 +21,16 @@ pub async fn dlq(args: DlqArgs) -> Result<ExitCode, Fatal> {
             component,
             trigger,
             json,
-        } => list(&store, component.as_deref(), trigger.as_deref(), json),
+            limit,
+            before,
+        } => {
+            let filter = Filter {
+                component: component.as_deref(),
+                trigger: trigger.as_deref(),
+                with_payloads: json,
+            };
+            list(&store, &filter, limit as usize, before.as_deref())
+        }
         DlqCommand::Show { id } => match store.get(&id).map_err(Fatal)? {
             Some(r) => {
                 let _ = writeln!(
@@ -63,79 +72,164 @@ pub async fn dlq(args: DlqArgs) -> Result<ExitCode, Fatal> {
     }
 }
 
-/// `dlq list`: a table, or JSON.
+/// `dlq list`: one page, as a table or JSON.
 fn list(
     store: &DeadLetterStore,
-    component: Option<&str>,
-    trigger: Option<&str>,
-    json: bool,
+    filter: &Filter<'_>,
+    limit: usize,
+    before: Option<&str>,
 ) -> Result<ExitCode, Fatal> {
-    let records = store.list(component, trigger).map_err(Fatal)?;
+    let cursor = match before {
+        Some(id) => Some(store.cursor_of(id).map_err(Fatal)?.ok_or_else(|| {
+            Fatal(format!(
+                "--before: no dead letter with id {id:?} in {}",
+                store.path().display()
+            ))
+        })?),
+        None => None,
+    };
+    let page = store.list_page(filter, cursor, limit).map_err(Fatal)?;
+    let records = &page.records;
     let mut out = std::io::stdout().lock();
-    if json {
+    if filter.with_payloads {
         let _ = writeln!(
             out,
             "{}",
-            serde_json::to_string_pretty(&records).expect("records serialize")
+            serde_json::to_string_pretty(records).expect("records serialize")
         );
-    } else {
+        if page.next.is_some()
+            && let Some(last) = records.last()
+        {
+            eprintln!("more: wasmgate dlq list --json --before {}", last.id);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let _ = writeln!(
+        out,
+        "{:<36}  {:<24}  {:<16}  {:<20}  {:<18}  {:>8}  LAST ERROR",
+        "ID", "DEAD AT (UTC)", "COMPONENT", "TRIGGER", "CONDITION", "ATTEMPTS"
+    );
+    for r in records {
+        let at = chrono::DateTime::from_timestamp_millis(r.dead_at_ms as i64)
+            .map_or_else(String::new, |t| {
+                t.format("%Y-%m-%d %H:%M:%S%.3f").to_string()
+            });
+        let condition = serde_json::to_value(r.condition).expect("condition serializes");
         let _ = writeln!(
             out,
-            "{:<36}  {:<24}  {:<16}  {:<20}  {:<18}  {:>8}  LAST ERROR",
-            "ID", "DEAD AT (UTC)", "COMPONENT", "TRIGGER", "CONDITION", "ATTEMPTS"
+            "{:<36}  {:<24}  {:<16}  {:<20}  {:<18}  {:>8}  {}: {}",
+            r.id,
+            at,
+            r.component,
+            r.trigger,
+            condition.as_str().unwrap_or_default(),
+            r.attempts,
+            r.last_error.outcome,
+            r.last_error.message
         );
-        for r in &records {
-            let at = chrono::DateTime::from_timestamp_millis(r.dead_at_ms as i64)
-                .map_or_else(String::new, |t| {
-                    t.format("%Y-%m-%d %H:%M:%S%.3f").to_string()
-                });
-            let condition = serde_json::to_value(r.condition).expect("condition serializes");
+    }
+    match (page.next.is_some(), records.last()) {
+        (true, Some(last)) => {
             let _ = writeln!(
                 out,
-                "{:<36}  {:<24}  {:<16}  {:<20}  {:<18}  {:>8}  {}: {}",
-                r.id,
-                at,
-                r.component,
-                r.trigger,
-                condition.as_str().unwrap_or_default(),
-                r.attempts,
-                r.last_error.outcome,
-                r.last_error.message
+                "{} dead letter(s) shown from {}; more: wasmgate dlq list --before {}",
+                records.len(),
+                store.path().display(),
+                last.id
             );
         }
-        let _ = writeln!(
-            out,
-            "{} dead letter(s) in {}",
-            records.len(),
-            store.path().display()
-        );
+        _ => {
+            let _ = writeln!(
+                out,
+                "{} dead letter(s) in {}",
+                records.len(),
+                store.path().display()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// `dlq replay`: runs each record's event again; a success removes the
-/// record, a failure keeps it with one more attempt.
+/// record, a failure keeps it with one more attempt. `--all` goes through
+/// the store a page at a time.
 async fn replay(
     manifest: &wasmgate_manifest::Manifest,
     store: &DeadLetterStore,
     id: Option<String>,
     component: Option<String>,
 ) -> Result<ExitCode, Fatal> {
-    let records = match &id {
-        Some(id) => vec![store.get(id).map_err(Fatal)?.ok_or_else(|| {
-            Fatal(format!(
-                "no dead letter with id {id:?} in {}",
-                store.path().display()
-            ))
-        })?],
-        None => store.list(component.as_deref(), None).map_err(Fatal)?,
-    };
     let cache = Cache::new(Some(manifest.state_dir().join("precompiled")));
-    let runtime = Runtime::new(EngineOptions::default(), cache)?;
-    let mut invocables: std::collections::BTreeMap<String, Invocable> =
-        std::collections::BTreeMap::new();
-    let (mut ok, mut failed) = (0, 0);
-    for mut record in records {
+    let mut replayer = Replayer {
+        manifest,
+        store,
+        runtime: Runtime::new(EngineOptions::default(), cache)?,
+        invocables: std::collections::BTreeMap::new(),
+        one: id.is_some(),
+        ok: 0,
+        failed: 0,
+    };
+    match &id {
+        Some(id) => {
+            let record = store.get(id).map_err(Fatal)?.ok_or_else(|| {
+                Fatal(format!(
+                    "no dead letter with id {id:?} in {}",
+                    store.path().display()
+                ))
+            })?;
+            replayer.replay(record).await?;
+        }
+        None => {
+            let filter = Filter {
+                component: component.as_deref(),
+                trigger: None,
+                with_payloads: true,
+            };
+            let mut cursor = None;
+            loop {
+                let page = store
+                    .list_page(&filter, cursor, REPLAY_PAGE)
+                    .map_err(Fatal)?;
+                for record in page.records {
+                    replayer.replay(record).await?;
+                }
+                cursor = page.next;
+                if cursor.is_none() {
+                    break;
+                }
+            }
+        }
+    }
+    let (ok, failed) = (replayer.ok, replayer.failed);
+    println!(
+        "replayed {} dead letter(s): {ok} ok, {failed} failed",
+        ok + failed
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Records `dlq replay --all` holds in memory at once.
+const REPLAY_PAGE: usize = 100;
+
+/// Replays records one by one, loading each component once.
+struct Replayer<'a> {
+    manifest: &'a wasmgate_manifest::Manifest,
+    store: &'a DeadLetterStore,
+    runtime: Runtime,
+    invocables: std::collections::BTreeMap<String, Invocable>,
+    /// Replaying one record by id: a missing component is an error.
+    one: bool,
+    ok: u64,
+    failed: u64,
+}
+
+impl Replayer<'_> {
+    async fn replay(&mut self, mut record: deadletter::DeadLetter) -> Result<(), Fatal> {
+        let (manifest, store) = (self.manifest, self.store);
         if !manifest.components.contains_key(&record.component) {
             let msg = format!(
                 "dead letter {} belongs to component {:?}, which {} no longer defines; kept",
@@ -143,21 +237,21 @@ async fn replay(
                 record.component,
                 manifest.path.display()
             );
-            if id.is_some() {
+            if self.one {
                 return Err(Fatal(msg));
             }
             eprintln!("error: {msg}");
-            failed += 1;
-            continue;
+            self.failed += 1;
+            return Ok(());
         }
-        if !invocables.contains_key(&record.component) {
-            let compiled = deployment::load_component(manifest, &runtime, &record.component)?;
-            invocables.insert(
+        if !self.invocables.contains_key(&record.component) {
+            let compiled = deployment::load_component(manifest, &self.runtime, &record.component)?;
+            self.invocables.insert(
                 record.component.clone(),
-                deployment::invocable(manifest, &runtime, &record.component, compiled),
+                deployment::invocable(manifest, &self.runtime, &record.component, compiled),
             );
         }
-        let invocable = &invocables[&record.component];
+        let invocable = &self.invocables[&record.component];
         let event = record
             .event
             .to_event()
@@ -171,7 +265,7 @@ async fn replay(
         if outcome.is_ok() {
             store.delete(&record.id).map_err(Fatal)?;
             println!("{}: replayed, ok; removed", record.id);
-            ok += 1;
+            self.ok += 1;
         } else {
             record.attempts += 1;
             record.last_error = AttemptError::from_outcome(&outcome);
@@ -180,16 +274,8 @@ async fn replay(
                 "{}: replayed, {}: {}; kept",
                 record.id, record.last_error.outcome, record.last_error.message
             );
-            failed += 1;
+            self.failed += 1;
         }
+        Ok(())
     }
-    println!(
-        "replayed {} dead letter(s): {ok} ok, {failed} failed",
-        ok + failed
-    );
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
 }
