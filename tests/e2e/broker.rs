@@ -292,3 +292,176 @@ every = "300ms"
     assert_eq!(record["condition"], "rejected");
     assert_eq!(record["attempts"], 1);
 }
+
+/// `mosquitto_pub` with extra arguments; its exit status and stderr.
+fn pub_with(port: u16, args: &[&str]) -> (bool, String) {
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv5"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A broker open to the network faces devices it does not trust: unknown
+/// and anonymous clients are refused, a user publishes and subscribes only
+/// within its filters, nobody can take the gateway's client id (and with it
+/// its session), and the number of sessions is bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_authenticates_clients_and_enforces_their_acls() {
+    use wasmgate_manifest::topic::TopicFilter;
+    use wasmgate_trigger_mqtt::broker::{BrokerUser, hash_password};
+    let broker = EmbeddedBroker::start(EmbeddedOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        allow_anonymous: false,
+        max_sessions: 4,
+        gateway_client_id: "gw".into(),
+        users: vec![BrokerUser {
+            username: "sensor-7".into(),
+            password_hash: hash_password("s3cret").unwrap(),
+            publish: vec![TopicFilter::parse("devices/7/#").unwrap()],
+            subscribe: vec![TopicFilter::parse("devices/7/cmd/#").unwrap()],
+        }],
+        ..EmbeddedOptions::default()
+    })
+    .await
+    .unwrap();
+    let port = broker.local_addr().port();
+    let (gw_user, gw_password) = broker.gateway_credentials();
+    tokio::task::spawn_blocking(move || {
+        let sensor = ["-u", "sensor-7", "-P", "s3cret"];
+        // The gateway's own client (a superuser) watches every topic.
+        let watch = sub(
+            port,
+            &[
+                "-i",
+                "gw",
+                "-u",
+                &gw_user,
+                "-P",
+                &gw_password,
+                "-t",
+                "#",
+                "-v",
+                "-W",
+                "6",
+            ],
+        );
+        std::thread::sleep(Duration::from_millis(500));
+
+        let (ok, err) = pub_with(port, &["-t", "devices/7/t", "-m", "anon"]);
+        assert!(!ok, "an anonymous client was let in: {err}");
+        let (ok, _) = pub_with(
+            port,
+            &[
+                "-u",
+                "sensor-7",
+                "-P",
+                "wrong",
+                "-t",
+                "devices/7/t",
+                "-m",
+                "bad",
+            ],
+        );
+        assert!(!ok, "a wrong password was let in");
+        let (ok, _) = pub_with(
+            port,
+            &[
+                "-u",
+                "nobody",
+                "-P",
+                "s3cret",
+                "-t",
+                "devices/7/t",
+                "-m",
+                "bad",
+            ],
+        );
+        assert!(!ok, "an unknown user was let in");
+        // The gateway's client id, with a device's valid credentials: refused,
+        // and the gateway's session is not taken over.
+        let (ok, _) = pub_with(
+            port,
+            &[
+                &sensor[..],
+                &["-i", "gw", "-t", "devices/7/t", "-m", "takeover"],
+            ]
+            .concat(),
+        );
+        assert!(!ok, "a device took the gateway's client id");
+
+        let (ok, err) = pub_with(
+            port,
+            &[&sensor[..], &["-t", "devices/7/t", "-m", "mine"]].concat(),
+        );
+        assert!(ok, "{err}");
+        // Outside its filters: the broker refuses it (MQTT 5 PUBACK
+        // "not authorized" for QoS 1) and routes nothing.
+        let _ = pub_with(
+            port,
+            &[
+                &sensor[..],
+                &["-q", "1", "-t", "devices/8/t", "-m", "not-mine"],
+            ]
+            .concat(),
+        );
+        let denied = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv5"])
+            .args(sensor)
+            .args(["-t", "#", "-W", "2"])
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&denied.stdout),
+            String::from_utf8_lossy(&denied.stderr)
+        );
+        assert!(
+            said.contains("denied"),
+            "subscribing to # was not refused: {said}"
+        );
+
+        let seen = output(watch);
+        assert!(seen.contains("devices/7/t mine"), "{seen}");
+        for not in ["anon", "bad", "takeover", "not-mine"] {
+            assert!(!seen.contains(not), "{not} reached the gateway:\n{seen}");
+        }
+        // The gateway's watch ran to its end (-W): it was never kicked off.
+    })
+    .await
+    .unwrap();
+}
+
+/// Sessions are bounded: with the broker's four held, a fifth client is
+/// refused (and one that held a session may come back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_holds_at_most_max_sessions() {
+    let broker = EmbeddedBroker::start(EmbeddedOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        max_sessions: 4,
+        ..EmbeddedOptions::default()
+    })
+    .await
+    .unwrap();
+    let port = broker.local_addr().port();
+    tokio::task::spawn_blocking(move || {
+        let held: Vec<_> = (0..4)
+            .map(|i| sub(port, &["-i", &format!("s{i}"), "-t", "x", "-W", "4"]))
+            .collect();
+        std::thread::sleep(Duration::from_millis(1500));
+        let (ok, err) = pub_with(port, &["-i", "s5", "-t", "x", "-m", "x"]);
+        assert!(!ok, "a fifth session was accepted");
+        assert!(err.to_lowercase().contains("unavailable"), "{err}");
+        for h in held {
+            let _ = output(h);
+        }
+        let (ok, err) = pub_with(port, &["-i", "s5", "-t", "x", "-m", "x"]);
+        assert!(ok, "no session after the others ended: {err}");
+    })
+    .await
+    .unwrap();
+}

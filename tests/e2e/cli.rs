@@ -496,3 +496,29 @@ fn up_build_installs_a_missing_wasm_target_with_rustup() {
         stderr(&out)
     );
 }
+
+#[test]
+fn hash_password_reads_stdin_and_prints_an_argon2id_hash() {
+    use std::io::Write as _;
+    let hash = |input: &[u8]| {
+        let mut child = wasmgate()
+            .arg("hash-password")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = hash(b"s3cret\n");
+    assert_eq!(out.status.code(), Some(0));
+    let first = String::from_utf8(out.stdout).unwrap();
+    assert!(first.starts_with("$argon2id$v=19$"), "{first}");
+    // A fresh salt each time.
+    let second = String::from_utf8(hash(b"s3cret\n").stdout).unwrap();
+    assert_ne!(first, second);
+    let out = hash(b"");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no password on stdin"));
+}

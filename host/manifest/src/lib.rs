@@ -213,7 +213,7 @@ pub struct SpoolConfig {
     pub on_full: OnFull,
 }
 
-/// `[mqtt] embedded = { listen, max_queued }`.
+/// `[mqtt.embedded]`: the embedded broker's listener, bounds and clients.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddedBrokerConfig {
@@ -221,8 +221,52 @@ pub struct EmbeddedBrokerConfig {
     /// `0.0.0.0:1883` for devices on the network).
     pub listen: Option<std::net::SocketAddr>,
     /// Messages queued per offline or slow session before the oldest is
-    /// dropped (default 100,000).
+    /// dropped (default 10,000).
     pub max_queued: Option<Spanned<u64>>,
+    /// Sessions (connected or kept for an offline client) the broker holds
+    /// at once; a new client past it is refused (default 1,024).
+    pub max_sessions: Option<Spanned<u64>>,
+    /// Longest a client's offline session is kept, whatever it asks for
+    /// (default 1 day).
+    pub max_session_expiry: Option<Spanned<HumanDuration>>,
+    /// Clients that connect without a username. Default: allowed only when
+    /// `listen` is a loopback address and no `users` are configured.
+    /// Anonymous clients may publish and subscribe to any topic.
+    pub allow_anonymous: Option<Spanned<bool>>,
+    /// The clients that may connect with a username and password, each
+    /// with the topics it may publish and subscribe to.
+    #[serde(default)]
+    pub users: Vec<Spanned<EmbeddedUser>>,
+}
+
+/// `[[mqtt.embedded.users]]`: one device (or group of devices) of the
+/// embedded broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedUser {
+    /// The MQTT username.
+    pub username: Spanned<String>,
+    /// An Argon2id password hash in PHC format (`$argon2id$v=19$...`), as
+    /// `wasmgate hash-password` prints it: the manifest never holds the
+    /// password.
+    pub password_hash: Spanned<String>,
+    /// Topic filters the client may publish to.
+    #[serde(default)]
+    pub publish: Vec<Spanned<String>>,
+    /// Topic filters the client may subscribe to: a subscription must be
+    /// within one of them (`devices/7/#` allows `devices/7/cmd`, not `#`).
+    #[serde(default)]
+    pub subscribe: Vec<Spanned<String>>,
+}
+
+impl EmbeddedBrokerConfig {
+    /// Whether clients without a username may connect.
+    pub fn anonymous_allowed(&self) -> bool {
+        self.allow_anonymous.as_ref().map_or_else(
+            || self.users.is_empty() && self.listen.is_none_or(|l| l.ip().is_loopback()),
+            |a| *a.get_ref(),
+        )
+    }
 }
 
 impl MqttConfig {
@@ -923,14 +967,67 @@ impl Manifest {
                     "applies only with broker = \"embedded\"".into(),
                 ));
             }
-            if let Some(q) = &e.get_ref().max_queued
+            self.check_embedded_broker(e.get_ref())?;
+        }
+        Ok(())
+    }
+
+    /// `[mqtt.embedded]`: bounds, and users with their hashes and filters.
+    fn check_embedded_broker(&self, e: &EmbeddedBrokerConfig) -> Result<(), ManifestError> {
+        for (key, value) in [
+            ("mqtt.embedded.max_queued", &e.max_queued),
+            ("mqtt.embedded.max_sessions", &e.max_sessions),
+        ] {
+            if let Some(q) = value
                 && *q.get_ref() == 0
             {
+                return Err(self.invalid(q.span(), key, "must be at least 1".into()));
+            }
+        }
+        if let Some(x) = &e.max_session_expiry
+            && x.get_ref().0 > Duration::from_secs(u32::MAX as u64)
+        {
+            return Err(self.invalid(
+                x.span(),
+                "mqtt.embedded.max_session_expiry",
+                "must be at most 136 years".into(),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for user in &e.users {
+            let u = user.get_ref();
+            let name = u.username.get_ref();
+            if name.is_empty() || name.starts_with('$') || name.len() > 256 {
                 return Err(self.invalid(
-                    q.span(),
-                    "mqtt.embedded.max_queued",
-                    "must be at least 1".into(),
+                    u.username.span(),
+                    "mqtt.embedded.users.username",
+                    format!("{name:?} is not allowed: 1 to 256 characters, not starting with '$' (reserved for the gateway)"),
                 ));
+            }
+            if !seen.insert(name.clone()) {
+                return Err(self.invalid(
+                    u.username.span(),
+                    "mqtt.embedded.users.username",
+                    format!("{name:?} appears twice"),
+                ));
+            }
+            if !u.password_hash.get_ref().starts_with("$argon2id$") {
+                return Err(self.invalid(
+                    u.password_hash.span(),
+                    "mqtt.embedded.users.password_hash",
+                    "is not an Argon2id hash: make one with `wasmgate hash-password` (it reads the password from stdin)".into(),
+                ));
+            }
+            for (field, filters) in [("publish", &u.publish), ("subscribe", &u.subscribe)] {
+                for f in filters {
+                    if let Err(message) = TopicFilter::parse(f.get_ref()) {
+                        return Err(self.invalid(
+                            f.span(),
+                            &format!("mqtt.embedded.users.{field}"),
+                            message,
+                        ));
+                    }
+                }
             }
         }
         Ok(())

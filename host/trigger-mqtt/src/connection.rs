@@ -35,6 +35,20 @@ pub enum ClientOptions {
     V4(rumqttc::MqttOptions, rumqttc::NetworkOptions),
 }
 
+impl ClientOptions {
+    /// Sets the username and password the client connects with.
+    pub fn set_credentials(&mut self, username: String, password: String) {
+        match self {
+            Self::V5(o) => {
+                o.set_credentials(username, password);
+            }
+            Self::V4(o, _) => {
+                o.set_credentials(username, password);
+            }
+        }
+    }
+}
+
 impl From<rumqttc::v5::MqttOptions> for ClientOptions {
     fn from(o: rumqttc::v5::MqttOptions) -> Self {
         Self::V5(o)

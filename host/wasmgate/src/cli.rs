@@ -43,6 +43,9 @@ pub enum Command {
     Up(UpArgs),
     /// List, show, replay and purge dead-lettered events (also while the host runs).
     Dlq(DlqArgs),
+    /// Read a password from stdin (its first line) and print its Argon2id
+    /// hash for `[[mqtt.embedded.users]] password_hash`.
+    HashPassword,
 }
 
 /// `wasmgate dlq`.
@@ -324,6 +327,7 @@ pub fn main() -> ExitCode {
             Command::Invoke(args) => crate::invoke::invoke(*args).await,
             Command::Up(args) => crate::up::up(args, started).await,
             Command::Dlq(args) => crate::dlq::dlq(args).await,
+            Command::HashPassword => hash_password(),
         }
     });
     match result {
@@ -363,4 +367,31 @@ pub fn load_manifest(path: &Path) -> Result<Manifest, ManifestError> {
     let manifest = Manifest::load(path)?;
     wasmgate_trigger_http::router::Router::build(&manifest)?;
     Ok(manifest)
+}
+
+/// `wasmgate hash-password`.
+#[cfg(feature = "embedded-broker")]
+fn hash_password() -> Result<ExitCode, Fatal> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| Fatal(format!("cannot read the password from stdin: {e}")))?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        return Err(Fatal(
+            "no password on stdin (write it as the first line, e.g. `wasmgate hash-password < file`)"
+                .into(),
+        ));
+    }
+    let hash = wasmgate_trigger_mqtt::broker::hash_password(password).map_err(Fatal)?;
+    println!("{hash}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `wasmgate hash-password` without the embedded broker.
+#[cfg(not(feature = "embedded-broker"))]
+fn hash_password() -> Result<ExitCode, Fatal> {
+    Err(Fatal(
+        "this build has no embedded broker (cargo feature `embedded-broker`)".into(),
+    ))
 }

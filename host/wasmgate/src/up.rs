@@ -306,16 +306,7 @@ async fn start_embedded_broker(
     config: &wasmgate_manifest::MqttConfig,
     needs_client: bool,
 ) -> Result<Connection, Fatal> {
-    let mut options = wasmgate_trigger_mqtt::broker::EmbeddedOptions::default();
-    if let Some(e) = &config.embedded {
-        let e = e.get_ref();
-        if let Some(listen) = e.listen {
-            options.listen = listen;
-        }
-        if let Some(q) = &e.max_queued {
-            options.max_queued = *q.get_ref() as usize;
-        }
-    }
+    let options = embedded_options(m, config);
     let broker = wasmgate_trigger_mqtt::broker::EmbeddedBroker::start(options)
         .await
         .map_err(|e| Fatal(format!("{}: {e}", m.path.display())))?;
@@ -333,12 +324,67 @@ async fn start_embedded_broker(
             host,
             port: addr.port(),
         };
-        Some(
-            wasmgate_trigger_mqtt::client_options_for(m, &url)
-                .map_err(|e| Fatal(format!("{}: {e}", m.path.display())))?,
-        )
+        let (mut options, receive_maximum) = wasmgate_trigger_mqtt::client_options_for(m, &url)
+            .map_err(|e| Fatal(format!("{}: {e}", m.path.display())))?;
+        let (username, password) = broker.gateway_credentials();
+        options.set_credentials(username, password);
+        Some((options, receive_maximum))
     };
     Ok((Some(broker), client))
+}
+
+/// The embedded broker's settings from `[mqtt.embedded]`, defaults filled in.
+#[cfg(feature = "embedded-broker")]
+fn embedded_options(
+    m: &Manifest,
+    config: &wasmgate_manifest::MqttConfig,
+) -> wasmgate_trigger_mqtt::broker::EmbeddedOptions {
+    use wasmgate_manifest::topic::TopicFilter;
+    use wasmgate_trigger_mqtt::broker::{BrokerUser, EmbeddedOptions};
+    let mut options = EmbeddedOptions {
+        gateway_client_id: config
+            .client_id
+            .as_ref()
+            .map_or_else(|| m.gateway.name.clone(), |id| id.get_ref().clone()),
+        ..EmbeddedOptions::default()
+    };
+    let Some(e) = &config.embedded else {
+        return options;
+    };
+    let e = e.get_ref();
+    if let Some(listen) = e.listen {
+        options.listen = listen;
+    }
+    if let Some(q) = &e.max_queued {
+        options.max_queued = *q.get_ref() as usize;
+    }
+    if let Some(n) = &e.max_sessions {
+        options.max_sessions = *n.get_ref() as usize;
+    }
+    if let Some(x) = &e.max_session_expiry {
+        options.max_session_expiry = x.get_ref().0;
+    }
+    options.allow_anonymous = e.anonymous_allowed();
+    // Checked at load, so parsing cannot fail here.
+    let filters = |fs: Vec<&String>| {
+        fs.into_iter()
+            .filter_map(|f| TopicFilter::parse(f).ok())
+            .collect()
+    };
+    options.users = e
+        .users
+        .iter()
+        .map(|u| {
+            let u = u.get_ref();
+            BrokerUser {
+                username: u.username.get_ref().clone(),
+                password_hash: u.password_hash.get_ref().clone(),
+                publish: filters(u.publish.iter().map(|f| f.get_ref()).collect()),
+                subscribe: filters(u.subscribe.iter().map(|f| f.get_ref()).collect()),
+            }
+        })
+        .collect();
+    options
 }
 
 #[cfg(not(feature = "embedded-broker"))]
