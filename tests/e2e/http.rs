@@ -2,7 +2,7 @@
 //! real clients (reqwest, curl, raw TCP), real guests, certificates made
 //! here.
 
-use crate::util::wasmgate;
+use crate::util::{Tmpfs, is_root, wasmgate};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -985,25 +985,6 @@ async fn a_guest_built_with_the_upstream_wasi_crate_runs_unchanged() {
     assert_eq!(r.bytes().await.unwrap().as_ref(), payload.as_slice());
 }
 
-/// A small tmpfs mounted for the test's lifetime.
-struct Tmpfs(PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
-fn is_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
 /// The state directory fills up while a timer keeps failing: the dead
 /// letters that cannot be written are reported (with a running count), HTTP
 /// goes on, and once space is free dead letters are written again.
@@ -1016,17 +997,7 @@ async fn a_full_disk_is_reported_and_http_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(&state)
-        .status()
-        .unwrap();
-    assert!(
-        mounted.success(),
-        "cannot mount a tmpfs at {}",
-        state.display()
-    );
-    let _mount = Tmpfs(state.clone());
+    let mount = Tmpfs::mount(&state, "2m");
     let server = Server::start_in(
         dir,
         &format!(
@@ -1062,13 +1033,7 @@ retry = {{ attempts = 1 }}
     let mark = wait_for("event dead-lettered", 0);
 
     // Fill the disk.
-    let filler = state.join("filler");
-    {
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let chunk = vec![0u8; 16 * 1024];
-        while f.write_all(&chunk).is_ok() {}
-        let _ = f.sync_all();
-    }
+    let filler = mount.fill("filler");
     let mark = wait_for("could not be dead-lettered", mark);
     assert!(
         server.logs().contains("\"write_failures\":"),

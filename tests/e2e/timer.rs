@@ -380,3 +380,52 @@ async fn retries_stop_at_the_maximum_event_age() {
     assert_eq!(all[0].condition, Condition::EventAgeExceeded);
     assert_eq!(all[0].attempts, 2);
 }
+
+/// A tick whose dead letter cannot be written (the state disk is full) is
+/// not recorded as done: it is delivered again every 5 s until its dead
+/// letter is written, and only then recorded (a host that stops first
+/// leaves it for catch-up at the next start). Real time: the store's
+/// writer thread does not follow tokio's clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_that_cannot_be_dead_lettered_is_not_recorded_as_done() {
+    use crate::util::{Tmpfs, is_root};
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Tmpfs::mount(dir.path(), "1m");
+    let store =
+        Arc::new(DeadLetterStore::open(&dir.path().join("dl.sqlite"), Bounds::default()).unwrap());
+    let filler = disk.fill("filler");
+    let state = Arc::new(TimerState::in_memory());
+    let trigger = TimerTrigger::new(
+        spec(1_000, Overlap::Forbid, CatchUpPolicy::Latest),
+        tick_timer(&[("TICK_FAIL", "sensor offline")]),
+        state.clone(),
+        Clock::virtual_at(t0()),
+    )
+    .with_dead_letters(store.clone());
+    let stats = trigger.stats();
+    let tasks = TaskTracker::new();
+    let shutdown = CancellationToken::new();
+    tasks.spawn(trigger.run(tasks.clone(), shutdown.clone()));
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("the dead letter failed", &|| {
+        stats.unsettled.load(Ordering::Relaxed) >= 1
+    });
+    assert_eq!(state.last("test"), None, "an unsettled tick was recorded");
+    assert!(store.stats().write_failures.load(Ordering::Relaxed) >= 1);
+    std::fs::remove_file(filler).unwrap();
+    wait("the tick settled", &|| state.last("test").is_some());
+    assert_eq!(store.list(None, None).unwrap().len(), 1);
+    shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+}

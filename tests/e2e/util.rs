@@ -101,3 +101,48 @@ pub(crate) async fn call(inv: &Invocable, event: Event) -> Outcome {
     inv.invoke(event, InvocationContext::new("test"), Admission::Wait)
         .await
 }
+
+/// Whether the tests run as root (CI does): mounting a tmpfs needs it.
+pub(crate) fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// A small tmpfs mounted for the test's lifetime: a disk that fills up.
+pub(crate) struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `"2m"`) on the existing directory `at`.
+    pub(crate) fn mount(at: &Path, size: &str) -> Self {
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(
+            mounted.success(),
+            "cannot mount a tmpfs at {}",
+            at.display()
+        );
+        Self(at.to_path_buf())
+    }
+
+    /// Fills it up with a file at `name`; returns the file's path.
+    pub(crate) fn fill(&self, name: &str) -> PathBuf {
+        use std::io::Write as _;
+        let path = self.0.join(name);
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 16 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

@@ -98,6 +98,9 @@ pub struct TimerStats {
     pub replaced: AtomicU64,
     /// Ticks missed while down or late and not caught up.
     pub missed: AtomicU64,
+    /// Deliveries that failed and could not be dead-lettered (each is
+    /// delivered again until it settles, and not recorded as done before).
+    pub unsettled: AtomicU64,
     recent: Mutex<VecDeque<TickRecord>>,
     lateness_us: Mutex<Vec<u64>>,
     start_lateness_us: Mutex<Vec<u64>>,
@@ -163,7 +166,13 @@ pub struct TimerTrigger {
     stats: Arc<TimerStats>,
     deliveries: Option<tokio::runtime::Handle>,
     dead_letters: Option<Arc<DeadLetterStore>>,
+    /// Cancelled on shutdown: an unsettled tick stops being delivered again.
+    shutdown: CancellationToken,
 }
+
+/// How long a tick whose dead letter could not be written waits before it
+/// is delivered again.
+pub const UNSETTLED_RETRY: Duration = Duration::from_secs(5);
 
 impl TimerTrigger {
     /// Binds a timer to its component, state and clock.
@@ -181,6 +190,7 @@ impl TimerTrigger {
             stats: Arc::default(),
             deliveries: None,
             dead_letters: None,
+            shutdown: CancellationToken::new(),
         }
     }
 
@@ -205,7 +215,8 @@ impl TimerTrigger {
 
     /// Runs until `shutdown` is cancelled. Deliveries are spawned on `tasks`,
     /// so the caller can drain them.
-    pub async fn run(self, tasks: TaskTracker, shutdown: CancellationToken) {
+    pub async fn run(mut self, tasks: TaskTracker, shutdown: CancellationToken) {
+        self.shutdown = shutdown.clone();
         let spec = &self.spec;
         let offset = chrono::Duration::from_std(spec.offset).unwrap_or_default();
         let mut running: Vec<JoinHandle<()>> = Vec::new();
@@ -349,6 +360,7 @@ impl TimerTrigger {
         let key = spec.key.clone();
         let offset = chrono::Duration::from_std(spec.offset).unwrap_or_default();
         let trigger = format!("timer:{}", spec.schedule_text);
+        let stop = self.shutdown.clone();
         let delivery = async move {
             for (i, scheduled) in ticks.into_iter().enumerate() {
                 let fired_at = if i == 0 { fired } else { clock.now() };
@@ -365,15 +377,22 @@ impl TimerTrigger {
                     fired_at_ms: fired_at.timestamp_millis().max(0) as u64,
                     missed: tick_missed,
                 });
-                let outcome = deliver(
+                let Some(outcome) = deliver_settled(
                     &component,
                     event,
-                    InvocationContext::new(trigger.clone()),
+                    &trigger,
                     &retry,
                     dead_letters.as_deref(),
+                    &stats,
+                    &stop,
                 )
                 .await
-                .outcome;
+                else {
+                    // The host stops with the tick unsettled: it stays
+                    // unrecorded, and catch-up runs it again at the next
+                    // start; so are the later ones of this run.
+                    return;
+                };
                 // Recorded only now that the tick is settled: after a crash
                 // during its delivery, catch-up runs it again (at least once).
                 state.record(&key, scheduled - offset);
@@ -390,6 +409,39 @@ impl TimerTrigger {
             Some(runtime) => tasks.spawn_on(delivery, runtime),
             None => tasks.spawn(delivery),
         });
+    }
+}
+
+/// Delivers one tick until it settles: a delivery whose dead letter could
+/// not be written (a full disk) is made again every [`UNSETTLED_RETRY`].
+/// `None` when `stop` ends the wait with the tick still unsettled.
+async fn deliver_settled(
+    component: &Invocable,
+    event: Event,
+    trigger: &str,
+    retry: &RetryPolicy,
+    dead_letters: Option<&DeadLetterStore>,
+    stats: &TimerStats,
+    stop: &CancellationToken,
+) -> Option<wasmgate_runtime::invoke::Outcome> {
+    loop {
+        let d = deliver(
+            component,
+            event.clone(),
+            InvocationContext::new(trigger.to_string()),
+            retry,
+            dead_letters,
+        )
+        .await;
+        if d.settled {
+            return Some(d.outcome);
+        }
+        stats.unsettled.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(component = %component.name, trigger, retry_in_s = UNSETTLED_RETRY.as_secs(), "the tick failed and could not be dead-lettered; it is not recorded as done and is delivered again");
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            () = tokio::time::sleep(UNSETTLED_RETRY) => {}
+        }
     }
 }
 
@@ -450,15 +502,21 @@ impl std::fmt::Debug for SchedulerThread {
     }
 }
 
-/// A fixed offset in `[0, jitter)` for one timer of one gateway.
+/// A fixed offset in `[0, jitter)` for one timer of one gateway: the first
+/// 8 bytes of the SHA-256 of the gateway name and the timer key, so every
+/// build and version of the host gives a gateway the same offsets.
 pub fn jitter_offset(gateway: &str, key: &str, jitter: Duration) -> Duration {
-    use std::hash::{Hash, Hasher};
+    use sha2::{Digest, Sha256};
     if jitter.is_zero() {
         return Duration::ZERO;
     }
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (gateway, key).hash(&mut h);
-    Duration::from_nanos(h.finish() % jitter.as_nanos().min(u64::MAX as u128) as u64)
+    let mut h = Sha256::new();
+    h.update(gateway.as_bytes());
+    h.update([0]);
+    h.update(key.as_bytes());
+    let digest = h.finalize();
+    let n = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+    Duration::from_nanos(n % jitter.as_nanos().min(u64::MAX as u128) as u64)
 }
 
 /// Default cap of `catch_up = "all"`.
@@ -553,5 +611,10 @@ mod tests {
             .collect();
         assert!(spread.len() > 40, "offsets spread over the window");
         assert_eq!(jitter_offset("gw", "t", Duration::ZERO), Duration::ZERO);
+        // Pinned: a gateway's offsets must not move between host versions.
+        assert_eq!(
+            jitter_offset("gw-1", "t", j),
+            Duration::from_nanos(4_598_804_038)
+        );
     }
 }
