@@ -371,3 +371,126 @@ fn sigkill_at_random_points_loses_no_queued_event() {
     ids.sort();
     assert_eq!(stored, ids, "after {kills} SIGKILLs");
 }
+
+/// A dead letter of a component that publishes is not replayed by the
+/// command (its publishes would be lost): it moves, with its id, to the
+/// event queue, and the host delivers it and sends the reply.
+#[test]
+fn replaying_a_publishing_components_record_hands_it_to_the_host() {
+    use wasmgate_store::deadletter::{
+        AttemptError, Bounds, Condition, DeadLetter, DeadLetterStore, StoredEvent,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let path = dir.path().join("wasmgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[gateway]
+name = "dlq-publish"
+state_dir = "state"
+
+[mqtt]
+broker = "embedded"
+embedded = {{ listen = "127.0.0.1:{port}" }}
+
+[component.echo]
+source = {:?}
+allow = {{ mqtt_publish = ["dev/+/temp/reply"] }}
+"#,
+            wasmgate_test_artifacts::ECHO_MQTT
+        ),
+    )
+    .unwrap();
+    let file = path.to_str().unwrap().to_string();
+    let id = "0190d0c0-0000-7000-8000-00000000abcd";
+    {
+        let store = DeadLetterStore::open(
+            &dir.path().join("state/dead-letters.sqlite"),
+            Bounds::default(),
+        )
+        .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let err = AttemptError {
+            outcome: "retry".into(),
+            message: "the uplink was down".into(),
+            at_ms: now,
+        };
+        store
+            .put_blocking(DeadLetter {
+                id: id.into(),
+                component: "echo".into(),
+                trigger: "mqtt:dev/+/temp".into(),
+                condition: Condition::RetriesExhausted,
+                attempts: 3,
+                event: StoredEvent::Mqtt {
+                    topic: "dev/7/temp".into(),
+                    payload_hex: hex::encode("21.5"),
+                    qos: 1,
+                    retain: false,
+                    content_type: None,
+                    response_topic: None,
+                    correlation_data_hex: None,
+                    user_properties: Vec::new(),
+                },
+                first_error: err.clone(),
+                last_error: err,
+                first_attempt_ms: now - 10,
+                dead_at_ms: now,
+            })
+            .unwrap();
+    }
+    let out = run(&["dlq", "replay", id, "-f", &file]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("{id}: queued for the host")),
+        "{said}"
+    );
+    assert!(said.contains("1 queued"), "{said}");
+    assert_eq!(
+        run(&["dlq", "show", id, "-f", &file]).status.code(),
+        Some(2)
+    );
+    let queue =
+        wasmgate_store::queue::EventQueue::open(&dir.path().join("state/queue.sqlite")).unwrap();
+    assert_eq!(queue.len().unwrap(), 1);
+
+    // The host delivers it under its id, and the reply reaches the broker.
+    let mut watch = None;
+    let mut replied = false;
+    run_host_until(&file, |v| {
+        if v["message"] == "embedded MQTT broker listening" {
+            watch = Some(
+                std::process::Command::new("mosquitto_sub")
+                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv5"])
+                    .args(["-t", "dev/+/temp/reply", "-C", "1", "-W", "60", "-v"])
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap(),
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        if v["message"] == "invocation" && v["id"] == id {
+            assert_eq!(v["outcome"], "ok", "{v}");
+            replied = true;
+        }
+        replied
+    });
+    let got = watch
+        .expect("the broker started")
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout),
+        "dev/7/temp/reply 21.5\n"
+    );
+}

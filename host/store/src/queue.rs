@@ -69,6 +69,13 @@ impl EventQueue {
     /// Adds an event durably and returns its invocation id.
     pub fn enqueue(&self, component: &str, event: &StoredEvent) -> Result<String, String> {
         let id = uuid::Uuid::now_v7().to_string();
+        self.enqueue_as(&id, component, event)?;
+        Ok(id)
+    }
+
+    /// Adds an event durably under an existing invocation id (a replayed
+    /// dead letter keeps its id).
+    pub fn enqueue_as(&self, id: &str, component: &str, event: &StoredEvent) -> Result<(), String> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -86,7 +93,7 @@ impl EventQueue {
                 ],
             )
             .map_err(|e| format!("cannot enqueue into {}: {e}", self.path.display()))?;
-        Ok(id)
+        Ok(())
     }
 
     /// The oldest `limit` events, skipping `exclude` (those in flight).

@@ -8,6 +8,7 @@ use wasmgate_runtime::deployment::{self, Runtime};
 use wasmgate_runtime::engine::EngineOptions;
 use wasmgate_runtime::invoke::{Admission, Invocable, InvocationContext};
 use wasmgate_store::deadletter::{self, AttemptError, Bounds, DeadLetterStore, Filter};
+use wasmgate_store::queue::EventQueue;
 /// Runs `wasmgate dlq`.
 pub async fn dlq(args: DlqArgs) -> Result<ExitCode, Fatal> {
     let manifest = load_manifest(&args.file)?;
@@ -165,9 +166,11 @@ async fn replay(
         store,
         runtime: Runtime::new(EngineOptions::default(), cache)?,
         invocables: std::collections::BTreeMap::new(),
+        queue: None,
         one: id.is_some(),
         ok: 0,
         failed: 0,
+        queued: 0,
     };
     match &id {
         Some(id) => {
@@ -200,10 +203,10 @@ async fn replay(
             }
         }
     }
-    let (ok, failed) = (replayer.ok, replayer.failed);
+    let (ok, failed, queued) = (replayer.ok, replayer.failed, replayer.queued);
     println!(
-        "replayed {} dead letter(s): {ok} ok, {failed} failed",
-        ok + failed
+        "replayed {} dead letter(s): {ok} ok, {failed} failed, {queued} queued for the host",
+        ok + failed + queued
     );
     Ok(if failed == 0 {
         ExitCode::SUCCESS
@@ -221,13 +224,56 @@ struct Replayer<'a> {
     store: &'a DeadLetterStore,
     runtime: Runtime,
     invocables: std::collections::BTreeMap<String, Invocable>,
+    /// The event queue, opened for the first record that goes there.
+    queue: Option<EventQueue>,
     /// Replaying one record by id: a missing component is an error.
     one: bool,
     ok: u64,
     failed: u64,
+    queued: u64,
+}
+
+/// Whether `component` may publish MQTT messages through a connection of
+/// the manifest: only a running host can send those.
+fn may_publish(manifest: &wasmgate_manifest::Manifest, component: &str) -> bool {
+    let connected = manifest.mqtt.is_some() || !manifest.triggers.mqtt.is_empty();
+    connected
+        && manifest
+            .components
+            .get(component)
+            .is_some_and(|c| c.allow.grants_mqtt())
 }
 
 impl Replayer<'_> {
+    /// A record whose component may publish goes to the durable event
+    /// queue, under its id, for the running host (or the next one) to
+    /// deliver with its outbox, retries and dead letters: replayed here, its
+    /// publishes would have nowhere to go.
+    fn hand_to_host(&mut self, record: deadletter::DeadLetter) -> Result<(), Fatal> {
+        let queue = match &mut self.queue {
+            Some(q) => q,
+            None => self.queue.insert(
+                EventQueue::open(
+                    &self
+                        .manifest
+                        .state_dir()
+                        .join(wasmgate_store::queue::FILE_NAME),
+                )
+                .map_err(Fatal)?,
+            ),
+        };
+        queue
+            .enqueue_as(&record.id, &record.component, &record.event)
+            .map_err(Fatal)?;
+        self.store.delete(&record.id).map_err(Fatal)?;
+        println!(
+            "{}: queued for the host: component {:?} may publish MQTT messages, which only a running `wasmgate up` sends; removed",
+            record.id, record.component
+        );
+        self.queued += 1;
+        Ok(())
+    }
+
     async fn replay(&mut self, mut record: deadletter::DeadLetter) -> Result<(), Fatal> {
         let (manifest, store) = (self.manifest, self.store);
         if !manifest.components.contains_key(&record.component) {
@@ -243,6 +289,9 @@ impl Replayer<'_> {
             eprintln!("error: {msg}");
             self.failed += 1;
             return Ok(());
+        }
+        if may_publish(manifest, &record.component) {
+            return self.hand_to_host(record);
         }
         if !self.invocables.contains_key(&record.component) {
             let compiled = deployment::load_component(manifest, &self.runtime, &record.component)?;
