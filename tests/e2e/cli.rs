@@ -310,18 +310,18 @@ fn check_prints_components_and_triggers() {
 
 #[test]
 fn up_becomes_ready_and_stops_on_sigterm() {
-    let mut child = wasmgate()
-        .args([
-            "up",
-            "-f",
-            "examples/quickstart/wasmgate.toml",
-            "--log-format",
-            "json",
-        ])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = crate::util::spawn_guarded(
+        wasmgate()
+            .args([
+                "up",
+                "-f",
+                "examples/quickstart/wasmgate.toml",
+                "--log-format",
+                "json",
+            ])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null()),
+    );
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut seen = Vec::new();

@@ -146,3 +146,32 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a test that
+/// panics leaves no `wasmgate up` running after the test run.
+pub(crate) struct KillOnDrop(pub(crate) std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns `command`, to be killed when the guard drops.
+pub(crate) fn spawn_guarded(command: &mut Command) -> KillOnDrop {
+    KillOnDrop(command.spawn().expect("the process starts"))
+}
