@@ -19,7 +19,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 use wasmgate_runtime::invoke::{Event, HttpRequest, MqttMessage, Outcome, Status, TimerTick};
@@ -322,6 +323,7 @@ type Job = (DeadLetter, oneshot::Sender<Result<(), String>>);
 pub struct DeadLetterStore {
     path: PathBuf,
     reader: Mutex<Connection>,
+    /// Bounded ([`WRITER_QUEUE`]): a burst of failures waits for the disk.
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     stats: Arc<StoreStats>,
     publish_topic: Option<String>,
@@ -564,6 +566,8 @@ fn evict(tx: &rusqlite::Transaction<'_>, bounds: Bounds) -> Result<u64, String> 
     Ok(evicted)
 }
 
+/// Records waiting for the writer; past it `put` waits for room.
+const WRITER_QUEUE: usize = 1024;
 /// Most records one transaction of the writer takes.
 const MAX_BATCH: usize = 1000;
 /// Most payload bytes one transaction takes (it passes through the WAL).
@@ -600,12 +604,12 @@ impl DeadLetterStore {
         let reader = open_connection(path)?;
         let mut writer_conn = open_connection(path)?;
         let stats = Arc::new(StoreStats::default());
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, mut rx) = mpsc::channel::<Job>(WRITER_QUEUE);
         let writer_stats = stats.clone();
         std::thread::Builder::new()
             .name("wasmgate-dlq".into())
             .spawn(move || {
-                while let Ok(first) = rx.recv() {
+                while let Some(first) = rx.blocking_recv() {
                     let mut bytes = first.0.approx_size();
                     let mut jobs = vec![first];
                     while jobs.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
@@ -662,8 +666,9 @@ impl DeadLetterStore {
     /// Stores a record durably; returns once it is committed to disk.
     pub async fn put(&self, record: DeadLetter) -> Result<(), String> {
         let (ack, acked) = oneshot::channel();
-        let sent = match &*self.writer.lock().expect("writer lock") {
-            Some(tx) => tx.send((record, ack)).is_ok(),
+        let writer = self.writer.lock().expect("writer lock").clone();
+        let sent = match writer {
+            Some(tx) => tx.send((record, ack)).await.is_ok(),
             None => false,
         };
         if !sent {
@@ -677,9 +682,10 @@ impl DeadLetterStore {
     /// Stores a record durably, blocking the calling thread (CLI use).
     pub fn put_blocking(&self, record: DeadLetter) -> Result<(), String> {
         let (ack, acked) = oneshot::channel();
-        match &*self.writer.lock().expect("writer lock") {
+        let writer = self.writer.lock().expect("writer lock").clone();
+        match writer {
             Some(tx) => tx
-                .send((record, ack))
+                .blocking_send((record, ack))
                 .map_err(|_| "the dead-letter writer has stopped".to_string())?,
             None => return Err("the dead-letter writer has stopped".into()),
         }
