@@ -1294,9 +1294,16 @@ async fn a_full_spool_drops_the_oldest_or_refuses_new_publishes_and_counts_them(
                     .with_spool(Spool::open_in_memory(bounds).unwrap())
             },
         );
+        let mut refused = 0;
         for i in 0..30 {
-            outbox.send(spooled(i)).await.unwrap();
+            if outbox.send(spooled(i)).await.is_err() {
+                refused += 1;
+            }
         }
+        // Each refused publish is reported to its sender; drop_oldest
+        // takes every new one (and drops older ones, counted below).
+        let want_refused = if on_full == OnFull::RefuseNew { 20 } else { 0 };
+        assert_eq!(refused, want_refused, "{on_full:?}");
         host.wait_for(|s| {
             s.spool_waiting.load(Relaxed) == 10
                 && s.spool_dropped.load(Relaxed) + s.spool_refused.load(Relaxed) == 20
@@ -1498,14 +1505,69 @@ impl SinkHandle {
 
     /// Publishes `m` and waits until it is handed to the connection or on disk.
     async fn send(&self, m: MqttMessage) -> Result<(), ()> {
-        use wasmgate_runtime::sink::PublishSink as _;
-        self.0
-            .get()
-            .expect("the sink was taken")
-            .publish("test", vec![m])
-            .await;
-        Ok(())
+        let lost = self.send_all(vec![m]).await;
+        if lost.is_empty() { Ok(()) } else { Err(()) }
     }
+
+    /// Publishes `ms`; returns those lost.
+    async fn send_all(&self, ms: Vec<MqttMessage>) -> Vec<wasmgate_runtime::sink::Lost> {
+        use wasmgate_runtime::sink::PublishSink as _;
+        self.sink().publish("test", ms).await
+    }
+
+    fn sink(&self) -> Arc<wasmgate_trigger_mqtt::Outbox> {
+        self.0.get().expect("the sink was taken").clone()
+    }
+}
+
+/// A publish the spool refuses (`on_full = "refuse_new"`, full) is reported
+/// per message, and the invocation that made it fails after the fact (a
+/// `retry`), so its event is retried and dead-lettered, not counted as
+/// handled with its output gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_the_spool_refuses_fails_the_invocation_that_made_it() {
+    use wasmgate_runtime::invoke::{Admission, InvocationContext};
+    // Nothing listens there: every QoS 1/2 publish goes to the spool.
+    let port = free_port();
+    let bounds = SpoolBounds {
+        max_messages: 2,
+        max_bytes: 1 << 20,
+        on_full: OnFull::RefuseNew,
+    };
+    let outbox = SinkHandle::default();
+    let host = Running::spawn_built(
+        options(&format!("mqtt://127.0.0.1:{port}"), "refusing-spool-host"),
+        vec![],
+        |t| {
+            outbox
+                .take_from(t)
+                .with_spool(Spool::open_in_memory(bounds).unwrap())
+        },
+    );
+    // One batch: the first two fit, the third is refused, and only it is
+    // reported lost.
+    let lost = outbox
+        .send_all(vec![spooled(0), spooled(1), spooled(2)])
+        .await;
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(lost[0].topic, "out/2");
+    assert!(lost[0].reason.contains("refuse_new"), "{lost:?}");
+
+    let echo = invocable(ECHO_MQTT, Limits::default(), &["dev/+/temp/reply"]);
+    echo.set_publish_sink(outbox.sink());
+    let out = echo
+        .invoke(
+            crate::util::mqtt("dev/1/temp", "21.5"),
+            InvocationContext::new("test"),
+            Admission::Wait,
+        )
+        .await;
+    assert_eq!(out.status.name(), "retry", "{out:?}");
+    assert!(
+        format!("{:?}", out.status).contains("could neither be sent nor spooled"),
+        "{out:?}"
+    );
+    host.stop().await;
 }
 
 /// A flood on a slow trigger (one delivery at a time, 1.5 s each) does not

@@ -713,14 +713,28 @@ impl Invocable {
     ) -> Outcome {
         let input = input.into();
         let quiet_success = matches!(input, Input::Http(_));
-        let outcome = self.invoke_quiet(input, ctx, admission).await;
-        log_invocation(&outcome, quiet_success);
+        let mut outcome = self.invoke_quiet(input, ctx, admission).await;
         if let Some(sink) = self.sink.get()
             && outcome.is_ok()
             && !outcome.published.is_empty()
         {
-            sink.publish(&self.name, outcome.published.clone()).await;
+            let lost = sink.publish(&self.name, outcome.published.clone()).await;
+            let lost: Vec<_> = lost.into_iter().filter(|l| l.qos > 0).collect();
+            if let Some(first) = lost.first() {
+                // Its output is gone: the event must not count as handled.
+                outcome.status = Status::HandlerError {
+                    kind: HandlerErrorKind::Retry,
+                    message: format!(
+                        "{} of its {} publishes could neither be sent nor spooled (the first, to {:?}: {})",
+                        lost.len(),
+                        outcome.published.len(),
+                        first.topic,
+                        first.reason
+                    ),
+                };
+            }
         }
+        log_invocation(&outcome, quiet_success);
         outcome
     }
 

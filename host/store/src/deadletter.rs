@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::mpsc;
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 use wasmgate_runtime::invoke::{Event, HttpRequest, MqttMessage, Outcome, Status, TimerTick};
 

@@ -60,7 +60,7 @@ impl Default for SpoolBounds {
 }
 
 /// What one [`Spool::append`] or [`Spool::prepend`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stored {
     /// Messages written.
     pub stored: u64,
@@ -69,6 +69,8 @@ pub struct Stored {
     pub dropped_oldest: u64,
     /// Messages refused (`refuse_new`, or larger than `max_bytes` alone).
     pub refused: u64,
+    /// Which messages of the call were refused (their indices).
+    pub refused_at: Vec<usize>,
 }
 
 /// The bytes a message counts against `max_bytes` ([`MqttMessage::size`]).
@@ -191,6 +193,7 @@ impl Spool {
                     || (self.bounds.on_full == OnFull::RefuseNew && !fits(len, bytes))
                 {
                     out.refused += 1;
+                    out.refused_at.push(i);
                     continue;
                 }
                 let seq = first_seq + i as i64;

@@ -15,7 +15,7 @@ use crate::publish::Handed;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 use wasmgate_runtime::invoke::MqttMessage;
-use wasmgate_runtime::sink::{PublishSink, SinkFuture};
+use wasmgate_runtime::sink::{Lost, PublishSink, SinkFuture};
 
 /// Publishes the outbox holds; past it publishers wait for room.
 pub const OUTBOX_CAPACITY: usize = 10_000;
@@ -54,28 +54,51 @@ impl Outbox {
         )
     }
 
-    async fn send_all(&self, component: &str, messages: Vec<MqttMessage>) {
+    async fn send_all(&self, component: &str, messages: Vec<MqttMessage>) -> Vec<Lost> {
         let mut pending = Vec::with_capacity(messages.len());
+        let mut lost = Vec::new();
         for message in messages {
-            let topic = message.topic.clone();
+            let (topic, qos) = (message.topic.clone(), message.qos);
             let (handed, rx) = oneshot::channel();
             match self.tx.send(Outgoing { message, handed }).await {
                 Ok(()) => {
                     self.queued.fetch_add(1, Ordering::Relaxed);
-                    pending.push(rx);
+                    pending.push((topic, qos, rx));
                 }
                 Err(_) => {
                     let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                     tracing::error!(component, %topic, dropped, reason = "the MQTT connection has stopped", "a guest publish was dropped");
+                    lost.push(Lost {
+                        topic,
+                        qos,
+                        reason: "the MQTT connection has stopped".into(),
+                    });
                 }
             }
         }
-        // Losses past this point are counted and logged by the publisher.
-        for rx in pending {
-            if let Ok(Handed::Spooling(on_disk)) = rx.await {
-                let _ = on_disk.await;
-            }
+        // Each loss past this point is counted and logged by the publisher;
+        // here it is reported per message.
+        for (topic, qos, rx) in pending {
+            let reason = match rx.await {
+                Ok(Handed::Sent) => continue,
+                Ok(Handed::Spooling(on_disk)) => match on_disk.await {
+                    Ok(()) => continue,
+                    Err(_) => {
+                        "the spool did not take it (full with on_full = \"refuse_new\", or a failed disk)"
+                    }
+                },
+                Ok(Handed::Dropped) => {
+                    "the publisher dropped it (invalid, too large, or a QoS 0 publish with the connection's queue full)"
+                }
+                Err(_) => "the MQTT connection has stopped",
+            };
+            lost.push(Lost {
+                topic,
+                qos,
+                reason: reason.into(),
+            });
         }
+        lost
     }
 }
 

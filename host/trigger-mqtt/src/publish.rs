@@ -438,17 +438,19 @@ impl Publisher {
     /// transaction.
     fn apply(&self, spool: &mut Spool, cmds: Vec<Cmd>, stopping: &mut bool) {
         let mut batch: Vec<MqttMessage> = Vec::new();
-        let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+        // One per message of `batch`.
+        let mut waiters: Vec<Option<oneshot::Sender<()>>> = Vec::new();
         for cmd in cmds {
             match cmd {
                 Cmd::Spool(m, w) => {
                     batch.push(m);
-                    waiters.extend(w);
+                    waiters.push(w);
                 }
                 Cmd::Requeue(ms) => {
                     self.write(spool, &mut batch, &mut waiters, false);
                     let mut ms = ms;
-                    self.write(spool, &mut ms, &mut Vec::new(), true);
+                    let mut none = ms.iter().map(|_| None).collect();
+                    self.write(spool, &mut ms, &mut none, true);
                 }
                 Cmd::Wake => {}
                 Cmd::Stop => *stopping = true,
@@ -461,7 +463,7 @@ impl Publisher {
         &self,
         spool: &mut Spool,
         batch: &mut Vec<MqttMessage>,
-        waiters: &mut Vec<oneshot::Sender<()>>,
+        waiters: &mut Vec<Option<oneshot::Sender<()>>>,
         front: bool,
     ) {
         if batch.is_empty() {
@@ -474,12 +476,15 @@ impl Publisher {
             spool.append(batch)
         };
         let stats = &self.stats;
+        let refused_at: Vec<usize>;
         let lost = match result {
             Ok(Stored {
                 stored,
                 dropped_oldest,
                 refused,
+                refused_at: at,
             }) => {
+                refused_at = at;
                 stats.spooled.fetch_add(stored, Ordering::Relaxed);
                 if dropped_oldest > 0 {
                     let total = stats
@@ -505,16 +510,20 @@ impl Publisher {
             Err(e) => {
                 let total = stats.spool_errors.fetch_add(n, Ordering::Relaxed) + n;
                 tracing::error!(error = %e, messages = n, total, "cannot write to the MQTT publish spool (full disk?): these publishes are lost");
+                refused_at = (0..batch.len()).collect();
                 n
             }
         };
         self.link().backlog -= lost;
         batch.clear();
-        // A waiter hears "on disk" when the write succeeded; messages a full
-        // spool dropped or refused are counted and logged above.
-        let written = lost < n || n == 0;
-        for w in waiters.drain(..) {
-            if written {
+        // Each waiter hears "on disk" for its own message only: a refused
+        // one (or all, when the write failed) hears nothing, which its
+        // publisher reports as lost. Older messages `drop_oldest` made room
+        // for are the spool's documented policy (counted and logged above).
+        for (i, w) in waiters.drain(..).enumerate() {
+            if let Some(w) = w
+                && refused_at.binary_search(&i).is_err()
+            {
                 let _ = w.send(());
             }
         }
