@@ -856,11 +856,22 @@ impl Manifest {
                 let parser = croner::parser::CronParser::builder()
                     .year(croner::parser::Year::Disallowed)
                     .build();
-                if let Err(e) = parser.parse(cron.get_ref()) {
-                    return Err(self.invalid(
+                let parsed = parser.parse(cron.get_ref()).map_err(|e| {
+                    self.invalid(
                         cron.span(),
                         &format!("{key}.cron"),
                         format!("{:?} is not a cron expression: {e}", cron.get_ref()),
+                    )
+                })?;
+                // No year field, so a pattern repeats within the calendar's
+                // cycle: one that matches no date (31 February) never fires.
+                let start = chrono::DateTime::<chrono::Utc>::from_timestamp(978_307_200, 0)
+                    .expect("2001-01-01");
+                if parsed.find_next_occurrence(&start, false).is_err() {
+                    return Err(self.invalid(
+                        cron.span(),
+                        &format!("{key}.cron"),
+                        format!("{:?} never fires: no date matches it", cron.get_ref()),
                     ));
                 }
             }

@@ -47,6 +47,16 @@ impl Schedule {
         let cron = parser
             .parse(expr)
             .map_err(|e| format!("{expr:?} is not a cron expression: {e}"))?;
+        // A pattern without a year repeats within the 400-year calendar
+        // cycle; one with no date at all (e.g. day 31 of February, or no
+        // weekday) never fires, and finding that out later costs every
+        // lookup a search to the year 5000.
+        let start = DateTime::<Utc>::from_timestamp(978_307_200, 0)
+            .expect("2001-01-01")
+            .with_timezone(&tz);
+        if cron.find_next_occurrence(&start, false).is_err() {
+            return Err(format!("{expr:?} never fires: no date matches it"));
+        }
         Ok(Schedule::Cron {
             cron: Box::new(cron),
             tz,
@@ -234,6 +244,22 @@ mod tests {
             out.push(local(t, tz));
         }
         out
+    }
+
+    /// Found by the `schedule` fuzz target: an expression that parses but
+    /// matches no date made every lookup search to the year 5000.
+    #[test]
+    fn an_expression_that_never_fires_is_refused() {
+        for never in ["0 0 31 2 *", "0 0 30 2 *", "1\n 11\n 11\n 1 \n+"] {
+            let err = Schedule::cron(never, chrono_tz::UTC).unwrap_err();
+            assert!(err.contains("never fires"), "{never:?}: {err}");
+        }
+        // Rare is fine: 29 February.
+        let leap = Schedule::cron("0 0 29 2 *", chrono_tz::UTC).unwrap();
+        assert_eq!(
+            leap.next_after(utc("2026-01-01T00:00:00Z")),
+            Some(utc("2028-02-29T00:00:00Z"))
+        );
     }
 
     #[test]
