@@ -118,6 +118,18 @@ pub struct DeadLettersConfig {
     pub mqtt_topic: Option<Spanned<String>>,
 }
 
+/// Whether a cron pattern (without a year field, as the manifest allows)
+/// ever fires. Such a pattern repeats with the 400-year Gregorian cycle, so
+/// it fires at all if and only if it fires in the last cycle before croner's
+/// search limit (the year 5000): a short search, where one from today for a
+/// pattern that never fires (31 February) runs to that limit.
+pub fn cron_fires_at_all(cron: &croner::Cron) -> bool {
+    let cycle_start = chrono::NaiveDate::from_ymd_opt(croner::YEAR_UPPER_LIMIT - 400, 1, 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc());
+    cycle_start.is_some_and(|t| cron.find_next_occurrence(&t, true).is_ok())
+}
+
 /// `[gateway]`: identity and where the host keeps its state.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -863,11 +875,7 @@ impl Manifest {
                         format!("{:?} is not a cron expression: {e}", cron.get_ref()),
                     )
                 })?;
-                // No year field, so a pattern repeats within the calendar's
-                // cycle: one that matches no date (31 February) never fires.
-                let start = chrono::DateTime::<chrono::Utc>::from_timestamp(978_307_200, 0)
-                    .expect("2001-01-01");
-                if parsed.find_next_occurrence(&start, false).is_err() {
+                if !cron_fires_at_all(&parsed) {
                     return Err(self.invalid(
                         cron.span(),
                         &format!("{key}.cron"),

@@ -47,14 +47,12 @@ impl Schedule {
         let cron = parser
             .parse(expr)
             .map_err(|e| format!("{expr:?} is not a cron expression: {e}"))?;
-        // A pattern without a year repeats within the 400-year calendar
-        // cycle; one with no date at all (e.g. day 31 of February, or no
-        // weekday) never fires, and finding that out later costs every
-        // lookup a search to the year 5000.
-        let start = DateTime::<Utc>::from_timestamp(978_307_200, 0)
-            .expect("2001-01-01")
-            .with_timezone(&tz);
-        if cron.find_next_occurrence(&start, false).is_err() {
+        // A pattern without a year repeats with the 400-year Gregorian
+        // cycle, so it fires at all if and only if it fires in the last 400
+        // years croner searches (it stops at the year 5000). One that never
+        // does (31 February, no weekday left) is refused here: later, every
+        // lookup would search to that limit.
+        if !wasmgate_manifest::cron_fires_at_all(&cron) {
             return Err(format!("{expr:?} never fires: no date matches it"));
         }
         Ok(Schedule::Cron {
