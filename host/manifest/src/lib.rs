@@ -119,12 +119,13 @@ pub struct DeadLettersConfig {
 }
 
 /// Whether a cron pattern (without a year field, as the manifest allows)
-/// ever fires. Such a pattern repeats with the 400-year Gregorian cycle, so
-/// it fires at all if and only if it fires in the last cycle before croner's
-/// search limit (the year 5000): a short search, where one from today for a
-/// pattern that never fires (31 February) runs to that limit.
+/// ever fires. Dates and weekdays repeat every 28 years between century
+/// years, so such a pattern fires at all if and only if it fires in the 28
+/// years before croner's search limit (4972–4999, no century year among
+/// them): a short search, where one from today for a pattern that never
+/// fires (31 February) runs to the year 5000.
 pub fn cron_fires_at_all(cron: &croner::Cron) -> bool {
-    let cycle_start = chrono::NaiveDate::from_ymd_opt(croner::YEAR_UPPER_LIMIT - 400, 1, 1)
+    let cycle_start = chrono::NaiveDate::from_ymd_opt(croner::YEAR_UPPER_LIMIT - 28, 1, 1)
         .and_then(|d| d.and_hms_opt(0, 0, 0))
         .map(|t| t.and_utc());
     cycle_start.is_some_and(|t| cron.find_next_occurrence(&t, true).is_ok())

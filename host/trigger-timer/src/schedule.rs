@@ -47,11 +47,9 @@ impl Schedule {
         let cron = parser
             .parse(expr)
             .map_err(|e| format!("{expr:?} is not a cron expression: {e}"))?;
-        // A pattern without a year repeats with the 400-year Gregorian
-        // cycle, so it fires at all if and only if it fires in the last 400
-        // years croner searches (it stops at the year 5000). One that never
-        // does (31 February, no weekday left) is refused here: later, every
-        // lookup would search to that limit.
+        // One that never fires (31 February, no weekday left) is refused
+        // here: later, every lookup would search to croner's limit, the
+        // year 5000.
         if !wasmgate_manifest::cron_fires_at_all(&cron) {
             return Err(format!("{expr:?} never fires: no date matches it"));
         }
@@ -252,7 +250,10 @@ mod tests {
             let err = Schedule::cron(never, chrono_tz::UTC).unwrap_err();
             assert!(err.contains("never fires"), "{never:?}: {err}");
         }
-        // Rare is fine: 29 February.
+        // Rare is fine: 29 February, and 29 February on a Monday (with
+        // croner's day-of-month AND day-of-week: every 28 years or so).
+        assert!(Schedule::cron("0 0 29 2 MON", chrono_tz::UTC).is_ok());
+        assert!(Schedule::cron("0 0 31 12 SUN", chrono_tz::UTC).is_ok());
         let leap = Schedule::cron("0 0 29 2 *", chrono_tz::UTC).unwrap();
         assert_eq!(
             leap.next_after(utc("2026-01-01T00:00:00Z")),
