@@ -125,6 +125,15 @@ pub struct DeadLettersConfig {
 /// them): a short search, where one from today for a pattern that never
 /// fires (31 February) runs to the year 5000.
 pub fn cron_fires_at_all(cron: &croner::Cron) -> bool {
+    // A time field or the month with no value at all (`,,,`): never, and
+    // known without a search (which would step through every minute).
+    let p = &cron.pattern;
+    if [&p.seconds, &p.minutes, &p.hours, &p.months]
+        .iter()
+        .any(|c| c.values().is_empty())
+    {
+        return false;
+    }
     let cycle_start = chrono::NaiveDate::from_ymd_opt(croner::YEAR_UPPER_LIMIT - 28, 1, 1)
         .and_then(|d| d.and_hms_opt(0, 0, 0))
         .map(|t| t.and_utc());

@@ -246,7 +246,12 @@ mod tests {
     /// matches no date made every lookup search to the year 5000.
     #[test]
     fn an_expression_that_never_fires_is_refused() {
-        for never in ["0 0 31 2 *", "0 0 30 2 *", "1\n 11\n 11\n 1 \n+"] {
+        for never in [
+            "0 0 31 2 *",
+            "0 0 30 2 *",
+            "1\n 11\n 11\n 1 \n+",
+            ",,,,\n* * * 1\n* ",
+        ] {
             let err = Schedule::cron(never, chrono_tz::UTC).unwrap_err();
             assert!(err.contains("never fires"), "{never:?}: {err}");
         }
