@@ -403,14 +403,19 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
 fn split_payload(event: &StoredEvent) -> (StoredEvent, Option<Vec<u8>>) {
     let mut bare = event.clone();
     let hex = match &mut bare {
-        StoredEvent::Mqtt { payload_hex, .. } => std::mem::take(payload_hex),
-        StoredEvent::Http { body_hex, .. } => std::mem::take(body_hex),
+        StoredEvent::Mqtt { payload_hex, .. } => payload_hex,
+        StoredEvent::Http { body_hex, .. } => body_hex,
         StoredEvent::Timer { .. } => return (bare, None),
     };
-    (
-        bare,
-        Some(hex::decode(hex).expect("the store wrote this hex")),
-    )
+    // Bytes that are not hex (a record built by hand) stay in the JSON as
+    // they came: the writer thread must not fail on them.
+    match hex::decode(&*hex) {
+        Ok(bytes) => {
+            hex.clear();
+            (bare, Some(bytes))
+        }
+        Err(_) => (bare, None),
+    }
 }
 
 /// Puts a stored payload back into its event.
