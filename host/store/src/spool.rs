@@ -233,13 +233,19 @@ impl Spool {
     }
 
     /// Up to `n` of the oldest waiting messages, oldest first, with their
-    /// sequence numbers (for [`Spool::remove_range`]).
+    /// sequence numbers (for [`Spool::remove`]).
     pub fn peek(&self, n: usize) -> rusqlite::Result<Vec<(i64, MqttMessage)>> {
+        self.peek_after(i64::MIN, n)
+    }
+
+    /// Up to `n` of the oldest waiting messages with a sequence number
+    /// after `seq`, oldest first.
+    pub fn peek_after(&self, seq: i64, n: usize) -> rusqlite::Result<Vec<(i64, MqttMessage)>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT seq, topic, payload, qos, retain, content_type, response_topic, \
-             correlation_data, user_properties FROM spool ORDER BY seq LIMIT ?1",
+             correlation_data, user_properties FROM spool WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![n as i64], |r| {
+        let rows = stmt.query_map(params![seq, n as i64], |r| {
             let props: String = r.get(8)?;
             Ok((
                 r.get::<_, i64>(0)?,
@@ -258,23 +264,27 @@ impl Spool {
         rows.collect()
     }
 
-    /// Removes the waiting messages with sequence numbers `first..=last`
-    /// (they were handed to the connection).
-    pub fn remove_range(&mut self, first: i64, last: i64) -> rusqlite::Result<()> {
+    /// Removes the messages with sequence numbers `seqs` (the broker
+    /// acknowledged them), in one transaction; returns how many were still
+    /// there (a full spool may have dropped some meanwhile).
+    pub fn remove(&mut self, seqs: &[i64]) -> rusqlite::Result<u64> {
         let tx = self.conn.transaction()?;
-        let (n, b): (i64, i64) = tx.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM spool WHERE seq BETWEEN ?1 AND ?2",
-            params![first, last],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        tx.execute(
-            "DELETE FROM spool WHERE seq BETWEEN ?1 AND ?2",
-            params![first, last],
-        )?;
+        let (mut n, mut b) = (0u64, 0u64);
+        {
+            let mut delete =
+                tx.prepare_cached("DELETE FROM spool WHERE seq = ?1 RETURNING size")?;
+            for seq in seqs {
+                let mut rows = delete.query(params![seq])?;
+                if let Some(r) = rows.next()? {
+                    n += 1;
+                    b += r.get::<_, i64>(0)? as u64;
+                }
+            }
+        }
         tx.commit()?;
-        self.len -= n as u64;
-        self.bytes -= b as u64;
-        Ok(())
+        self.len -= n;
+        self.bytes -= b;
+        Ok(n)
     }
 }
 
@@ -333,7 +343,11 @@ mod tests {
         assert_eq!(topics(&s), ["p1", "p2", "a", "t/full", "b"]);
         let rows = s.peek(5).unwrap();
         assert_eq!(rows[3].1, full);
-        s.remove_range(rows[0].0, rows[2].0).unwrap();
+        assert_eq!(
+            s.remove(&[rows[0].0, rows[1].0, rows[2].0, rows[2].0])
+                .unwrap(),
+            3
+        );
         assert_eq!(topics(&s), ["t/full", "b"]);
         assert_eq!(s.len(), 2);
         assert_eq!(s.bytes(), size(&full) + 1);
@@ -384,7 +398,7 @@ mod tests {
         assert_eq!(r.refused, 1);
         assert_eq!(topics(&s), ["1", "2"]);
         let (seq, _) = s.peek(1).unwrap()[0].clone();
-        s.remove_range(seq, seq).unwrap();
+        assert_eq!(s.remove(&[seq]).unwrap(), 1);
         let r = s.append(&[msg("4", b"")]).unwrap();
         assert_eq!(r.stored, 1);
         assert_eq!(topics(&s), ["2", "4"]);

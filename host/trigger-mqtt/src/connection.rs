@@ -99,9 +99,9 @@ pub struct EventLoop {
     sent: std::collections::HashMap<u16, u64>,
     next: u64,
     /// Copies of the QoS 2 publishes left with the session after a
-    /// connection error: if the broker has lost the session, rumqttc drops
-    /// them, and they go to the spool instead.
-    kept_qos2: Vec<MqttMessage>,
+    /// connection error (with their packet ids): if the broker has lost the
+    /// session, rumqttc drops them, and they go to the spool instead.
+    kept_qos2: Vec<(u16, MqttMessage)>,
 }
 
 // One per host, made once: the size difference does not matter.
@@ -114,14 +114,76 @@ enum Inner {
 /// What [`EventLoop::clean`] took out of the dead connection.
 #[derive(Debug, Default)]
 pub struct Cleaned {
+    /// What rumqttc reported of the host's publishes before the connection
+    /// dropped that was not polled yet, in order.
+    pub tracked: Vec<Track>,
     /// QoS 1/2 publishes the broker had not acknowledged, in the order they
-    /// were published: the spool sends them again.
-    pub unacked: Vec<MqttMessage>,
+    /// were published (the packet id of those sent): the spool sends them
+    /// again. `None` for one larger than the broker accepts: dropped (it
+    /// would break every connection).
+    pub unacked: Vec<(Option<u16>, Option<MqttMessage>)>,
+    /// QoS 2 publishes sent and left with the session, which sends them
+    /// again with their packet id.
+    pub kept: Vec<u16>,
     /// QoS 0 publishes still queued: dropped (at most once).
     pub dropped_qos0: u64,
-    /// Publishes larger than the broker accepts: dropped (they would break
-    /// every connection).
+    /// Publishes larger than the broker accepts: dropped.
     pub too_large: u64,
+}
+
+/// What the connection said of one of the host's QoS 1/2 publishes (see
+/// [`crate::unacked`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Track {
+    /// Sent for the first time, or again by the session, with this packet id.
+    Sent(u16),
+    /// The broker answered PUBREC (QoS 2).
+    Received(u16),
+    /// The exchange ended: PUBACK or PUBCOMP (`None`), or a PUBACK/PUBREC
+    /// whose reason code refuses the message (the reason).
+    Acked(u16, Option<String>),
+}
+
+/// The [`Track`] of an MQTT 5 event, if it is one.
+fn track5(e: &rumqttc::v5::Event) -> Option<Track> {
+    use rumqttc::Outgoing;
+    use rumqttc::v5::Event as E;
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PubRecReason};
+    Some(match e {
+        E::Outgoing(Outgoing::Publish(pkid)) if *pkid != 0 => Track::Sent(*pkid),
+        E::Incoming(Packet::PubAck(a)) => Track::Acked(
+            a.pkid,
+            (!matches!(
+                a.reason,
+                PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+            ))
+            .then(|| format!("{:?}", a.reason)),
+        ),
+        E::Incoming(Packet::PubRec(r)) => {
+            if matches!(
+                r.reason,
+                PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+            ) {
+                Track::Received(r.pkid)
+            } else {
+                Track::Acked(r.pkid, Some(format!("{:?}", r.reason)))
+            }
+        }
+        E::Incoming(Packet::PubComp(c)) => Track::Acked(c.pkid, None),
+        _ => return None,
+    })
+}
+
+/// The [`Track`] of an MQTT 3.1.1 event, if it is one.
+fn track4(e: &rumqttc::Event) -> Option<Track> {
+    use rumqttc::{Event as E, Outgoing, Packet};
+    Some(match e {
+        E::Outgoing(Outgoing::Publish(pkid)) if *pkid != 0 => Track::Sent(*pkid),
+        E::Incoming(Packet::PubAck(a)) => Track::Acked(a.pkid, None),
+        E::Incoming(Packet::PubRec(r)) => Track::Received(r.pkid),
+        E::Incoming(Packet::PubComp(c)) => Track::Acked(c.pkid, None),
+        _ => return None,
+    })
 }
 
 /// A message from the broker.
@@ -148,9 +210,9 @@ pub enum Event {
     ConnAck {
         /// The broker still had this client's session.
         session_present: bool,
-        /// Publishes the session was to resend, lost with it: the spool
-        /// sends them (first).
-        requeue: Vec<MqttMessage>,
+        /// Publishes the session was to resend (with their packet ids),
+        /// lost with it: the spool sends them (first).
+        requeue: Vec<(u16, MqttMessage)>,
     },
     /// SUBACK, with the reason of each refused filter.
     SubAck {
@@ -159,6 +221,8 @@ pub enum Event {
     },
     /// A message.
     Publish(Incoming),
+    /// What became of one of the host's QoS 1/2 publishes.
+    Track(Track),
     /// The broker sent DISCONNECT (MQTT 5).
     BrokerDisconnect(String),
     /// This client's DISCONNECT went out.
@@ -238,14 +302,15 @@ macro_rules! clean_pending {
                 $($m)::+::Request::Publish(p) if $max.is_some_and(|max| p.size() > max) => {
                     $out.too_large += 1;
                     tracing::error!(topic = %String::from_utf8_lossy(p.topic.as_ref()), bytes = p.size(), max_packet_size = $max, "a publish is larger than the broker accepts; dropped");
+                    $take(p.pkid, None);
                 }
                 $($m)::+::Request::Publish(p) if $keep_qos2 && $qos(p.qos) == 2 && p.pkid != 0 => {
-                    $kept.push($to_message(p.clone()));
+                    $kept.push((p.pkid, $to_message(p.clone())));
                     $e.pending.push_back($($m)::+::Request::Publish(p));
                 }
                 $($m)::+::Request::Publish(p) => {
                     let pkid = p.pkid;
-                    $take(pkid, $to_message(p));
+                    $take(pkid, Some($to_message(p)));
                 }
                 other => $e.pending.push_back(other),
             }
@@ -316,6 +381,19 @@ impl EventLoop {
         }
     }
 
+    /// The event for `track` (recording the order of sends).
+    fn tracked(&mut self, track: Option<Track>) -> Event {
+        match track {
+            Some(t) => {
+                if let Track::Sent(pkid) = t {
+                    self.record_sent(pkid);
+                }
+                Event::Track(t)
+            }
+            None => Event::Other,
+        }
+    }
+
     /// A CONNACK: with the session gone, the QoS 2 publishes left with it
     /// come back for the spool.
     fn connack(&mut self, session_present: bool) -> Event {
@@ -361,12 +439,8 @@ impl EventLoop {
                     Ok(E::Incoming(Packet::Disconnect(d))) => {
                         Ok(Event::BrokerDisconnect(format!("{:?}", d.reason_code)))
                     }
-                    Ok(E::Outgoing(Outgoing::Publish(pkid))) => {
-                        self.record_sent(pkid);
-                        Ok(Event::Other)
-                    }
                     Ok(E::Outgoing(Outgoing::Disconnect)) => Ok(Event::Disconnected),
-                    Ok(_) => Ok(Event::Other),
+                    Ok(ev) => Ok(self.tracked(track5(&ev))),
                     Err(err) => Err(conn_error_5(err)),
                 }
             }
@@ -385,12 +459,8 @@ impl EventLoop {
                         pkid: p.pkid,
                         properties: PublishProperties::default(),
                     })),
-                    Ok(E::Outgoing(Outgoing::Publish(pkid))) => {
-                        self.record_sent(pkid);
-                        Ok(Event::Other)
-                    }
                     Ok(E::Outgoing(Outgoing::Disconnect)) => Ok(Event::Disconnected),
-                    Ok(_) => Ok(Event::Other),
+                    Ok(ev) => Ok(self.tracked(track4(&ev))),
                     Err(err) => Err(conn_error_4(err)),
                 }
             }
@@ -417,42 +487,41 @@ impl EventLoop {
     pub fn clean(&mut self, error: Option<&ConnError>) -> Cleaned {
         // Sends rumqttc reported but the trigger has not polled yet; the
         // rest of those events belong to the dead connection.
-        let buffered: Vec<u16> = match &mut self.inner {
+        let tracked: Vec<Track> = match &mut self.inner {
             Inner::V5(e) => e
                 .state
                 .events
                 .drain(..)
-                .filter_map(|ev| match ev {
-                    rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => Some(pkid),
-                    _ => None,
-                })
+                .filter_map(|ev| track5(&ev))
                 .collect(),
             Inner::V4(e) => e
                 .state
                 .events
                 .drain(..)
-                .filter_map(|ev| match ev {
-                    rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => Some(pkid),
-                    _ => None,
-                })
+                .filter_map(|ev| track4(&ev))
                 .collect(),
         };
-        for pkid in buffered {
-            self.record_sent(pkid);
+        for t in &tracked {
+            if let Track::Sent(pkid) = t {
+                self.record_sent(*pkid);
+            }
         }
         let max = error.and_then(|e| e.too_large);
         let keep_qos2 = error.is_some();
-        let mut out = Cleaned::default();
-        let mut sent: Vec<(u64, MqttMessage)> = Vec::new();
-        let mut unsent: Vec<MqttMessage> = Vec::new();
+        let mut out = Cleaned {
+            tracked,
+            ..Cleaned::default()
+        };
+        let mut sent: Vec<(u64, u16, Option<MqttMessage>)> = Vec::new();
+        let mut unsent: Vec<(Option<u16>, Option<MqttMessage>)> = Vec::new();
         let sent_order = &self.sent;
-        let mut take = |pkid: u16, m: MqttMessage| {
+        let mut take = |pkid: u16, m: Option<MqttMessage>| {
             if pkid == 0 {
-                unsent.push(m);
+                unsent.push((None, m));
             } else {
                 // Sent but not seen reported: after those that were.
                 let k = sent_order.get(&pkid).copied().unwrap_or(u64::MAX);
-                sent.push((k, m));
+                sent.push((k, pkid, m));
             }
         };
         let mut kept = Vec::new();
@@ -482,9 +551,14 @@ impl EventLoop {
                 kept
             ),
         }
+        out.kept = kept.iter().map(|(pkid, _)| *pkid).collect();
         self.kept_qos2 = kept;
-        sent.sort_by_key(|(k, _)| *k);
-        out.unacked = sent.into_iter().map(|(_, m)| m).chain(unsent).collect();
+        sent.sort_by_key(|(k, _, _)| *k);
+        out.unacked = sent
+            .into_iter()
+            .map(|(_, pkid, m)| (Some(pkid), m))
+            .chain(unsent)
+            .collect();
         out
     }
 }

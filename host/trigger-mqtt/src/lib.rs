@@ -45,6 +45,7 @@ pub mod broker;
 pub mod connection;
 pub mod outbox;
 pub mod publish;
+pub mod unacked;
 
 pub use crate::acks::{AckTracker, Backoff, Subscription, route, subscriptions};
 pub use crate::connection::ClientOptions;
@@ -298,8 +299,12 @@ pub struct MqttStats {
     pub acks_sent: AtomicU64,
     /// Acknowledgements discarded because their connection had dropped.
     pub acks_discarded: AtomicU64,
-    /// Guest publishes sent to the broker.
+    /// Guest publishes sent to the broker (handed to the connection).
     pub published: AtomicU64,
+    /// QoS 1/2 publishes the broker refused with an MQTT 5 reason code in
+    /// its PUBACK or PUBREC (not authorized, quota exceeded, …): an
+    /// invocation's fails the invocation (retried, then dead-lettered).
+    pub broker_refused: AtomicU64,
     /// Guest publishes the ACL refused.
     pub publish_denied: AtomicU64,
     /// Guest publishes lost before the spool: an invalid topic, or a QoS 0
@@ -624,7 +629,7 @@ impl MqttTriggers {
                     backoff.reset();
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(%broker, session_present, "MQTT connected");
-                    publisher.connected(requeue);
+                    publisher.connected(session_present, requeue);
                     subacks_expected = subs.len();
                     subscribe_all(client.clone(), subs.clone());
                 }
@@ -657,6 +662,7 @@ impl MqttTriggers {
                     tracing::info!(%broker, "MQTT disconnected");
                     break;
                 }
+                Ok(ConnEvent::Track(t)) => publisher.track(t),
                 Ok(ConnEvent::Other) => {}
                 Err(e) => {
                     self.stats.connection_errors.fetch_add(1, Ordering::Relaxed);

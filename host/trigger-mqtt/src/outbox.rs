@@ -6,9 +6,11 @@
 //! broker is unreachable, spools QoS 1/2 ones on disk.
 //!
 //! [`Outbox::publish`] waits for room when the queue is full (backpressure,
-//! nothing dropped), then until each message is handed to the connection or
-//! on disk, so an MQTT message is acknowledged only after its handler's
-//! publishes are. Once the connection has stopped (shutdown), a publish is
+//! nothing dropped), then until the broker has acknowledged each QoS 1/2
+//! message (PUBACK/PUBCOMP) or it is on disk in the spool, so an MQTT
+//! message is acknowledged, a timer tick recorded or a queued event removed
+//! only after its handler's publishes are safe.
+//! QoS 0 publishes are done once handed to the connection. Once the connection has stopped (shutdown), a publish is
 //! dropped, counted and logged.
 
 use crate::publish::Handed;
@@ -81,22 +83,17 @@ impl Outbox {
         for (topic, qos, rx) in pending {
             let reason = match rx.await {
                 Ok(Handed::Sent) => continue,
-                Ok(Handed::Spooling(on_disk)) => match on_disk.await {
-                    Ok(()) => continue,
-                    Err(_) => {
-                        "the spool did not take it (full with on_full = \"refuse_new\", or a failed disk)"
-                    }
+                Ok(Handed::Pending(done)) => match done.await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(reason)) => reason,
+                    Err(_) => "the MQTT connection has stopped".into(),
                 },
                 Ok(Handed::Dropped) => {
-                    "the publisher dropped it (invalid, too large, or a QoS 0 publish with the connection's queue full)"
+                    "the publisher dropped it (invalid, too large, or a QoS 0 publish with the connection's queue full)".into()
                 }
-                Err(_) => "the MQTT connection has stopped",
+                Err(_) => "the MQTT connection has stopped".into(),
             };
-            lost.push(Lost {
-                topic,
-                qos,
-                reason: reason.into(),
-            });
+            lost.push(Lost { topic, qos, reason });
         }
         lost
     }

@@ -4,33 +4,47 @@
 //! timer, an HTTP request or a queued event — and every dead letter sent to
 //! `[dead_letters] mqtt_topic` goes through one [`Publisher`]:
 //!
-//! - **Connected, nothing waiting**: handed straight to the connection.
+//! - **Connected, nothing waiting**: handed straight to the connection. A
+//!   QoS 1/2 publish is done when the broker acknowledges it (PUBACK, or
+//!   PUBCOMP for QoS 2; see [`crate::unacked`]): only then is its
+//!   invocation told, so the input that caused it is acknowledged (a timer
+//!   tick recorded, a queued event removed) after the broker has the output.
+//!   A PUBACK/PUBREC with an MQTT 5 error reason code (not authorized,
+//!   quota exceeded, …) is a refusal: counted, and its invocation fails.
 //! - **QoS 1/2 while the broker is unreachable** (or while older messages
 //!   still wait, or the connection's request channel is full): written to
-//!   the on-disk [`Spool`] in `state_dir`, in order. On every reconnect a
-//!   thread sends what waits, oldest first, and only then do new publishes
-//!   go straight to the connection again, so the broker sees each QoS's
-//!   publishes in the order they were made. When the connection drops, the
-//!   QoS 1 publishes the broker had not acknowledged (in send order) and the
-//!   QoS 1/2 publishes still queued for the connection move to the front of
-//!   the spool and are sent again after the reconnect (at least once); QoS 2
-//!   publishes already sent stay with rumqttc's session, which resends them
-//!   with their packet id (see [`Cleaned`]). A spooled message is removed
-//!   once it is handed to the connection again. The drain never blocks the
-//!   spool: while the connection's queue is full, new messages are still
-//!   written, so a delivery waits for the disk, never for the broker.
+//!   the on-disk [`Spool`] in `state_dir`, in order; its invocation is told
+//!   once it is on disk. On every reconnect a thread sends what waits,
+//!   oldest first, and only then do new publishes go straight to the
+//!   connection again, so the broker sees each QoS's publishes in the order
+//!   they were made. A spooled message stays on disk until the broker
+//!   acknowledges it; on a new connection the drain starts again from the
+//!   oldest, so a crash at any point loses none of them (at least once).
+//!   When the connection drops, the QoS 1/2 publishes of invocations the
+//!   broker had not acknowledged (in send order) and those still queued for
+//!   the connection move to the front of the spool and their invocations
+//!   are told once they are on disk; QoS 2 publishes already sent stay with
+//!   rumqttc's session, which resends them with their packet id (see
+//!   [`Cleaned`]). The drain never blocks the spool: while the connection's
+//!   queue is full, new messages are still written, so a delivery waits for
+//!   the disk or the broker, never for a full queue.
 //! - **QoS 0** is at most once and never spooled: handed to the connection,
 //!   or dropped and counted when its queue is full or it drops.
 //! - **Too large** (over [`MAX_PUBLISH_SIZE`]): refused and counted.
 //!
 //! A full spool applies its explicit [`OnFull`](wasmgate_store::spool::OnFull)
 //! policy; every message it drops or refuses is counted and logged. What is
-//! lost if the host process dies: publishes handed to a live connection and
-//! not yet acknowledged by the broker (its request channel and in-flight
-//! window), and those of invocations still running.
+//! lost if the host process dies: QoS 0 publishes not yet written to the
+//! socket, and the publishes of invocations still running (their inputs are
+//! not acknowledged, so they run again). A QoS 2 publish the broker answered
+//! with PUBREC but not yet PUBCOMP is the broker's; one the host sent again
+//! from the spool after a crash may reach subscribers twice (QoS 2 is
+//! exactly once within a connection's session, at least once across a crash).
 
 use crate::MqttStats;
 use crate::connection::Cleaned;
+use crate::connection::Track;
+use crate::unacked::{Origin, Outcome, Unacked};
 use bytes::Bytes;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
@@ -171,22 +185,30 @@ struct Link {
 
 enum Cmd {
     /// Spool a message; answer once it is on disk (or lost, counted).
-    Spool(MqttMessage, Option<oneshot::Sender<()>>),
-    /// Unacknowledged publishes of a dropped connection: spool them first.
-    Requeue(Vec<MqttMessage>),
+    Spool(MqttMessage, Option<Waiter>),
+    /// Unacknowledged publishes of a dropped connection: spool them first,
+    /// then answer their waiters.
+    Requeue(Vec<(MqttMessage, Option<Waiter>)>),
+    /// Spooled messages the broker acknowledged (or refused): remove them.
+    Remove(Vec<i64>),
     /// The connection is up: send what waits.
     Wake,
     /// Finish what is queued and stop.
     Stop,
 }
 
+/// Told what became of a QoS 1/2 publish (see [`Outcome`]).
+type Waiter = oneshot::Sender<Outcome>;
+
 /// What [`Publisher::publish`] did with a message.
 #[derive(Debug)]
 pub enum Handed {
-    /// Handed to the connection.
+    /// A QoS 0 publish, handed to the connection.
     Sent,
-    /// On its way to the spool; the receiver answers once it is on disk.
-    Spooling(oneshot::Receiver<()>),
+    /// A QoS 1/2 publish, handed to the connection or on its way to the
+    /// spool; the receiver answers once the broker acknowledged it or it is
+    /// on disk ([`Outcome`]).
+    Pending(oneshot::Receiver<Outcome>),
     /// Lost (counted and logged).
     Dropped,
 }
@@ -196,6 +218,9 @@ pub enum Handed {
 pub struct Publisher {
     client: Client,
     link: Mutex<Link>,
+    /// The QoS 1/2 publishes handed to the connection and not yet
+    /// acknowledged. Taken after `link` when both are.
+    unacked: Mutex<Unacked>,
     cmds: Mutex<std_mpsc::Sender<Cmd>>,
     stats: Arc<MqttStats>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -222,6 +247,7 @@ impl Publisher {
                 drops: 0,
                 backlog: spool.len(),
             }),
+            unacked: Mutex::default(),
             cmds: Mutex::new(tx),
             stats,
             thread: Mutex::new(None),
@@ -244,13 +270,27 @@ impl Publisher {
         self.link.lock().expect("link lock")
     }
 
+    fn unacked(&self) -> MutexGuard<'_, Unacked> {
+        self.unacked.lock().expect("unacked lock")
+    }
+
     fn command(&self, cmd: Cmd) {
         // The thread only stops on `Stop`, after the last user: a command
         // after that is lost, and counted.
         if let Err(e) = self.cmds.lock().expect("cmds lock").send(cmd) {
             let lost = match e.0 {
-                Cmd::Spool(..) => 1,
-                Cmd::Requeue(ms) => ms.len() as u64,
+                Cmd::Spool(m, w) => {
+                    answer(w, Err(STOPPED.into()));
+                    drop(m);
+                    1
+                }
+                Cmd::Requeue(ms) => {
+                    let n = ms.len() as u64;
+                    for (_, w) in ms {
+                        answer(w, Err(STOPPED.into()));
+                    }
+                    n
+                }
                 _ => 0,
             };
             if lost > 0 {
@@ -276,7 +316,7 @@ impl Publisher {
             tracing::error!(topic = %m.topic, size, max = MAX_PUBLISH_SIZE, "a publish is larger than the host sends; dropped");
             return Handed::Dropped;
         }
-        let mut link = self.link();
+        let link = self.link();
         if m.qos == 0 {
             drop(link);
             if self.client.try_publish(&m) {
@@ -287,42 +327,111 @@ impl Publisher {
             tracing::warn!(topic = %m.topic, "a QoS 0 publish was dropped: the connection's queue is full");
             return Handed::Dropped;
         }
-        if link.connected && link.backlog == 0 && self.client.try_publish(&m) {
-            self.stats.published.fetch_add(1, Ordering::Relaxed);
-            return Handed::Sent;
+        let (tx, rx) = oneshot::channel();
+        if link.connected && link.backlog == 0 {
+            let mut unacked = self.unacked();
+            unacked.hand(Origin::Waiter(tx));
+            if self.client.try_publish(&m) {
+                self.stats.published.fetch_add(1, Ordering::Relaxed);
+                return Handed::Pending(rx);
+            }
+            drop(unacked.unhand());
+            return self.spool(link, m);
         }
-        // Under the lock, so the order of spooled messages is the order of
-        // the calls.
+        drop(rx);
+        self.spool(link, m)
+    }
+
+    /// Sends `m` to the spool thread, under the link lock (`link`), so the
+    /// order of spooled messages is the order of the calls.
+    fn spool(&self, mut link: MutexGuard<'_, Link>, m: MqttMessage) -> Handed {
         link.backlog += 1;
         let (tx, rx) = oneshot::channel();
         self.command(Cmd::Spool(m, Some(tx)));
-        Handed::Spooling(rx)
+        Handed::Pending(rx)
     }
 
-    /// Publishes `m` and waits until it is handed to the connection or on
+    /// Publishes `m` and waits until the broker acknowledged it or it is on
     /// disk; `false` when it was lost (counted and logged).
     pub async fn publish_durably(&self, m: MqttMessage) -> bool {
         match self.publish(m) {
             Handed::Sent => true,
-            Handed::Spooling(rx) => rx.await.is_ok(),
+            Handed::Pending(rx) => matches!(rx.await, Ok(Ok(()))),
             Handed::Dropped => false,
         }
     }
 
-    /// The connection is up (CONNACK): send what waits, starting with
-    /// `requeue` (publishes the broker's lost session was to resend).
-    pub fn connected(&self, requeue: Vec<MqttMessage>) {
+    /// The connection is up (CONNACK). Without the session
+    /// (`session_present` false), the QoS 2 exchanges the broker answered
+    /// with PUBREC end, and the publishes the session was to resend
+    /// (`requeue`) are spooled first; then what waits is sent.
+    pub fn connected(&self, session_present: bool, requeue: Vec<(u16, MqttMessage)>) {
         let mut link = self.link();
-        if !requeue.is_empty() {
-            tracing::warn!(
-                messages = requeue.len(),
-                "the broker lost this host's session: QoS 2 publishes it held are sent again"
-            );
-            link.backlog += requeue.len() as u64;
-            self.command(Cmd::Requeue(requeue));
+        if !session_present {
+            let mut unacked = self.unacked();
+            for origin in unacked.end_received() {
+                self.settle(origin, Ok(()));
+            }
+            let mut back = Vec::new();
+            for (pkid, m) in requeue {
+                match unacked.take_sent(pkid) {
+                    // Still in the spool: the drain sends it again.
+                    Some(Origin::Row(_)) => {}
+                    Some(Origin::Waiter(w)) => back.push((m, Some(w))),
+                    None => back.push((m, None)),
+                }
+            }
+            drop(unacked);
+            if !back.is_empty() {
+                tracing::warn!(
+                    messages = back.len(),
+                    "the broker lost this host's session: QoS 2 publishes it held are sent again"
+                );
+                link.backlog += back.len() as u64;
+                self.command(Cmd::Requeue(back));
+            }
         }
         link.connected = !link.paused;
         self.command(Cmd::Wake);
+    }
+
+    /// What the connection said of a QoS 1/2 publish: pairs a send with its
+    /// publish, and ends an exchange — the publish's invocation is told, a
+    /// spooled message's row removed.
+    pub fn track(&self, t: Track) {
+        let mut unacked = self.unacked();
+        self.track_locked(&mut unacked, t);
+    }
+
+    fn track_locked(&self, unacked: &mut Unacked, t: Track) {
+        match t {
+            Track::Sent(pkid) => unacked.sent(pkid),
+            Track::Received(pkid) => unacked.received(pkid),
+            Track::Acked(pkid, refused) => {
+                let Some(origin) = unacked.acked(pkid) else {
+                    return;
+                };
+                let outcome = match refused {
+                    None => Ok(()),
+                    Some(reason) => {
+                        let total = self.stats.broker_refused.fetch_add(1, Ordering::Relaxed) + 1;
+                        tracing::error!(pkid, %reason, total, "the broker refused a publish (its reason code); it is not sent again");
+                        Err(format!("the broker refused it ({reason})"))
+                    }
+                };
+                self.settle(origin, outcome);
+            }
+        }
+    }
+
+    /// Ends a tracked publish: tells its invocation, or removes its row.
+    fn settle(&self, origin: Origin, outcome: Outcome) {
+        match origin {
+            Origin::Waiter(w) => {
+                let _ = w.send(outcome);
+            }
+            Origin::Row(seq) => self.command(Cmd::Remove(vec![seq])),
+        }
     }
 
     /// Stops sending (the host is stopping): what waits stays in the spool,
@@ -343,10 +452,13 @@ impl Publisher {
         link.connected = false;
         link.drops += 1;
         let Cleaned {
-            unacked,
+            tracked,
+            unacked: back,
+            kept,
             dropped_qos0,
             too_large,
         } = clean();
+        let unacked = self.take_back(tracked, back, &kept, !link.paused);
         let lost = dropped_qos0 + too_large;
         if lost > 0 {
             self.stats.publish_failed.fetch_add(lost, Ordering::Relaxed);
@@ -367,6 +479,62 @@ impl Publisher {
         }
     }
 
+    /// Pairs what a dropped connection gave back with the tracked publishes
+    /// (see [`Self::disconnected`]): returns those to spool, with their
+    /// invocations' waiters. Spooled messages among them stay where they
+    /// are (the drain sends them again); one too large for the broker is
+    /// refused (its row removed). With `reconnecting` false (the host
+    /// stops), the QoS 2 exchanges past PUBREC end too.
+    fn take_back(
+        &self,
+        tracked: Vec<Track>,
+        back: Vec<(Option<u16>, Option<MqttMessage>)>,
+        kept: &[u16],
+        reconnecting: bool,
+    ) -> Vec<(MqttMessage, Option<Waiter>)> {
+        let mut unacked = self.unacked();
+        for t in tracked {
+            self.track_locked(&mut unacked, t);
+        }
+        let mut out = Vec::new();
+        for (pkid, m) in back {
+            let origin = match pkid {
+                Some(pkid) => unacked.take_sent(pkid),
+                None => unacked.take_unsent(),
+            };
+            match (m, origin) {
+                (Some(_), Some(Origin::Row(_))) => {}
+                (Some(m), Some(Origin::Waiter(w))) => out.push((m, Some(w))),
+                (Some(m), None) => out.push((m, None)),
+                (None, Some(origin)) => {
+                    self.settle(origin, Err("larger than the broker accepts".into()));
+                }
+                (None, None) => {}
+            }
+        }
+        for pkid in kept {
+            unacked.keep(*pkid);
+        }
+        let strays = unacked.take_handed();
+        if !strays.is_empty() {
+            tracing::error!(
+                publishes = strays.len(),
+                "publishes handed to the dropped connection were not given back; their invocations are retried"
+            );
+        }
+        for origin in strays {
+            if let Origin::Waiter(w) = origin {
+                let _ = w.send(Err("the connection dropped before it was sent".into()));
+            }
+        }
+        if !reconnecting {
+            for origin in unacked.end_received() {
+                self.settle(origin, Ok(()));
+            }
+        }
+        out
+    }
+
     /// Writes what is queued for the spool and stops its thread.
     pub async fn stop(&self) {
         self.command(Cmd::Stop);
@@ -380,8 +548,13 @@ impl Publisher {
         let mut stopping = false;
         let mut channel_full = false;
         let mut wait = FULL_CHANNEL_WAIT;
+        let mut drain = Drain::default();
         loop {
-            let can_drain = !spool.is_empty() && self.link().connected;
+            // Read before the commands: a drop after this is seen by the
+            // drain only after the next round's commands (acks that came
+            // before the drop remove their rows first).
+            let drops = self.link().drops;
+            let can_drain = !drain.caught_up && !spool.is_empty() && self.link().connected;
             let mut cmds = Vec::new();
             let first = if stopping {
                 None
@@ -413,8 +586,10 @@ impl Publisher {
             if stopping && cmds.is_empty() {
                 break;
             }
-            self.apply(&mut spool, cmds, &mut stopping);
-            channel_full = !stopping && self.drain(&mut spool);
+            if self.apply(&mut spool, cmds, &mut stopping) {
+                drain.caught_up = false;
+            }
+            channel_full = !stopping && self.drain(&mut spool, &mut drain, drops);
             // While the connection's queue stays full, look again less and
             // less often (each look reads a batch from disk).
             wait = if channel_full {
@@ -434,12 +609,14 @@ impl Publisher {
         }
     }
 
-    /// Writes a batch of commands to the spool, consecutive messages in one
-    /// transaction.
-    fn apply(&self, spool: &mut Spool, cmds: Vec<Cmd>, stopping: &mut bool) {
+    /// Applies a batch of commands to the spool, consecutive messages in one
+    /// transaction. Returns whether messages were written.
+    fn apply(&self, spool: &mut Spool, cmds: Vec<Cmd>, stopping: &mut bool) -> bool {
         let mut batch: Vec<MqttMessage> = Vec::new();
         // One per message of `batch`.
-        let mut waiters: Vec<Option<oneshot::Sender<()>>> = Vec::new();
+        let mut waiters: Vec<Option<Waiter>> = Vec::new();
+        let mut removed: Vec<i64> = Vec::new();
+        let mut wrote = false;
         for cmd in cmds {
             match cmd {
                 Cmd::Spool(m, w) => {
@@ -447,27 +624,39 @@ impl Publisher {
                     waiters.push(w);
                 }
                 Cmd::Requeue(ms) => {
-                    self.write(spool, &mut batch, &mut waiters, false);
-                    let mut ms = ms;
-                    let mut none = ms.iter().map(|_| None).collect();
-                    self.write(spool, &mut ms, &mut none, true);
+                    wrote |= self.write(spool, &mut batch, &mut waiters, false);
+                    let (mut ms, mut ws): (Vec<_>, Vec<_>) = ms.into_iter().unzip();
+                    wrote |= self.write(spool, &mut ms, &mut ws, true);
                 }
+                Cmd::Remove(seqs) => removed.extend(seqs),
                 Cmd::Wake => {}
                 Cmd::Stop => *stopping = true,
             }
         }
-        self.write(spool, &mut batch, &mut waiters, false);
+        wrote |= self.write(spool, &mut batch, &mut waiters, false);
+        if !removed.is_empty() {
+            match spool.remove(&removed) {
+                Ok(n) => self.link().backlog -= n,
+                // Sent again after the next drop or start (at least once).
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot remove acknowledged publishes from the MQTT publish spool; they will be sent again");
+                }
+            }
+        }
+        wrote
     }
 
+    /// Writes `batch` (at the front with `front`), answers each of
+    /// `waiters` (one per message) and returns whether any was written.
     fn write(
         &self,
         spool: &mut Spool,
         batch: &mut Vec<MqttMessage>,
-        waiters: &mut Vec<Option<oneshot::Sender<()>>>,
+        waiters: &mut Vec<Option<Waiter>>,
         front: bool,
-    ) {
+    ) -> bool {
         if batch.is_empty() {
-            return;
+            return false;
         }
         let n = batch.len() as u64;
         let result = if front {
@@ -477,7 +666,7 @@ impl Publisher {
         };
         let stats = &self.stats;
         let refused_at: Vec<usize>;
-        let lost = match result {
+        let (lost, reason) = match result {
             Ok(Stored {
                 stored,
                 dropped_oldest,
@@ -505,42 +694,54 @@ impl Publisher {
                         "the MQTT publish spool is full (or a message is larger than max_bytes): new publishes were refused"
                     );
                 }
-                dropped_oldest + refused
+                (
+                    dropped_oldest + refused,
+                    "the spool did not take it (full with on_full = \"refuse_new\", or larger than its max_bytes)".to_string(),
+                )
             }
             Err(e) => {
                 let total = stats.spool_errors.fetch_add(n, Ordering::Relaxed) + n;
                 tracing::error!(error = %e, messages = n, total, "cannot write to the MQTT publish spool (full disk?): these publishes are lost");
                 refused_at = (0..batch.len()).collect();
-                n
+                (n, format!("the spool could not write it ({e})"))
             }
         };
         self.link().backlog -= lost;
         batch.clear();
-        // Each waiter hears "on disk" for its own message only: a refused
-        // one (or all, when the write failed) hears nothing, which its
-        // publisher reports as lost. Older messages `drop_oldest` made room
-        // for are the spool's documented policy (counted and logged above).
+        // Each waiter hears of its own message only: "on disk", or why not.
+        // Older messages `drop_oldest` made room for are the spool's
+        // documented policy (counted and logged above).
         for (i, w) in waiters.drain(..).enumerate() {
-            if let Some(w) = w
-                && refused_at.binary_search(&i).is_err()
-            {
-                let _ = w.send(());
-            }
+            let outcome = if refused_at.binary_search(&i).is_ok() {
+                Err(reason.clone())
+            } else {
+                Ok(())
+            };
+            answer(w, outcome);
         }
+        n > lost
     }
 
     /// Sends one batch of what waits, oldest first, while the connection
-    /// it started on is up. Returns `true` when it stopped on a full
-    /// request channel.
-    fn drain(&self, spool: &mut Spool) -> bool {
-        let drops = {
+    /// it started on (the `drops`-th) is up. A message stays in the spool
+    /// until the broker acknowledges it ([`Self::track`]); on a new
+    /// connection the drain starts again from the oldest, skipping those
+    /// still in flight. Returns `true` when it stopped on a full request
+    /// channel.
+    fn drain(&self, spool: &mut Spool, drain: &mut Drain, drops: u64) -> bool {
+        {
             let link = self.link();
-            if spool.is_empty() || !link.connected {
+            if spool.is_empty() || !link.connected || link.drops != drops {
                 return false;
             }
-            link.drops
-        };
-        let rows = match spool.peek(DRAIN_BATCH) {
+        }
+        if drain.drops != drops {
+            *drain = Drain {
+                drops,
+                ..Drain::default()
+            };
+        }
+        let rows = match spool.peek_after(drain.after, DRAIN_BATCH) {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the MQTT publish spool; retrying");
@@ -548,32 +749,60 @@ impl Publisher {
                 return false;
             }
         };
-        let mut handed: Option<(i64, i64, u64)> = None;
-        let mut full = false;
+        if rows.is_empty() {
+            drain.caught_up = true;
+            return false;
+        }
         for (seq, m) in rows {
-            let mut link = self.link();
+            let link = self.link();
             if !link.connected || link.drops != drops {
                 break;
             }
-            if !self.client.try_publish(&m) {
-                full = true;
-                break;
+            let mut unacked = self.unacked();
+            if unacked.has_row(seq) {
+                // Still in flight from an earlier connection (a QoS 2
+                // publish the session resends).
+                drain.after = seq;
+                continue;
             }
-            link.backlog -= 1;
-            handed = Some(match handed {
-                None => (seq, seq, 1),
-                Some((first, _, n)) => (first, seq, n + 1),
-            });
+            unacked.hand(Origin::Row(seq));
+            if !self.client.try_publish(&m) {
+                unacked.unhand();
+                return true;
+            }
+            drain.after = seq;
             self.stats.spool_sent.fetch_add(1, Ordering::Relaxed);
             self.stats.published.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some((first, last, n)) = handed
-            && let Err(e) = spool.remove_range(first, last)
-        {
-            // Sent again at the next drain (at least once).
-            self.link().backlog += n;
-            tracing::error!(error = %e, "cannot remove sent publishes from the MQTT publish spool; they will be sent again");
+        false
+    }
+}
+
+/// Where the drain is: on which connection, and the last row it handed over.
+#[derive(Debug)]
+struct Drain {
+    drops: u64,
+    after: i64,
+    /// Every row was handed over on this connection; set back when rows
+    /// are written.
+    caught_up: bool,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self {
+            drops: u64::MAX,
+            after: i64::MIN,
+            caught_up: false,
         }
-        full
+    }
+}
+
+/// Why a publish handed to a stopped host is lost.
+const STOPPED: &str = "the MQTT connection has stopped";
+
+fn answer(w: Option<Waiter>, outcome: Outcome) {
+    if let Some(w) = w {
+        let _ = w.send(outcome);
     }
 }
