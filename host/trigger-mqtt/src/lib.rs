@@ -702,6 +702,22 @@ impl MqttTriggers {
             let _ = outbox.await;
             publisher.stop().await;
         }
+        let s = &self.stats;
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        tracing::info!(
+            received = n(&s.received),
+            succeeded = n(&s.succeeded),
+            failed = n(&s.failed),
+            acks_sent = n(&s.acks_sent),
+            overflow = n(&s.overflow),
+            published = n(&s.published),
+            broker_refused = n(&s.broker_refused),
+            spooled = n(&s.spooled),
+            spool_sent = n(&s.spool_sent),
+            connects = n(&s.connects),
+            connection_errors = n(&s.connection_errors),
+            "MQTT connection stopped"
+        );
     }
 
     /// Reads the outbox until the MQTT deliveries are done (they publish
