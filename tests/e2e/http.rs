@@ -2,14 +2,16 @@
 //! real clients (reqwest, curl, raw TCP), real guests, certificates made
 //! here.
 
-use crate::util::{Tmpfs, is_root, wasmgate};
+use crate::util::{Tmpfs, is_root, json, wasmgate};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use wasmgate_test_artifacts::{FETCH_HTTP, HELLO_HTTP, HTTP_PROBE, TICK_TIMER, WASI_HELLO};
+use wasmgate_test_artifacts::{
+    ECHO_MQTT, FETCH_HTTP, HELLO_HTTP, HTTP_PROBE, TICK_TIMER, WASI_HELLO,
+};
 
 /// A running `wasmgate up` with an HTTP listener.
 struct Server {
@@ -1214,4 +1216,134 @@ component = "probe"
     .await;
     assert_eq!(status, 301);
     assert_eq!(headers["location"], "https://good.example/old/page");
+}
+
+/// A component that imports capabilities it is not granted (outbound HTTP
+/// here, MQTT publish too: the SDK's http-app world imports both) loads, as
+/// components from ComponentizeJS or componentize-py do; `check` notes the
+/// ungranted imports; each call is denied with the WIT's own error
+/// (`HTTP-request-denied`), nothing leaves the host, and the denial is
+/// logged once for the component however often the guest calls. With
+/// `strict_imports = true` the component is refused at load instead.
+#[tokio::test]
+async fn an_ungranted_import_loads_and_each_call_is_denied() {
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    upstream.set_nonblocking(true).unwrap();
+    let component = format!(
+        r#"
+[component.fetch]
+source = "{FETCH_HTTP}"
+{{strict}}
+[component.echo]
+source = "{ECHO_MQTT}"
+
+[[trigger.http]]
+priority = 1
+component = "fetch"
+"#
+    );
+    // check: a note per ungranted import, not an error.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wasmgate.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[gateway]\nstate_dir = \"state\"\n{}",
+            component.replace("{strict}", "")
+        ),
+    )
+    .unwrap();
+    let out = wasmgate()
+        .args(["check", "-f", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    for interface in ["wasi:http/outgoing-handler", "wasmgate:edge/mqtt-publisher"] {
+        assert!(
+            stdout.contains(&format!(
+                "note: imports {interface} without a grant: each call is denied"
+            )),
+            "{stdout}"
+        );
+    }
+    // strict_imports = true: refused at load, naming the grant to add.
+    std::fs::write(
+        &file,
+        format!(
+            "[gateway]\nstate_dir = \"state\"\n{}",
+            component.replace("{strict}", "strict_imports = true\n")
+        ),
+    )
+    .unwrap();
+    let out = wasmgate()
+        .args(["check", "-f", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr.contains("(strict_imports = true)") && stderr.contains("component.fetch"),
+        "{stderr}"
+    );
+    // A publish without a grant is denied at the call (`denied`), and counted.
+    std::fs::write(
+        &file,
+        format!(
+            "[gateway]\nstate_dir = \"state\"\n{}",
+            component.replace("{strict}", "")
+        ),
+    )
+    .unwrap();
+    let out = wasmgate()
+        .args([
+            "invoke",
+            "-f",
+            file.to_str().unwrap(),
+            "echo",
+            "--mqtt-topic",
+            "devices/d1/temperature",
+            "--payload",
+            "21.5",
+        ])
+        .output()
+        .unwrap();
+    let v = json(&out);
+    assert_eq!(v["publish_denied"], 1, "{v}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not granted MQTT publish"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // up: loads and serves; every outbound call is denied at the call.
+    let server = Server::start(&component.replace("{strict}", ""));
+    let c = client();
+    for _ in 0..3 {
+        let (status, _, body) = text(
+            c.get(server.url(&format!("/?authority={up_addr}")))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 502, "{body}");
+        assert!(body.contains("HttpRequestDenied"), "{body}");
+    }
+    assert!(
+        upstream.accept().is_err(),
+        "a denied request reached the upstream"
+    );
+    let logs = server.logs();
+    assert_eq!(
+        logs.matches("outbound HTTP request denied").count(),
+        1,
+        "logged once for the component: {logs}"
+    );
+    assert!(logs.contains("is not granted outbound HTTP"), "{logs}");
+    assert!(
+        logs.contains("imports capabilities it is not granted"),
+        "{logs}"
+    );
 }

@@ -327,6 +327,14 @@ pub struct ComponentConfig {
     /// Capabilities granted to the component.
     #[serde(default)]
     pub allow: AllowConfig,
+    /// Refuse to load the component when it imports a capability
+    /// (`wasmgate:edge/mqtt-publisher`, `wasi:http/outgoing-handler`) that
+    /// `allow` does not grant. Off by default: such a component loads (guest
+    /// toolchains such as componentize-py and ComponentizeJS import every
+    /// WASI interface) and each call to the capability is denied with the
+    /// WIT's own error; `check` lists the ungranted imports.
+    #[serde(default)]
+    pub strict_imports: bool,
     /// Environment variables the guest sees (and nothing of the host's).
     #[serde(default)]
     pub env: BTreeMap<String, String>,

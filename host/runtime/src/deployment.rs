@@ -6,7 +6,7 @@ use crate::engine::{EngineOptions, HostEngine};
 use crate::invoke::{Invocable, State};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use wasmgate_manifest::{Manifest, ManifestError};
+use wasmgate_manifest::{ComponentConfig, Manifest, ManifestError};
 use wasmtime::component::Linker;
 
 /// The engine and linker every component of a host shares.
@@ -49,6 +49,9 @@ pub struct Deployment {
     pub components: BTreeMap<String, Arc<Invocable>>,
     /// What each component exports and imports, by name.
     pub compiled: BTreeMap<String, (Vec<String>, Vec<String>)>,
+    /// The capabilities each component imports without a grant (each call
+    /// is denied), by name; only components that have some.
+    pub ungranted: BTreeMap<String, Vec<Capability>>,
 }
 
 /// Why a deployment could not be loaded.
@@ -102,7 +105,12 @@ impl Deployment {
                     .into());
             }
         }
+        let mut ungranted = BTreeMap::new();
         for (name, c) in compiled {
+            let missing = ungranted_imports(&manifest.components[&name], &c);
+            if !missing.is_empty() {
+                ungranted.insert(name.clone(), missing);
+            }
             compiled_info.insert(name.clone(), (c.exports.clone(), c.imports.clone()));
             let invocable = invocable(&manifest, &runtime, &name, c);
             components.insert(name, Arc::new(invocable));
@@ -112,6 +120,7 @@ impl Deployment {
             runtime,
             components,
             compiled: compiled_info,
+            ungranted,
         })
     }
 }
@@ -135,26 +144,37 @@ pub fn load_component(
         };
         manifest.invalid(config.source.span(), &key, format!("{e}{hint}"))
     })?;
-    for (cap, granted) in [
+    if config.strict_imports
+        && let Some(cap) = ungranted_imports(config, &c).first()
+    {
+        return Err(manifest.invalid(
+            config.source.span(),
+            &format!("component.{name}"),
+            format!(
+                "the component imports {} but the manifest does not grant it (strict_imports = true): add `allow.{} = [...]` to [component.{name}]",
+                cap.interface(),
+                cap.allow_key()
+            ),
+        ));
+    }
+    Ok(c)
+}
+
+/// The capabilities `c` imports that its manifest entry does not grant:
+/// the component loads (unless `strict_imports`), and each call to one of
+/// them is denied.
+pub fn ungranted_imports(config: &ComponentConfig, c: &Compiled) -> Vec<Capability> {
+    [
         (Capability::MqttPublish, config.allow.grants_mqtt()),
         (
             Capability::OutboundHttp,
             config.allow.outbound_http.is_some(),
         ),
-    ] {
-        if c.imports_capability(cap) && !granted {
-            return Err(manifest.invalid(
-                config.source.span(),
-                &format!("component.{name}"),
-                format!(
-                    "the component imports {} but the manifest does not grant it: add `allow.{} = [...]` to [component.{name}]",
-                    cap.interface(),
-                    cap.allow_key()
-                ),
-            ));
-        }
-    }
-    Ok(c)
+    ]
+    .into_iter()
+    .filter(|(cap, granted)| c.imports_capability(*cap) && !granted)
+    .map(|(cap, _)| cap)
+    .collect()
 }
 
 /// Wraps a manifest component, compiled, for invocation.

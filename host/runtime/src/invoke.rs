@@ -165,6 +165,28 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 #[derive(Debug, Clone, Default)]
 struct OutboundPolicy {
     allowed: Arc<Vec<String>>,
+    component: String,
+    denials: Arc<Denials>,
+}
+
+/// Calls a component made to a capability it was not granted (or outside
+/// its grant), counted over its lifetime. The first of each kind is logged
+/// at warn, the rest at debug: a guest calling in a loop cannot flood the
+/// log.
+#[derive(Debug, Default)]
+pub struct Denials {
+    /// `mqtt-publisher.publish` calls denied (`denied`).
+    pub publishes: AtomicU64,
+    /// `wasi:http/outgoing-handler.handle` calls denied
+    /// (`HTTP-request-denied`).
+    pub outbound_http: AtomicU64,
+}
+
+impl Denials {
+    /// Counts one more; whether it is the first (to log at warn).
+    fn count(counter: &AtomicU64) -> bool {
+        counter.fetch_add(1, Ordering::Relaxed) == 0
+    }
 }
 
 impl OutboundPolicy {
@@ -199,10 +221,16 @@ impl WasiHttpHooks for OutboundPolicy {
     > {
         let host = request.uri().host().unwrap_or_default().to_string();
         if !self.allows(&host) {
-            tracing::warn!(
-                host,
-                "outbound HTTP request denied: host not in allow.outbound_http"
-            );
+            let why = if self.allowed.is_empty() {
+                "the component is not granted outbound HTTP (allow.outbound_http)"
+            } else {
+                "host not in allow.outbound_http"
+            };
+            if Denials::count(&self.denials.outbound_http) {
+                tracing::warn!(component = %self.component, host, reason = why, "outbound HTTP request denied (logged once per component; later denials are counted)");
+            } else {
+                tracing::debug!(component = %self.component, host, reason = why, "outbound HTTP request denied");
+            }
             return Box::new(async { Err(ErrorCode::HttpRequestDenied.into()) });
         }
         drop(fut);
@@ -232,6 +260,8 @@ struct PublishState {
     /// Bytes of `published`.
     bytes: u64,
     denied: u64,
+    /// The component's denials (see [`Denials`]).
+    denials: Arc<Denials>,
     /// Publishes refused for the budget (logged once per invocation).
     over_budget: u64,
 }
@@ -247,7 +277,12 @@ impl bindings::mqtt_publisher::Host for State {
         let p = &mut self.publish;
         if !p.acl.iter().any(|f| f.matches(&msg.topic)) {
             let is_reply = p.response_topic.as_deref() == Some(msg.topic.as_str());
-            let why = if !is_reply {
+            let why = if p.acl.is_empty() && p.response_acl.is_empty() {
+                format!(
+                    "component {:?} is not granted MQTT publish (allow.mqtt_publish or allow.mqtt_response)",
+                    p.component
+                )
+            } else if !is_reply {
                 format!(
                     "topic {:?} is not allowed: it matches no filter in allow.mqtt_publish of component {:?} and is not the response topic",
                     msg.topic, p.component
@@ -264,7 +299,11 @@ impl bindings::mqtt_publisher::Host for State {
             };
             if !why.is_empty() {
                 p.denied += 1;
-                tracing::warn!(component = %p.component, topic = %msg.topic, reason = %why, "publish denied");
+                if Denials::count(&p.denials.publishes) {
+                    tracing::warn!(component = %p.component, topic = %msg.topic, reason = %why, "publish denied (logged once per component; later denials are counted)");
+                } else {
+                    tracing::debug!(component = %p.component, topic = %msg.topic, reason = %why, "publish denied");
+                }
                 return Err(PublishError::Denied(why));
             }
         }
@@ -587,6 +626,8 @@ pub struct Invocable {
     publish_acl: Arc<Vec<TopicFilter>>,
     response_acl: Arc<Vec<TopicFilter>>,
     outbound_http: Arc<Vec<String>>,
+    /// Calls denied to capabilities it was not granted (see [`Denials`]).
+    pub denials: Arc<Denials>,
     env: Arc<Vec<(String, String)>>,
     slots: Arc<Semaphore>,
     fuel: bool,
@@ -644,6 +685,7 @@ impl Invocable {
             publish_acl: Arc::new(publish_acl),
             response_acl: Arc::new(Vec::new()),
             outbound_http: Arc::new(outbound_http),
+            denials: Arc::default(),
             env: Arc::default(),
             slots: Arc::new(Semaphore::new(limits.concurrency as usize)),
             fuel: engine.fuel(),
@@ -882,6 +924,8 @@ impl Invocable {
             http: WasiHttpCtx::new(),
             hooks: OutboundPolicy {
                 allowed: self.outbound_http.clone(),
+                component: self.name.clone(),
+                denials: self.denials.clone(),
             },
             limiter: MemoryLimiter {
                 limit: self.limits.memory,
@@ -892,6 +936,7 @@ impl Invocable {
             },
             publish: PublishState {
                 component: self.name.clone(),
+                denials: self.denials.clone(),
                 acl: self.publish_acl.clone(),
                 response_acl: self.response_acl.clone(),
                 response_topic,

@@ -60,6 +60,13 @@ pub fn check(args: CheckArgs) -> Result<ExitCode, Fatal> {
                 imports.join(", ")
             }
         );
+        for cap in gateway.ungranted.get(name).into_iter().flatten() {
+            println!(
+                "  note: imports {} without a grant: each call is denied (grant it with allow.{}, or refuse the component at load with strict_imports = true)",
+                cap.interface(),
+                cap.allow_key()
+            );
+        }
     }
     let t = &m.triggers;
     for (i, x) in t.http.iter().enumerate() {

@@ -36,6 +36,10 @@ pub async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
         ..EngineOptions::default()
     };
     let deployment = Deployment::load(manifest, options)?;
+    for (component, caps) in &deployment.ungranted {
+        let imports: Vec<&str> = caps.iter().map(|c| c.interface()).collect();
+        tracing::info!(%component, imports = %imports.join(", "), "the component imports capabilities it is not granted: each call is denied");
+    }
     let gateway = Gateway::start(deployment).await?;
     let m = &gateway.deployment.manifest;
     tracing::info!(
