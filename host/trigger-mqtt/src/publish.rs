@@ -554,7 +554,10 @@ impl Publisher {
             // drain only after the next round's commands (acks that came
             // before the drop remove their rows first).
             let drops = self.link().drops;
-            let can_drain = !drain.caught_up && !spool.is_empty() && self.link().connected;
+            // Caught up only on the connection it caught up on: after a
+            // drop the drain starts again from the oldest row.
+            let caught_up = drain.caught_up && drain.drops == drops;
+            let can_drain = !caught_up && !spool.is_empty() && self.link().connected;
             let mut cmds = Vec::new();
             let first = if stopping {
                 None

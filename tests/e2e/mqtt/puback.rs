@@ -29,6 +29,8 @@ struct BrokerState {
     /// Held publishes, (QoS, packet id), per connection number.
     held: Vec<(usize, u8, u16)>,
     connections: usize,
+    /// Connections up to this number are closed (see [`TestBroker::kick`]).
+    kicked: usize,
 }
 
 /// An MQTT 5 broker for one client at a time: CONNACK (no session),
@@ -89,6 +91,7 @@ impl TestBroker {
             payloads: Vec::new(),
             held: Vec::new(),
             connections: 0,
+            kicked: 0,
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st) = (state.clone(), stop.clone());
@@ -117,6 +120,18 @@ impl TestBroker {
 
     fn set_answer(&self, answer: Answer) {
         self.state.lock().unwrap().answer = answer;
+    }
+
+    /// Closes the current connection (held acknowledgements are lost with
+    /// it, as with a broker that restarts).
+    fn kick(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.kicked = s.connections;
+        s.held.clear();
+    }
+
+    fn connections(&self) -> usize {
+        self.state.lock().unwrap().connections
     }
 
     fn payloads(&self) -> Vec<String> {
@@ -155,6 +170,9 @@ fn serve(
     stream.set_nodelay(true).unwrap();
     let tick = Some(Duration::from_millis(20));
     while !stop.load(Relaxed) {
+        if state.lock().unwrap().kicked >= number {
+            return;
+        }
         stream.set_read_timeout(tick).unwrap();
         let mut first = [0u8];
         match stream.read(&mut first) {
@@ -397,4 +415,40 @@ every = "24h"
         .args(["-TERM", &host.id().to_string()])
         .status();
     assert_eq!(host.wait().unwrap().code(), Some(0));
+}
+
+/// Spooled messages sent on a connection that drops before the broker
+/// acknowledged them are sent again on the next one, from the oldest, even
+/// when nothing else happens meanwhile (no new publish to wake the drain),
+/// and leave the spool once acknowledged there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spooled_publishes_unacknowledged_on_a_dropped_connection_are_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(wasmgate_store::spool::FILE_NAME);
+    let n = 10;
+    {
+        let mut spool = Spool::open(&path, SpoolBounds::default()).unwrap();
+        let ms: Vec<MqttMessage> = (0..n).map(spooled).collect();
+        spool.append(&ms).unwrap();
+    }
+    let broker = TestBroker::start(Answer::Hold);
+    let spool = Spool::open(&path, SpoolBounds::default()).unwrap();
+    let host = Running::spawn_built(options(&broker.url(), "respool-host"), vec![], |t| {
+        t.with_spool(spool)
+    });
+    broker.wait_for_publishes(n);
+    broker.kick();
+    host.wait_for(|s| s.connects.load(Relaxed) >= 2).await;
+    broker.wait_for_publishes(2 * n);
+    let want: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    assert_eq!(broker.payloads()[n..], want[..], "sent again, in order");
+    assert!(broker.connections() >= 2);
+    broker.set_answer(Answer::Ack);
+    host.wait_for(|s| s.spool_waiting.load(Relaxed) == 0).await;
+    host.stop().await;
+    assert!(
+        Spool::open(&path, SpoolBounds::default())
+            .unwrap()
+            .is_empty()
+    );
 }
