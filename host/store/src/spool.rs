@@ -99,6 +99,11 @@ pub struct Spool {
     bounds: SpoolBounds,
     len: u64,
     bytes: u64,
+    /// The next sequence number at the back, and the lowest one used at the
+    /// front: sequence numbers are never reused while the spool is open (a
+    /// drain's cursor and the rows in flight refer to them).
+    next_seq: i64,
+    low_seq: i64,
 }
 
 impl Spool {
@@ -106,11 +111,11 @@ impl Spool {
     /// left there waits to be sent first.
     pub fn open(path: &Path, bounds: SpoolBounds) -> Result<Self, String> {
         let conn = crate::sqlite::open(path, "MQTT publish spool", SCHEMA)?;
-        let (len, bytes): (i64, i64) = conn
+        let (len, bytes, low, high): (i64, i64, i64, i64) = conn
             .query_row(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM spool",
+                "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MIN(seq), 1), COALESCE(MAX(seq), 0) FROM spool",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .map_err(|e| format!("MQTT publish spool {}: {e}", path.display()))?;
         Ok(Self {
@@ -118,6 +123,8 @@ impl Spool {
             bounds,
             len: len as u64,
             bytes: bytes as u64,
+            next_seq: high + 1,
+            low_seq: low,
         })
     }
 
@@ -130,6 +137,8 @@ impl Spool {
             bounds,
             len: 0,
             bytes: 0,
+            next_seq: 1,
+            low_seq: 1,
         })
     }
 
@@ -151,22 +160,20 @@ impl Spool {
     /// Writes `messages` after everything waiting, in one transaction (on
     /// disk when this returns).
     pub fn append(&mut self, messages: &[MqttMessage]) -> rusqlite::Result<Stored> {
-        let next: i64 =
-            self.conn
-                .query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM spool", [], |r| {
-                    r.get(0)
-                })?;
-        self.write(messages, next)
+        let first = self.next_seq;
+        let out = self.write(messages, first)?;
+        self.next_seq = first + messages.len() as i64;
+        Ok(out)
     }
 
     /// Writes `messages` before everything waiting (they are older: publishes
     /// the broker had not acknowledged when the connection dropped), in one
     /// transaction.
     pub fn prepend(&mut self, messages: &[MqttMessage]) -> rusqlite::Result<Stored> {
-        let first: i64 =
-            self.conn
-                .query_row("SELECT COALESCE(MIN(seq), 1) FROM spool", [], |r| r.get(0))?;
-        self.write(messages, first - messages.len() as i64)
+        let first = self.low_seq - messages.len() as i64;
+        let out = self.write(messages, first)?;
+        self.low_seq = first;
+        Ok(out)
     }
 
     fn write(&mut self, messages: &[MqttMessage], first_seq: i64) -> rusqlite::Result<Stored> {
@@ -315,6 +322,24 @@ mod tests {
             max_bytes,
             on_full,
         }
+    }
+
+    /// A drain's cursor and the rows in flight refer to sequence numbers:
+    /// an emptied spool must not hand out the same ones again.
+    #[test]
+    fn sequence_numbers_are_never_reused_while_open() {
+        let mut s = Spool::open_in_memory(SpoolBounds::default()).unwrap();
+        s.append(&[msg("a", b""), msg("b", b"")]).unwrap();
+        let first: Vec<i64> = s.peek(10).unwrap().iter().map(|(q, _)| *q).collect();
+        assert_eq!(s.remove(&first).unwrap(), 2);
+        assert!(s.is_empty());
+        s.append(&[msg("c", b"")]).unwrap();
+        let (c, _) = s.peek(1).unwrap()[0].clone();
+        assert!(c > first[1], "{c} after {first:?}");
+        assert_eq!(s.remove(&[c]).unwrap(), 1);
+        s.prepend(&[msg("d", b"")]).unwrap();
+        let (d, _) = s.peek(1).unwrap()[0].clone();
+        assert!(d < first[0], "{d} before {first:?}");
     }
 
     #[test]

@@ -137,11 +137,24 @@ pub struct Cleaned {
 pub enum Track {
     /// Sent for the first time, or again by the session, with this packet id.
     Sent(u16),
-    /// The broker answered PUBREC (QoS 2).
+    /// PUBACK (QoS 1): done.
+    Acked(u16),
+    /// PUBREC (QoS 2): the broker has it; PUBCOMP ends the exchange. The
+    /// packet id may be reused for a new publish before then.
     Received(u16),
-    /// The exchange ended: PUBACK or PUBCOMP (`None`), or a PUBACK/PUBREC
-    /// whose reason code refuses the message (the reason).
-    Acked(u16, Option<String>),
+    /// PUBCOMP (QoS 2): done.
+    Completed(u16),
+    /// A PUBACK or PUBREC whose reason code refuses the message (the
+    /// reason; `at_pubrec` for a PUBREC).
+    Refused {
+        /// The packet id.
+        pkid: u16,
+        /// The reason code.
+        reason: String,
+        /// A PUBREC (QoS 2): rumqttc keeps counting that exchange as in
+        /// flight, so the connection is made again to reset its count.
+        at_pubrec: bool,
+    },
 }
 
 /// The [`Track`] of an MQTT 5 event, if it is one.
@@ -151,14 +164,20 @@ fn track5(e: &rumqttc::v5::Event) -> Option<Track> {
     use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PubRecReason};
     Some(match e {
         E::Outgoing(Outgoing::Publish(pkid)) if *pkid != 0 => Track::Sent(*pkid),
-        E::Incoming(Packet::PubAck(a)) => Track::Acked(
-            a.pkid,
-            (!matches!(
+        E::Incoming(Packet::PubAck(a)) => {
+            if matches!(
                 a.reason,
                 PubAckReason::Success | PubAckReason::NoMatchingSubscribers
-            ))
-            .then(|| format!("{:?}", a.reason)),
-        ),
+            ) {
+                Track::Acked(a.pkid)
+            } else {
+                Track::Refused {
+                    pkid: a.pkid,
+                    reason: format!("{:?}", a.reason),
+                    at_pubrec: false,
+                }
+            }
+        }
         E::Incoming(Packet::PubRec(r)) => {
             if matches!(
                 r.reason,
@@ -166,10 +185,14 @@ fn track5(e: &rumqttc::v5::Event) -> Option<Track> {
             ) {
                 Track::Received(r.pkid)
             } else {
-                Track::Acked(r.pkid, Some(format!("{:?}", r.reason)))
+                Track::Refused {
+                    pkid: r.pkid,
+                    reason: format!("{:?}", r.reason),
+                    at_pubrec: true,
+                }
             }
         }
-        E::Incoming(Packet::PubComp(c)) => Track::Acked(c.pkid, None),
+        E::Incoming(Packet::PubComp(c)) => Track::Completed(c.pkid),
         _ => return None,
     })
 }
@@ -179,9 +202,9 @@ fn track4(e: &rumqttc::Event) -> Option<Track> {
     use rumqttc::{Event as E, Outgoing, Packet};
     Some(match e {
         E::Outgoing(Outgoing::Publish(pkid)) if *pkid != 0 => Track::Sent(*pkid),
-        E::Incoming(Packet::PubAck(a)) => Track::Acked(a.pkid, None),
+        E::Incoming(Packet::PubAck(a)) => Track::Acked(a.pkid),
         E::Incoming(Packet::PubRec(r)) => Track::Received(r.pkid),
-        E::Incoming(Packet::PubComp(c)) => Track::Acked(c.pkid, None),
+        E::Incoming(Packet::PubComp(c)) => Track::Completed(c.pkid),
         _ => return None,
     })
 }
@@ -240,6 +263,17 @@ pub struct ConnError {
     pub hint: Option<&'static str>,
     /// The broker's largest packet, when a publish exceeded it.
     too_large: Option<usize>,
+}
+
+impl ConnError {
+    /// The host drops the connection itself, for `message`.
+    pub fn local(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            hint: None,
+            too_large: None,
+        }
+    }
 }
 
 /// A SUBACK event naming the refused filters' reason codes.

@@ -49,7 +49,7 @@ pub mod unacked;
 
 pub use crate::acks::{AckTracker, Backoff, Subscription, route, subscriptions};
 pub use crate::connection::ClientOptions;
-use crate::connection::{Event as ConnEvent, Incoming, log_connection_error};
+use crate::connection::{ConnError, Event as ConnEvent, Incoming, log_connection_error};
 pub use crate::outbox::Outbox;
 use crate::publish::Publisher;
 use rumqttc::v5::MqttOptions;
@@ -662,7 +662,27 @@ impl MqttTriggers {
                     tracing::info!(%broker, "MQTT disconnected");
                     break;
                 }
-                Ok(ConnEvent::Track(t)) => publisher.track(t),
+                Ok(ConnEvent::Track(t)) => {
+                    let refused_pubrec = matches!(
+                        t,
+                        connection::Track::Refused {
+                            at_pubrec: true,
+                            ..
+                        }
+                    );
+                    publisher.track(t);
+                    if refused_pubrec {
+                        // rumqttc keeps counting a refused QoS 2 exchange
+                        // as in flight; enough of them would stop every
+                        // publish. A new connection resets the count.
+                        let e = ConnError::local(
+                            "the broker refused a QoS 2 publish at PUBREC; reconnecting to reset the in-flight count",
+                        );
+                        self.stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+                        shared.connection_lost(|| eventloop.clean(Some(&e)));
+                        tracing::warn!(%broker, "{}", e.message);
+                    }
+                }
                 Ok(ConnEvent::Other) => {}
                 Err(e) => {
                     self.stats.connection_errors.fetch_add(1, Ordering::Relaxed);
@@ -690,7 +710,10 @@ impl MqttTriggers {
         drop(queues);
         loop_ended.cancel();
         // What the broker has not acknowledged of the host's publishes waits
-        // in the spool for the next start.
+        // in the spool for the next start. Paused first, so the QoS 2
+        // exchanges past PUBREC end here even if the loop ended while
+        // disconnected.
+        publisher.pause();
         publisher.disconnected(|| eventloop.clean(None));
         // Without the event loop, nothing more can be handed to it.
         drop(eventloop);

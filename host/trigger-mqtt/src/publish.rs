@@ -405,21 +405,29 @@ impl Publisher {
 
     fn track_locked(&self, unacked: &mut Unacked, t: Track) {
         match t {
-            Track::Sent(pkid) => unacked.sent(pkid),
+            Track::Sent(pkid) => {
+                if let Some(lost) = unacked.sent(pkid) {
+                    self.settle(lost, Err("the host lost track of it".into()));
+                }
+            }
             Track::Received(pkid) => unacked.received(pkid),
-            Track::Acked(pkid, refused) => {
+            Track::Acked(pkid) => {
+                if let Some(origin) = unacked.acked(pkid) {
+                    self.settle(origin, Ok(()));
+                }
+            }
+            Track::Completed(pkid) => {
+                if let Some(origin) = unacked.completed(pkid) {
+                    self.settle(origin, Ok(()));
+                }
+            }
+            Track::Refused { pkid, reason, .. } => {
                 let Some(origin) = unacked.acked(pkid) else {
                     return;
                 };
-                let outcome = match refused {
-                    None => Ok(()),
-                    Some(reason) => {
-                        let total = self.stats.broker_refused.fetch_add(1, Ordering::Relaxed) + 1;
-                        tracing::error!(pkid, %reason, total, "the broker refused a publish (its reason code); it is not sent again");
-                        Err(format!("the broker refused it ({reason})"))
-                    }
-                };
-                self.settle(origin, outcome);
+                let total = self.stats.broker_refused.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::error!(pkid, %reason, total, "the broker refused a publish (its reason code); it is not sent again");
+                self.settle(origin, Err(format!("the broker refused it ({reason})")));
             }
         }
     }

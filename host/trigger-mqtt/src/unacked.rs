@@ -35,25 +35,28 @@ pub enum Origin {
     Row(i64),
 }
 
-/// A publish the broker has been sent.
+/// A publish the broker has been sent and has not answered yet.
 #[derive(Debug)]
 struct Sent {
     origin: Origin,
-    /// QoS 2: the broker answered PUBREC (it owns the message; PUBCOMP
-    /// ends the exchange).
-    received: bool,
     /// Left with rumqttc's session after a dropped connection: its next send
     /// (the session's resend, same packet id) is not a new publish.
     resend: bool,
 }
 
 /// The tracker (see the module docs). One per connection owner.
+///
+/// Publishes waiting for PUBACK/PUBREC and QoS 2 exchanges past PUBREC are
+/// kept apart: rumqttc frees a packet id at PUBREC and may give it to a new
+/// publish before the old exchange's PUBCOMP arrives.
 #[derive(Debug, Default)]
 pub struct Unacked {
     /// Handed to the connection, not yet reported sent, oldest first.
     handed: VecDeque<Origin>,
-    /// Sent, by packet id, not yet acknowledged.
+    /// Sent, by packet id, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
     sent: HashMap<u16, Sent>,
+    /// QoS 2 exchanges past PUBREC, by packet id, waiting for PUBCOMP.
+    received: HashMap<u16, Origin>,
 }
 
 impl Unacked {
@@ -69,48 +72,60 @@ impl Unacked {
         self.handed.pop_back()
     }
 
-    /// rumqttc sent a QoS 1/2 publish with packet id `pkid`.
-    pub fn sent(&mut self, pkid: u16) {
+    /// rumqttc sent a QoS 1/2 publish with packet id `pkid`. Returns an
+    /// origin the pairing lost track of (a packet id still waiting for its
+    /// answer was sent again as new; never expected), to be failed.
+    pub fn sent(&mut self, pkid: u16) -> Option<Origin> {
         if let Some(s) = self.sent.get_mut(&pkid)
             && s.resend
         {
             s.resend = false;
-            return;
+            return None;
         }
-        match self.handed.pop_front() {
-            Some(origin) => {
-                let old = self.sent.insert(
-                    pkid,
-                    Sent {
-                        origin,
-                        received: false,
-                        resend: false,
-                    },
-                );
-                debug_assert!(old.is_none(), "packet id {pkid} reused before its ack");
-            }
-            None => tracing::warn!(
+        let Some(origin) = self.handed.pop_front() else {
+            tracing::warn!(
                 pkid,
                 "a publish was sent that the host did not hand over; not tracked"
-            ),
+            );
+            return None;
+        };
+        let old = self.sent.insert(
+            pkid,
+            Sent {
+                origin,
+                resend: false,
+            },
+        );
+        if old.is_some() {
+            tracing::error!(
+                pkid,
+                "a packet id was sent again before its acknowledgement; the older publish is reported lost"
+            );
         }
+        old.map(|s| s.origin)
     }
 
-    /// The broker answered PUBREC for `pkid` (QoS 2).
-    pub fn received(&mut self, pkid: u16) {
-        if let Some(s) = self.sent.get_mut(&pkid) {
-            s.received = true;
-        }
-    }
-
-    /// The exchange of `pkid` ended: PUBACK, PUBCOMP, or a PUBACK/PUBREC
-    /// with an error reason code (the broker refused the message).
+    /// PUBACK (QoS 1) for `pkid`, or a PUBACK/PUBREC that refused it: the
+    /// exchange ended.
     pub fn acked(&mut self, pkid: u16) -> Option<Origin> {
         self.sent.remove(&pkid).map(|s| s.origin)
     }
 
+    /// PUBREC (QoS 2) for `pkid`: the exchange waits for PUBCOMP, and the
+    /// packet id may be reused meanwhile.
+    pub fn received(&mut self, pkid: u16) {
+        if let Some(s) = self.sent.remove(&pkid) {
+            self.received.insert(pkid, s.origin);
+        }
+    }
+
+    /// PUBCOMP for `pkid`: the QoS 2 exchange ended.
+    pub fn completed(&mut self, pkid: u16) -> Option<Origin> {
+        self.received.remove(&pkid)
+    }
+
     /// The connection dropped and rumqttc gave back the publish sent with
-    /// `pkid`, for the spool.
+    /// `pkid` (no PUBACK/PUBREC yet), for the spool.
     pub fn take_sent(&mut self, pkid: u16) -> Option<Origin> {
         self.sent.remove(&pkid).map(|s| s.origin)
     }
@@ -140,28 +155,22 @@ impl Unacked {
     /// exchanges past PUBREC end here. The broker took those messages when
     /// it answered PUBREC.
     pub fn end_received(&mut self) -> Vec<Origin> {
-        let done: Vec<u16> = self
-            .sent
-            .iter()
-            .filter(|(_, s)| s.received)
-            .map(|(k, _)| *k)
-            .collect();
-        done.into_iter()
-            .filter_map(|k| self.sent.remove(&k).map(|s| s.origin))
-            .collect()
+        self.received.drain().map(|(_, o)| o).collect()
     }
 
-    /// Whether the spooled message `seq` is handed or sent and not
-    /// acknowledged.
+    /// Whether the spooled message `seq` is handed or sent and its exchange
+    /// has not ended.
     pub fn has_row(&self, seq: i64) -> bool {
         let is = |o: &Origin| matches!(o, Origin::Row(s) if *s == seq);
-        self.handed.iter().any(is) || self.sent.values().any(|s| is(&s.origin))
+        self.handed.iter().any(is)
+            || self.sent.values().any(|s| is(&s.origin))
+            || self.received.values().any(is)
     }
 
     /// Publishes tracked (handed or sent, not acknowledged).
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.handed.len() + self.sent.len()
+        self.handed.len() + self.sent.len() + self.received.len()
     }
 }
 
@@ -182,12 +191,12 @@ mod tests {
         for seq in 1..=3 {
             u.hand(Origin::Row(seq));
         }
-        u.sent(7);
-        u.sent(8);
+        assert!(u.sent(7).is_none());
+        assert!(u.sent(8).is_none());
         assert_eq!(row(u.acked(8)), 2);
         assert_eq!(row(u.acked(7)), 1);
         assert!(u.acked(7).is_none(), "an ack ends the exchange once");
-        u.sent(7);
+        assert!(u.sent(7).is_none());
         assert_eq!(row(u.acked(7)), 3);
         assert_eq!(u.len(), 0);
     }
@@ -214,11 +223,26 @@ mod tests {
         // The connection drops: 5 (past PUBREC) stays, 6 is kept for its
         // resend, nothing else is given back.
         u.keep(6);
-        u.sent(6);
+        assert!(u.sent(6).is_none());
         assert_eq!(row(u.acked(6)), 2);
         u.sent(9);
         assert_eq!(row(u.acked(9)), 3);
         assert_eq!(row(u.end_received().pop()), 1);
+        assert_eq!(u.len(), 0);
+    }
+
+    #[test]
+    fn a_packet_id_reused_after_pubrec_pairs_with_the_new_publish() {
+        let mut u = Unacked::default();
+        u.hand(Origin::Row(1));
+        u.hand(Origin::Row(2));
+        u.sent(1);
+        u.received(1);
+        // rumqttc gives packet id 1 to the next publish before PUBCOMP(1).
+        assert!(u.sent(1).is_none());
+        assert!(u.has_row(1) && u.has_row(2));
+        assert_eq!(row(u.completed(1)), 1, "PUBCOMP ends the QoS 2 exchange");
+        assert_eq!(row(u.acked(1)), 2, "PUBACK ends the new one");
         assert_eq!(u.len(), 0);
     }
 
