@@ -9,7 +9,13 @@ use wasmgate_store::spool::SpoolBounds;
 /// Runs `wasmgate check`.
 pub fn check(args: CheckArgs) -> Result<ExitCode, Fatal> {
     let manifest = load_manifest(&args.file)?;
-    let gateway = Deployment::load(manifest, EngineOptions::default())?;
+    let gateway = Deployment::load(
+        manifest,
+        EngineOptions {
+            allocator: args.allocator.into(),
+            ..EngineOptions::default()
+        },
+    )?;
     let m = &gateway.manifest;
     println!(
         "manifest {} (gateway {:?})",

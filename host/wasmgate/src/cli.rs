@@ -126,6 +126,9 @@ pub struct CheckArgs {
     /// Compute each timer's next fire times from this RFC 3339 time instead of now.
     #[arg(long, value_parser = parse_rfc3339)]
     pub now: Option<chrono::DateTime<chrono::Utc>>,
+    /// Instance allocator (as `up` would use it).
+    #[arg(long, value_enum, default_value_t = AllocatorArg::Auto)]
+    pub allocator: AllocatorArg,
 }
 
 fn parse_rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
