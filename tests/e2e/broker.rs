@@ -103,13 +103,18 @@ impl Host {
     /// Starts `up` on `body` (after an `[mqtt]` with the embedded broker on
     /// a free port) and waits until `ready_message` is logged.
     fn start(body: &str, ready_message: &str) -> Host {
+        Self::start_on("127.0.0.1:0", body, ready_message)
+    }
+
+    /// [`Host::start`] with the embedded broker on `listen`.
+    fn start_on(listen: &str, body: &str, ready_message: &str) -> Host {
         use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
         let manifest = dir.path().join("wasmgate.toml");
         std::fs::write(
             &manifest,
             format!(
-                "[gateway]\nstate_dir = \"state\"\n[mqtt]\nbroker = \"embedded\"\nembedded = {{ listen = \"127.0.0.1:0\" }}\n{body}"
+                "[gateway]\nstate_dir = \"state\"\n[mqtt]\nbroker = \"embedded\"\nembedded = {{ listen = \"{listen}\" }}\n{body}"
             ),
         )
         .unwrap();
@@ -171,6 +176,46 @@ impl Drop for Host {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A gateway restarted right after it stopped gets its broker port back,
+/// although the connections its devices had are still in TIME-WAIT on that
+/// port (the host closed them first): the listener sets SO_REUSEADDR. It
+/// did not, and the new `up` failed with "Address already in use" for a
+/// minute after every restart.
+#[test]
+fn the_embedded_broker_listens_again_right_after_a_restart() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let body = format!(
+        "[component.echo]\nsource = \"{}\"\n[[trigger.mqtt]]\ncomponent = \"echo\"\ntopic = \"t\"\n",
+        wasmgate_test_artifacts::ECHO_MQTT
+    );
+    for round in 1..=2 {
+        let host = Host::start_on(&listen, &body, "MQTT subscribed");
+        assert_eq!(host.port, port);
+        // A device stays connected until the host goes away.
+        let mut device = sub(port, &["-t", "devices/#", "-W", "30"]);
+        std::thread::sleep(Duration::from_millis(500));
+        let status = Command::new("kill")
+            .args(["-TERM", &host.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let mut host = host;
+        assert_eq!(
+            host.child.wait().unwrap().code(),
+            Some(0),
+            "round {round}: {}",
+            host.logs()
+        );
+        let _ = device.kill();
+        let _ = device.wait();
     }
 }
 

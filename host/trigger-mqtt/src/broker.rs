@@ -127,6 +127,9 @@ impl EmbeddedBroker {
         let listener = Builder::new()
             .name("embedded/tcp")
             .laddr(options.listen)
+            // A restart must get the port back while the connections the
+            // host closed are still in TIME-WAIT on it.
+            .reuseaddr(Some(true))
             .nodelay(true)
             .allow_anonymous(false)
             .max_handshaking_limit(64)
