@@ -8,6 +8,7 @@ mod broker;
 mod cache;
 mod cli;
 mod dlq;
+mod examples;
 mod http;
 mod layout;
 mod limits;
