@@ -1655,3 +1655,4 @@ async fn a_qos0_flood_on_a_slow_trigger_does_not_stall_the_connection() {
 }
 
 mod puback;
+mod receive_max;

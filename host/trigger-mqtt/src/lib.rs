@@ -55,7 +55,7 @@ use crate::publish::Publisher;
 use rumqttc::v5::MqttOptions;
 use rumqttc::{NetworkOptions, Transport};
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
@@ -290,9 +290,13 @@ pub struct MqttStats {
     pub expired: AtomicU64,
     /// QoS 0 messages dropped because the QoS 0 buffer was full.
     pub dropped_qos0: AtomicU64,
-    /// QoS 1/2 messages left unacknowledged because a trigger's queue was
-    /// full: the broker sent more than the Receive Maximum allows.
+    /// QoS 1/2 messages left unacknowledged for the broker to send again:
+    /// a trigger's queue was full (the broker sent more than the Receive
+    /// Maximum allows), or came after such a one on the same connection.
     pub overflow: AtomicU64,
+    /// Connections the host ended to get the messages it left
+    /// unacknowledged sent again (see [`MqttStats::overflow`]).
+    pub resyncs: AtomicU64,
     /// Messages that matched no trigger (acknowledged).
     pub unrouted: AtomicU64,
     /// Acknowledgements handed to the connection.
@@ -395,6 +399,11 @@ struct Shared {
     /// The connection's outgoing publishes not yet acknowledged by the
     /// broker (updated by the event-loop owner).
     inflight: std::sync::atomic::AtomicU16,
+    /// The broker sent more than the Receive Maximum: no QoS 1/2 message is
+    /// taken on this connection any more, and once the ones taken are
+    /// acknowledged the host reconnects, so the broker sends the rest again
+    /// (in order, as the session's unacknowledged messages).
+    resync: AtomicBool,
 }
 
 /// How long a stopping host waits for the broker to acknowledge its
@@ -579,6 +588,7 @@ impl MqttTriggers {
             acks: Mutex::default(),
             stats: self.stats.clone(),
             inflight: Default::default(),
+            resync: AtomicBool::new(false),
         });
         let dispatched = CancellationToken::new();
         let outbox = self.drain_outbox_until_done(&publisher, &dispatched);
@@ -620,6 +630,8 @@ impl MqttTriggers {
         let broker = self.options.broker();
         let mut backoff = Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX, 0.5);
         let mut subacks_expected = 0usize;
+        // A DISCONNECT was queued to renew the connection (see `resync`).
+        let mut resync_disconnect = false;
         loop {
             match eventloop.poll().await {
                 Ok(ConnEvent::ConnAck {
@@ -628,6 +640,8 @@ impl MqttTriggers {
                 }) => {
                     backoff.reset();
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                    shared.resync.store(false, Ordering::Relaxed);
+                    resync_disconnect = false;
                     tracing::info!(%broker, session_present, "MQTT connected");
                     publisher.connected(session_present, requeue);
                     subacks_expected = subs.len();
@@ -657,6 +671,19 @@ impl MqttTriggers {
                 }
                 Ok(ConnEvent::BrokerDisconnect(reason)) => {
                     tracing::warn!(%broker, %reason, "the broker closed the MQTT session");
+                }
+                Ok(ConnEvent::Disconnected)
+                    if resync_disconnect
+                        && !shutdown.is_cancelled()
+                        && !dispatched.is_cancelled() =>
+                {
+                    // The acks went out ahead of the DISCONNECT; the next
+                    // poll connects again at once.
+                    self.stats.resyncs.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%broker, left_unacknowledged = self.stats.overflow.load(Ordering::Relaxed), "MQTT reconnecting for the messages left unacknowledged");
+                    shared.connection_lost(|| eventloop.clean(None));
+                    resync_disconnect = false;
+                    continue;
                 }
                 Ok(ConnEvent::Disconnected) => {
                     tracing::info!(%broker, "MQTT disconnected");
@@ -705,6 +732,18 @@ impl MqttTriggers {
             let mut acks = shared.acks.lock().expect("acks lock");
             if !acks.backlog.is_empty() {
                 shared.release(&mut acks, Vec::new());
+            }
+            if !resync_disconnect
+                && shared.resync.load(Ordering::Relaxed)
+                && acks.tracker.is_empty()
+                && acks.backlog.is_empty()
+            {
+                // Every message taken is handled and its ack is in the
+                // client's queue: a DISCONNECT queued behind them ends the
+                // connection without losing one.
+                resync_disconnect = true;
+                let client = client.clone();
+                tokio::spawn(async move { client.disconnect().await });
             }
         }
         drop(queues);
@@ -777,8 +816,13 @@ impl MqttTriggers {
     /// it) is left unacknowledged, so the broker redelivers it on the next
     /// connection, and counted.
     fn take(&self, shared: &Shared, subs: &[Subscription], queues: &Queues, p: Incoming) {
-        let routes = route(subs, &p.topic, &p.properties.subscription_identifiers);
         let qos0 = p.qos == 0;
+        if !qos0 && shared.resync.load(Ordering::Relaxed) {
+            // Left for the next connection, behind the ones it skipped.
+            self.stats.overflow.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let routes = route(subs, &p.topic, &p.properties.subscription_identifiers);
         if qos0 && queues.qos0_waiting.load(Ordering::Relaxed) + routes.len() > QOS0_BUFFER {
             self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
             return;
@@ -793,7 +837,14 @@ impl MqttTriggers {
                 }
                 Err(_) => {
                     self.stats.overflow.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(topic = %p.topic, receive_maximum = self.receive_maximum, "the broker sent more unacknowledged messages than the Receive Maximum allows; this one stays unacknowledged and is redelivered on the next connection");
+                    if !shared.resync.swap(true, Ordering::Relaxed) {
+                        let first = self.stats.resyncs.load(Ordering::Relaxed) == 0;
+                        if first {
+                            tracing::warn!(topic = %p.topic, receive_maximum = self.receive_maximum, "the broker sent more unacknowledged messages than the Receive Maximum allows (Mosquitto before 2.0.13 does when it has a backlog for the host); what does not fit stays unacknowledged, and once the messages taken are handled the host reconnects so the broker sends the rest again");
+                        } else {
+                            tracing::debug!(topic = %p.topic, receive_maximum = self.receive_maximum, "the broker sent more than the Receive Maximum again");
+                        }
+                    }
                     return;
                 }
             }

@@ -42,7 +42,7 @@ struct TestBroker {
     stop: Arc<AtomicBool>,
 }
 
-fn read_varint(r: &mut impl Read) -> std::io::Result<usize> {
+pub(super) fn read_varint(r: &mut impl Read) -> std::io::Result<usize> {
     let (mut n, mut shift) = (0usize, 0);
     loop {
         let mut b = [0u8];
@@ -55,7 +55,7 @@ fn read_varint(r: &mut impl Read) -> std::io::Result<usize> {
     }
 }
 
-fn varint_at(body: &[u8], mut at: usize) -> (usize, usize) {
+pub(super) fn varint_at(body: &[u8], mut at: usize) -> (usize, usize) {
     let (mut n, mut shift) = (0usize, 0);
     loop {
         let b = body[at];

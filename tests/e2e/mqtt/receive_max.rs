@@ -1,0 +1,231 @@
+//! A broker that sends more unacknowledged messages than the host's Receive
+//! Maximum (Mosquitto before 2.0.13 does: each in-order PUBACK moves up to
+//! Receive Maximum queued messages into flight, however many are in flight
+//! already, so with a backlog it sends everything). The host takes what its
+//! queues hold, leaves the rest unacknowledged, and once the messages it took
+//! are handled and acknowledged it reconnects, so the broker sends the rest
+//! again. Tested against a broker written here that sends its whole backlog
+//! at once on every connection: Mosquitto's behaviour depends on its version.
+
+use super::puback::{read_varint, varint_at};
+use super::*;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+#[derive(Debug, Default)]
+struct FloodState {
+    /// Per message (packet id = index + 1): acknowledged yet?
+    acked: Vec<bool>,
+    /// Per message: sent at least once (a resend carries DUP).
+    sent: Vec<bool>,
+    connections: usize,
+    /// PUBLISH packets sent, resends included.
+    publishes: usize,
+    /// PUBACKs for a packet id older than one acknowledged before on the
+    /// same connection (MQTT 5 §4.6: acks go out in order).
+    out_of_order: usize,
+    /// PUBACKs for a message acknowledged already.
+    repeated: usize,
+}
+
+/// A broker with one persistent session holding `n` QoS 1 messages on
+/// topic `sleep` (payload `5`: the hostile guest sleeps 5 ms). After each
+/// SUBSCRIBE it sends every unacknowledged message at once, ignoring the
+/// client's Receive Maximum.
+struct FloodBroker {
+    port: u16,
+    state: Arc<Mutex<FloodState>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FloodBroker {
+    fn start(n: usize) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(Mutex::new(FloodState {
+            acked: vec![false; n],
+            sent: vec![false; n],
+            ..FloodState::default()
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st) = (state.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let number = {
+                            let mut s = s.lock().unwrap();
+                            s.connections += 1;
+                            s.connections
+                        };
+                        let (s, st) = (s.clone(), st.clone());
+                        std::thread::spawn(move || flood(stream, number, &s, &st));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Self { port, state, stop }
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    fn acked(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .acked
+            .iter()
+            .filter(|a| **a)
+            .count()
+    }
+}
+
+impl Drop for FloodBroker {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every unacknowledged message as one buffer of QoS 1 PUBLISH packets.
+fn backlog(state: &mut FloodState) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..state.acked.len() {
+        if state.acked[i] {
+            continue;
+        }
+        let dup = if state.sent[i] { 0x08 } else { 0 };
+        state.sent[i] = true;
+        state.publishes += 1;
+        let [hi, lo] = ((i + 1) as u16).to_be_bytes();
+        // topic "sleep", packet id, no properties, payload "5"
+        out.extend([0x32 | dup, 11, 0, 5]);
+        out.extend(b"sleep");
+        out.extend([hi, lo, 0, b'5']);
+    }
+    out
+}
+
+/// One connection of the session.
+fn flood(
+    mut stream: std::net::TcpStream,
+    number: usize,
+    state: &Mutex<FloodState>,
+    stop: &AtomicBool,
+) {
+    stream.set_nodelay(true).unwrap();
+    let mut last_acked = 0u16;
+    while !stop.load(Relaxed) {
+        stream
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let mut first = [0u8];
+        match stream.read(&mut first) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(_) => return,
+        }
+        stream.set_read_timeout(None).unwrap();
+        let Ok(len) = read_varint(&mut stream) else {
+            return;
+        };
+        let mut body = vec![0u8; len];
+        if stream.read_exact(&mut body).is_err() {
+            return;
+        }
+        let reply: Vec<u8> = match first[0] >> 4 {
+            // CONNACK: the session is present from the second connection on.
+            1 => vec![0x20, 3, u8::from(number > 1), 0, 0],
+            // SUBSCRIBE → SUBACK granting QoS 1, then the whole backlog.
+            8 => {
+                let (props, mut at) = varint_at(&body, 2);
+                at += props;
+                let mut codes = Vec::new();
+                while at < body.len() {
+                    at += 2 + u16::from_be_bytes([body[at], body[at + 1]]) as usize + 1;
+                    codes.push(1u8);
+                }
+                let mut p = vec![0x90, (3 + codes.len()) as u8, body[0], body[1], 0];
+                p.extend(codes);
+                p.extend(backlog(&mut state.lock().unwrap()));
+                p
+            }
+            // PUBACK
+            4 => {
+                let pkid = u16::from_be_bytes([body[0], body[1]]);
+                let mut s = state.lock().unwrap();
+                if pkid < last_acked {
+                    s.out_of_order += 1;
+                }
+                last_acked = pkid;
+                match s.acked.get_mut(pkid as usize - 1) {
+                    Some(a) if *a => s.repeated += 1,
+                    Some(a) => *a = true,
+                    None => panic!("a PUBACK for packet id {pkid}, never sent"),
+                }
+                Vec::new()
+            }
+            12 => vec![0xd0, 0],
+            14 => return,
+            _ => Vec::new(),
+        };
+        if !reply.is_empty() && stream.write_all(&reply).is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_past_the_receive_maximum_are_received_again_after_a_reconnect() {
+    let n = 1500;
+    let broker = FloodBroker::start(n);
+    // Queues of 10 + 1,024: the 1,500 sent at once do not fit.
+    let host = Running::start_with(
+        options_with(&broker.url(), "flood-host", "receive_maximum = 10"),
+        vec![spec(HOSTILE, &[], "sleep", 1, 4)],
+        None,
+    )
+    .await;
+    let deadline = Instant::now() + PATIENCE;
+    while broker.acked() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} messages acknowledged; the broker: {:?}; the host: {:?}",
+            broker.acked(),
+            broker.state.lock().unwrap().connections,
+            host.stats
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = &host.stats;
+    assert!(s.overflow.load(Relaxed) > 0, "{s:?}");
+    assert!(s.resyncs.load(Relaxed) >= 1, "{s:?}");
+    assert_eq!(
+        s.succeeded.load(Relaxed),
+        n as u64,
+        "each message handled once: {s:?}"
+    );
+    assert_eq!(s.acks_discarded.load(Relaxed), 0, "{s:?}");
+    {
+        let b = broker.state.lock().unwrap();
+        assert!(b.connections >= 2, "{b:?}");
+        assert_eq!(b.out_of_order, 0, "acks in order");
+        assert_eq!(b.repeated, 0, "no message acknowledged twice");
+        assert!(b.publishes > n, "some were sent again: {b:?}");
+    }
+    host.stop().await;
+}
