@@ -1656,3 +1656,4 @@ async fn a_qos0_flood_on_a_slow_trigger_does_not_stall_the_connection() {
 
 mod puback;
 mod receive_max;
+mod wire;

@@ -4,8 +4,9 @@
 //! says so, or refuses them with a reason code: Mosquitto cannot be told to
 //! hold an acknowledgement.
 
+use super::wire::{Got, accept_until, read_packet, suback, varint_at};
 use super::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -42,32 +43,6 @@ struct TestBroker {
     stop: Arc<AtomicBool>,
 }
 
-pub(super) fn read_varint(r: &mut impl Read) -> std::io::Result<usize> {
-    let (mut n, mut shift) = (0usize, 0);
-    loop {
-        let mut b = [0u8];
-        r.read_exact(&mut b)?;
-        n |= ((b[0] & 0x7f) as usize) << shift;
-        if b[0] & 0x80 == 0 {
-            return Ok(n);
-        }
-        shift += 7;
-    }
-}
-
-pub(super) fn varint_at(body: &[u8], mut at: usize) -> (usize, usize) {
-    let (mut n, mut shift) = (0usize, 0);
-    loop {
-        let b = body[at];
-        at += 1;
-        n |= ((b & 0x7f) as usize) << shift;
-        if b & 0x80 == 0 {
-            return (n, at);
-        }
-        shift += 7;
-    }
-}
-
 fn answer_packet(qos: u8, pkid: u16, refuse: bool) -> Vec<u8> {
     let kind = if qos == 1 { 0x40 } else { 0x50 };
     let [hi, lo] = pkid.to_be_bytes();
@@ -85,7 +60,6 @@ impl TestBroker {
 
     fn start_on(port: u16, answer: Answer) -> Self {
         let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
-        listener.set_nonblocking(true).unwrap();
         let state = Arc::new(Mutex::new(BrokerState {
             answer,
             payloads: Vec::new(),
@@ -95,21 +69,12 @@ impl TestBroker {
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st) = (state.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !st.load(Relaxed) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let number = {
-                            let mut s = s.lock().unwrap();
-                            s.connections += 1;
-                            s.connections
-                        };
-                        let (s, st) = (s.clone(), st.clone());
-                        std::thread::spawn(move || serve(stream, number, &s, &st));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
+        accept_until(listener, stop.clone(), move |stream, number| {
+            {
+                let mut s = s.lock().unwrap();
+                s.connections = s.connections.max(number);
             }
+            serve(stream, number, &s, &st);
         });
         Self { port, state, stop }
     }
@@ -168,22 +133,14 @@ fn serve(
     stop: &AtomicBool,
 ) {
     stream.set_nodelay(true).unwrap();
-    let tick = Some(Duration::from_millis(20));
     while !stop.load(Relaxed) {
         if state.lock().unwrap().kicked >= number {
             return;
         }
-        stream.set_read_timeout(tick).unwrap();
-        let mut first = [0u8];
-        match stream.read(&mut first) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
+        let (first, body) = match read_packet(&mut stream, Duration::from_millis(20)) {
+            Got::Packet(first, body) => (first, body),
+            Got::Closed => return,
+            Got::Idle => {
                 let release: Vec<(u8, u16)> = {
                     let mut s = state.lock().unwrap();
                     if s.answer == Answer::Ack {
@@ -203,21 +160,11 @@ fn serve(
                 }
                 continue;
             }
-            Err(_) => return,
-        }
-        // The rest of a packet follows at once.
-        stream.set_read_timeout(None).unwrap();
-        let Ok(len) = read_varint(&mut stream) else {
-            return;
         };
-        let mut body = vec![0u8; len];
-        if stream.read_exact(&mut body).is_err() {
-            return;
-        }
-        let reply: Vec<u8> = match first[0] >> 4 {
+        let reply: Vec<u8> = match first >> 4 {
             1 => vec![0x20, 3, 0, 0, 0],
             3 => {
-                let qos = (first[0] >> 1) & 3;
+                let qos = (first >> 1) & 3;
                 let topic_len = u16::from_be_bytes([body[0], body[1]]) as usize;
                 let mut at = 2 + topic_len;
                 let mut pkid = 0;
@@ -241,18 +188,7 @@ fn serve(
             // PUBREL → PUBCOMP.
             6 => vec![0x70, 2, body[0], body[1]],
             // SUBSCRIBE → SUBACK granting QoS 1 to each filter.
-            8 => {
-                let (props, mut at) = varint_at(&body, 2);
-                at += props;
-                let mut codes = Vec::new();
-                while at < body.len() {
-                    at += 2 + u16::from_be_bytes([body[at], body[at + 1]]) as usize + 1;
-                    codes.push(1u8);
-                }
-                let mut p = vec![0x90, (3 + codes.len()) as u8, body[0], body[1], 0];
-                p.extend(codes);
-                p
-            }
+            8 => suback(&body),
             12 => vec![0xd0, 0],
             14 => return,
             _ => Vec::new(),

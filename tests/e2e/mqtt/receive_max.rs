@@ -7,9 +7,9 @@
 //! again. Tested against a broker written here that sends its whole backlog
 //! at once on every connection: Mosquitto's behaviour depends on its version.
 
-use super::puback::{read_varint, varint_at};
+use super::wire::{Got, accept_until, read_packet, suback};
 use super::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -43,7 +43,6 @@ struct FloodBroker {
 impl FloodBroker {
     fn start(n: usize) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(Mutex::new(FloodState {
             acked: vec![false; n],
@@ -52,21 +51,12 @@ impl FloodBroker {
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st) = (state.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !st.load(Relaxed) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let number = {
-                            let mut s = s.lock().unwrap();
-                            s.connections += 1;
-                            s.connections
-                        };
-                        let (s, st) = (s.clone(), st.clone());
-                        std::thread::spawn(move || flood(stream, number, &s, &st));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
+        accept_until(listener, stop.clone(), move |stream, number| {
+            {
+                let mut s = s.lock().unwrap();
+                s.connections = s.connections.max(number);
             }
+            flood(stream, number, &s, &st);
         });
         Self { port, state, stop }
     }
@@ -122,45 +112,17 @@ fn flood(
     stream.set_nodelay(true).unwrap();
     let mut last_acked = 0u16;
     while !stop.load(Relaxed) {
-        stream
-            .set_read_timeout(Some(Duration::from_millis(20)))
-            .unwrap();
-        let mut first = [0u8];
-        match stream.read(&mut first) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue;
-            }
-            Err(_) => return,
-        }
-        stream.set_read_timeout(None).unwrap();
-        let Ok(len) = read_varint(&mut stream) else {
-            return;
+        let (first, body) = match read_packet(&mut stream, Duration::from_millis(20)) {
+            Got::Packet(first, body) => (first, body),
+            Got::Idle => continue,
+            Got::Closed => return,
         };
-        let mut body = vec![0u8; len];
-        if stream.read_exact(&mut body).is_err() {
-            return;
-        }
-        let reply: Vec<u8> = match first[0] >> 4 {
+        let reply: Vec<u8> = match first >> 4 {
             // CONNACK: the session is present from the second connection on.
             1 => vec![0x20, 3, u8::from(number > 1), 0, 0],
             // SUBSCRIBE → SUBACK granting QoS 1, then the whole backlog.
             8 => {
-                let (props, mut at) = varint_at(&body, 2);
-                at += props;
-                let mut codes = Vec::new();
-                while at < body.len() {
-                    at += 2 + u16::from_be_bytes([body[at], body[at + 1]]) as usize + 1;
-                    codes.push(1u8);
-                }
-                let mut p = vec![0x90, (3 + codes.len()) as u8, body[0], body[1], 0];
-                p.extend(codes);
+                let mut p = suback(&body);
                 p.extend(backlog(&mut state.lock().unwrap()));
                 p
             }
