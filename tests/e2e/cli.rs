@@ -522,3 +522,61 @@ fn hash_password_reads_stdin_and_prints_an_argon2id_hash() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no password on stdin"));
 }
+
+/// `wasmgate wit` writes the repository's `wit/` as it is (byte for byte)
+/// and never overwrites a changed file without `--force`. (The Python
+/// example's test generates bindings from what it writes.)
+#[test]
+fn wit_writes_the_packages_a_guest_builds_against() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("wit");
+    let run_wit = |extra: &[&str]| {
+        let mut args = vec!["wit", "--dir", out.to_str().unwrap()];
+        args.extend(extra);
+        run(&args)
+    };
+    let first = run_wit(&[]);
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    let listed = String::from_utf8_lossy(&first.stdout).lines().count();
+    let repo = crate::util::root().join("wit");
+    let mut compared = 0;
+    let mut stack = vec![repo.clone()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let rel = path.strip_prefix(&repo).unwrap();
+            assert_eq!(
+                std::fs::read(out.join(rel)).unwrap(),
+                std::fs::read(&path).unwrap(),
+                "{}",
+                rel.display()
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, listed, "each file written is listed once");
+
+    // Unchanged files: writing again is fine.
+    assert_eq!(run_wit(&[]).status.code(), Some(0));
+    // A file the user changed is not overwritten without --force.
+    let edge = out.join("edge.wit");
+    std::fs::write(&edge, "// mine\n").unwrap();
+    let refused = run_wit(&[]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr(&refused).contains("not overwriting files with other contents")
+            && stderr(&refused).contains("edge.wit"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(std::fs::read_to_string(&edge).unwrap(), "// mine\n");
+    assert_eq!(run_wit(&["--force"]).status.code(), Some(0));
+    assert_eq!(
+        std::fs::read(&edge).unwrap(),
+        std::fs::read(repo.join("edge.wit")).unwrap()
+    );
+}

@@ -155,6 +155,28 @@ fn the_python_mqtt_example_builds_and_runs() {
         r#"{"on": false, "celsius": 23.0, "setpoint": 20.0}"#
     );
     assert_eq!(v["published"][0]["qos"], 1);
+
+    // Outside this repository a Python developer gets the WIT from the
+    // binary: componentize-py generates the bindings from what it writes.
+    let dir = tempfile::tempdir().unwrap();
+    let wit = dir.path().join("wit");
+    let out = run(&["wit", "--dir", wit.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let bindings = dir.path().join("bindings");
+    let out =
+        Command::new(crate::util::root().join("examples/python-mqtt/.venv/bin/componentize-py"))
+            .arg("-d")
+            .arg(&wit)
+            .args(["-w", "wasmgate:edge/mqtt-app", "bindings"])
+            .arg(&bindings)
+            .output()
+            .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        bindings
+            .join("wit_world/imports/mqtt_publisher.py")
+            .exists()
+    );
 }
 
 #[test]

@@ -46,6 +46,20 @@ pub enum Command {
     /// Read a password from stdin (its first line) and print its Argon2id
     /// hash for `[[mqtt.embedded.users]] password_hash`.
     HashPassword,
+    /// Write the WIT guests are built against (`wasmgate:edge` and its WASI
+    /// packages) into a directory, for a bindings generator.
+    Wit(WitArgs),
+}
+
+/// `wasmgate wit`.
+#[derive(Debug, Args)]
+pub struct WitArgs {
+    /// Where to write: `edge.wit` and `deps/*/package.wit` go under it.
+    #[arg(long, default_value = "wit")]
+    pub dir: PathBuf,
+    /// Replace files that exist with other contents.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `wasmgate dlq`.
@@ -331,6 +345,7 @@ pub fn main() -> ExitCode {
             Command::Up(args) => crate::up::up(args, started).await,
             Command::Dlq(args) => crate::dlq::dlq(args).await,
             Command::HashPassword => hash_password(),
+            Command::Wit(args) => crate::wit::write(&args.dir, args.force),
         }
     });
     match result {

@@ -29,3 +29,4 @@ pub mod cli;
 pub mod dlq;
 pub mod invoke;
 pub mod up;
+pub mod wit;
