@@ -149,6 +149,10 @@ fn invoke_exits_1_when_the_invocation_fails() {
 fn invoke_refuses_bad_input_with_exit_2() {
     let core = root().join("tests/ui/core-module.wasm");
     let core = core.to_str().unwrap();
+    // A core module that imports wasi_snapshot_preview1.fd_write (what
+    // `--target wasm32-wasip1` makes, before the adapter).
+    let p1 = root().join("tests/ui/wasip1-module.wasm");
+    let p1 = p1.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["invoke", "missing.wasm", "--timer"],
@@ -157,6 +161,10 @@ fn invoke_refuses_bad_input_with_exit_2() {
         (
             vec!["invoke", core, "--timer"],
             "is a core WebAssembly module, not a component",
+        ),
+        (
+            vec!["invoke", p1, "--timer"],
+            "is a core WebAssembly module for WASI preview 1 (it imports wasi_snapshot_preview1), not a component: build it for wasm32-wasip2",
         ),
         (
             vec!["invoke", "README.md", "--timer"],

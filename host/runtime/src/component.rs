@@ -123,6 +123,21 @@ impl std::fmt::Debug for Compiled {
     }
 }
 
+/// The WASI preview 1 module (`wasi_snapshot_preview1`, or the older
+/// `wasi_unstable`) a core module imports from, if any.
+fn preview1_import(bytes: &[u8]) -> Option<String> {
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        if let wasmparser::Payload::ImportSection(section) = payload.ok()? {
+            return section
+                .into_imports()
+                .filter_map(Result::ok)
+                .find(|i| matches!(i.module, "wasi_snapshot_preview1" | "wasi_unstable"))
+                .map(|i| i.module.to_string());
+        }
+    }
+    None
+}
+
 fn unversioned(name: &str) -> &str {
     name.split_once('@').map_or(name, |(base, _)| base)
 }
@@ -153,6 +168,20 @@ pub enum LoadError {
     CoreModule {
         /// The file.
         path: PathBuf,
+    },
+    /// The file is a core module built for WASI preview 1.
+    #[error(
+        "{path} is a core WebAssembly module for WASI preview 1 (it imports {module}), not a \
+         component: build it for wasm32-wasip2 (`cargo build --target wasm32-wasip2`), or with \
+         `cargo component build`, which adds the preview 1 adapter; or adapt it with \
+         `wasm-tools component new {path} --adapt wasi_snapshot_preview1.reactor.wasm` (the \
+         adapter comes with each wasmtime release)"
+    )]
+    Preview1Module {
+        /// The file.
+        path: PathBuf,
+        /// The preview 1 import module it names.
+        module: String,
     },
     /// wasmtime refused to compile it.
     #[error("{path} is not a valid component: {message}")]
@@ -391,8 +420,14 @@ pub fn load(
         });
     }
     if bytes[4..8] == [1, 0, 0, 0] {
-        return Err(LoadError::CoreModule {
-            path: path.to_path_buf(),
+        return Err(match preview1_import(&bytes) {
+            Some(module) => LoadError::Preview1Module {
+                path: path.to_path_buf(),
+                module,
+            },
+            None => LoadError::CoreModule {
+                path: path.to_path_buf(),
+            },
         });
     }
     let (component, from_cache) =
