@@ -5,8 +5,9 @@
 //! What 3.1.1 lacks, and what the host does instead:
 //! - **No Receive Maximum**: the broker's own in-flight limit (Mosquitto's
 //!   `max_inflight_messages`, 20 by default) bounds the unacknowledged
-//!   messages; past the dispatch queue the host stops reading the socket,
-//!   which is TCP backpressure to the broker.
+//!   messages; what a broker sends past the triggers' queues is left
+//!   unacknowledged and fetched again by renewing the connection (see the
+//!   trigger's `resync`).
 //! - **No Maximum Packet Size** to tell the broker: a message over
 //!   [`MAX_PACKET_SIZE`](crate::MAX_PACKET_SIZE) breaks the connection
 //!   and comes back after the reconnect, so set the broker's limit to match
@@ -65,6 +66,16 @@ impl std::fmt::Debug for ClientOptions {
 }
 
 impl ClientOptions {
+    /// Whether the broker keeps the session (and its unacknowledged
+    /// messages) when the connection ends: always with MQTT 3.1.1 (clean
+    /// session off), with MQTT 5 when the session expiry is above zero.
+    pub fn session_outlives_connection(&self) -> bool {
+        match self {
+            ClientOptions::V5(o) => o.session_expiry_interval().is_some_and(|s| s > 0),
+            ClientOptions::V4(..) => true,
+        }
+    }
+
     /// `host:port` of the broker.
     pub fn broker(&self) -> String {
         let (host, port) = match self {
@@ -346,6 +357,9 @@ macro_rules! clean_pending {
                     let pkid = p.pkid;
                     $take(pkid, Some($to_message(p)));
                 }
+                // A DISCONNECT queued for the dead connection (to renew it,
+                // or to stop) must not end the next one.
+                $($m)::+::Request::Disconnect { .. } => {}
                 other => $e.pending.push_back(other),
             }
         }

@@ -404,6 +404,11 @@ struct Shared {
     /// acknowledged the host reconnects, so the broker sends the rest again
     /// (in order, as the session's unacknowledged messages).
     resync: AtomicBool,
+    /// QoS 1/2 deliveries queued or running, of any connection.
+    deliveries: Arc<AtomicUsize>,
+    /// Whether the broker keeps the session across connections (a resync
+    /// needs it: without it the broker forgets what it had sent).
+    session_kept: bool,
 }
 
 /// How long a stopping host waits for the broker to acknowledge its
@@ -460,6 +465,30 @@ struct Job {
     ack: Option<(u64, u64, u16)>,
     expires: Option<Instant>,
     qos0: bool,
+    /// Counts a QoS 1/2 delivery in `Shared::deliveries` until it ends.
+    pending: Option<Pending>,
+}
+
+/// One QoS 1/2 delivery, queued or running: counted while it lives.
+struct Pending(Arc<AtomicUsize>);
+
+impl Pending {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A delivery's slot in its trigger, and its count: both end with it.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _pending: Option<Pending>,
 }
 
 /// The triggers' queues, as the event loop sees them.
@@ -589,6 +618,8 @@ impl MqttTriggers {
             stats: self.stats.clone(),
             inflight: Default::default(),
             resync: AtomicBool::new(false),
+            deliveries: Arc::default(),
+            session_kept: self.options.session_outlives_connection(),
         });
         let dispatched = CancellationToken::new();
         let outbox = self.drain_outbox_until_done(&publisher, &dispatched);
@@ -630,8 +661,10 @@ impl MqttTriggers {
         let broker = self.options.broker();
         let mut backoff = Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX, 0.5);
         let mut subacks_expected = 0usize;
-        // A DISCONNECT was queued to renew the connection (see `resync`).
-        let mut resync_disconnect = false;
+        // A resync watcher runs for this connection (see `Shared::resync`).
+        let mut watching = false;
+        // The connection was ended to renew it.
+        let mut renewing = false;
         loop {
             match eventloop.poll().await {
                 Ok(ConnEvent::ConnAck {
@@ -641,7 +674,10 @@ impl MqttTriggers {
                     backoff.reset();
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
                     shared.resync.store(false, Ordering::Relaxed);
-                    resync_disconnect = false;
+                    watching = false;
+                    if std::mem::take(&mut renewing) && !session_present {
+                        tracing::warn!(%broker, "the broker did not keep the session across the renewed connection: the messages left unacknowledged are gone with it");
+                    }
                     tracing::info!(%broker, session_present, "MQTT connected");
                     publisher.connected(session_present, requeue);
                     subacks_expected = subs.len();
@@ -668,21 +704,25 @@ impl MqttTriggers {
                     // Never waits: the loop must keep polling the
                     // connection (pings, acks) whatever the handlers do.
                     self.take(&shared, &subs, &queues, p);
+                    if !watching && shared.resync.load(Ordering::Relaxed) {
+                        watching = true;
+                        spawn_resync(shared.clone(), shutdown.clone(), dispatched.clone());
+                    }
                 }
                 Ok(ConnEvent::BrokerDisconnect(reason)) => {
                     tracing::warn!(%broker, %reason, "the broker closed the MQTT session");
                 }
                 Ok(ConnEvent::Disconnected)
-                    if resync_disconnect
-                        && !shutdown.is_cancelled()
-                        && !dispatched.is_cancelled() =>
+                    if !shutdown.is_cancelled() && !dispatched.is_cancelled() =>
                 {
-                    // The acks went out ahead of the DISCONNECT; the next
-                    // poll connects again at once.
+                    // Only a resync asks for a DISCONNECT while running: its
+                    // acks went out ahead of it, and the next poll connects
+                    // again at once, on the same session.
                     self.stats.resyncs.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(%broker, left_unacknowledged = self.stats.overflow.load(Ordering::Relaxed), "MQTT reconnecting for the messages left unacknowledged");
-                    shared.connection_lost(|| eventloop.clean(None));
-                    resync_disconnect = false;
+                    let renew = ConnError::local("the connection is renewed");
+                    shared.connection_lost(|| eventloop.clean(Some(&renew)));
+                    renewing = true;
                     continue;
                 }
                 Ok(ConnEvent::Disconnected) => {
@@ -732,18 +772,6 @@ impl MqttTriggers {
             let mut acks = shared.acks.lock().expect("acks lock");
             if !acks.backlog.is_empty() {
                 shared.release(&mut acks, Vec::new());
-            }
-            if !resync_disconnect
-                && shared.resync.load(Ordering::Relaxed)
-                && acks.tracker.is_empty()
-                && acks.backlog.is_empty()
-            {
-                // Every message taken is handled and its ack is in the
-                // client's queue: a DISCONNECT queued behind them ends the
-                // connection without losing one.
-                resync_disconnect = true;
-                let client = client.clone();
-                tokio::spawn(async move { client.disconnect().await });
             }
         }
         drop(queues);
@@ -837,9 +865,12 @@ impl MqttTriggers {
                 }
                 Err(_) => {
                     self.stats.overflow.fetch_add(1, Ordering::Relaxed);
-                    if !shared.resync.swap(true, Ordering::Relaxed) {
-                        let first = self.stats.resyncs.load(Ordering::Relaxed) == 0;
-                        if first {
+                    if !shared.session_kept {
+                        if self.stats.overflow.load(Ordering::Relaxed) == 1 {
+                            tracing::error!(topic = %p.topic, receive_maximum = self.receive_maximum, "the broker sent more unacknowledged messages than the Receive Maximum allows; with session_expiry = 0 the host cannot have them sent again: they stay unacknowledged (set a session expiry, or upgrade the broker)");
+                        }
+                    } else if !shared.resync.swap(true, Ordering::Relaxed) {
+                        if self.stats.resyncs.load(Ordering::Relaxed) == 0 {
                             tracing::warn!(topic = %p.topic, receive_maximum = self.receive_maximum, "the broker sent more unacknowledged messages than the Receive Maximum allows (Mosquitto before 2.0.13 does when it has a backlog for the host); what does not fit stays unacknowledged, and once the messages taken are handled the host reconnects so the broker sends the rest again");
                         } else {
                             tracing::debug!(topic = %p.topic, receive_maximum = self.receive_maximum, "the broker sent more than the Receive Maximum again");
@@ -861,6 +892,7 @@ impl MqttTriggers {
                 ack: arrival.ack,
                 expires: arrival.expires,
                 qos0,
+                pending: (!qos0).then(|| Pending::new(&shared.deliveries)),
             });
         }
     }
@@ -908,6 +940,48 @@ impl MqttTriggers {
             expires,
         }
     }
+}
+
+/// After a broker sent more than the Receive Maximum (`Shared::resync`):
+/// once every QoS 1/2 delivery has ended, its ack is handed to the client,
+/// and the host's own publishes are acknowledged (or
+/// [`PUBLISH_SETTLE_TIMEOUT`] passed), queues a DISCONNECT behind the acks.
+/// The run loop then connects again on the same session, and the broker
+/// sends what was left unacknowledged. Ends without one if the connection
+/// drops first (the reconnect does the same) or the host stops.
+fn spawn_resync(shared: Arc<Shared>, shutdown: CancellationToken, dispatched: CancellationToken) {
+    let generation = shared.acks.lock().expect("acks lock").generation;
+    tokio::spawn(async move {
+        let mut handled_at: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = dispatched.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            // Under the lock: no connection can be lost (and a new one
+            // begin) between the checks and the DISCONNECT.
+            let acks = shared.acks.lock().expect("acks lock");
+            if acks.generation != generation {
+                return;
+            }
+            let handled = shared.deliveries.load(Ordering::Relaxed) == 0
+                && acks.tracker.is_empty()
+                && acks.backlog.is_empty();
+            if !handled {
+                handled_at = None;
+                continue;
+            }
+            let since = *handled_at.get_or_insert_with(Instant::now);
+            let publishing = shared.inflight.load(Ordering::Relaxed) > 0;
+            if publishing && since.elapsed() < PUBLISH_SETTLE_TIMEOUT {
+                continue;
+            }
+            if shared.publisher.client().try_disconnect() {
+                return;
+            }
+        }
+    });
 }
 
 /// Once the dispatcher is done, every due ack is handed over and the
@@ -1007,7 +1081,7 @@ async fn deliver_message(
     message: MqttMessage,
     ack: Option<(u64, u64, u16)>,
     shutdown: CancellationToken,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Slot,
 ) {
     let trigger = format!("mqtt:{}", spec.filter.raw);
     let stats = &shared.stats;
@@ -1153,7 +1227,10 @@ async fn trigger_worker(mut queue: mpsc::Receiver<Job>, spec: MqttSpec, w: Worke
             job.message,
             job.ack,
             w.shutdown.clone(),
-            permit,
+            Slot {
+                _permit: permit,
+                _pending: job.pending,
+            },
         );
         w.inflight.spawn(w.tasks.track_future(delivery));
     }

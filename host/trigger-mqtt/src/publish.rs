@@ -158,6 +158,15 @@ impl Client {
         }
     }
 
+    /// Queues a DISCONNECT behind what the client holds, without waiting;
+    /// false when its queue is full.
+    pub fn try_disconnect(&self) -> bool {
+        match self {
+            Client::V5(c) => c.try_disconnect().is_ok(),
+            Client::V4(c) => c.try_disconnect().is_ok(),
+        }
+    }
+
     /// Queues a DISCONNECT.
     pub async fn disconnect(&self) {
         let _ = match self {

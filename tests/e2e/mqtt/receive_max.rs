@@ -7,7 +7,7 @@
 //! again. Tested against a broker written here that sends its whole backlog
 //! at once on every connection: Mosquitto's behaviour depends on its version.
 
-use super::wire::{Got, accept_until, read_packet, suback};
+use super::wire::{Got, accept_until, read_packet, suback, varint_at};
 use super::*;
 use std::io::Write;
 use std::net::TcpListener;
@@ -28,12 +28,16 @@ struct FloodState {
     out_of_order: usize,
     /// PUBACKs for a message acknowledged already.
     repeated: usize,
+    /// Payloads of the QoS 1 messages the host published, resends included.
+    from_host: Vec<String>,
 }
 
 /// A broker with one persistent session holding `n` QoS 1 messages on
-/// topic `sleep` (payload `5`: the hostile guest sleeps 5 ms). After each
-/// SUBSCRIBE it sends every unacknowledged message at once, ignoring the
-/// client's Receive Maximum.
+/// topic `sleep` (payload `5`: the hostile guest sleeps 5 ms), payload
+/// `5` each. It sends every unacknowledged message at once, ignoring the
+/// client's Receive Maximum: after the first SUBACK, and on each later
+/// connection right after the CONNACK (session present), as brokers do. It
+/// acknowledges the host's own QoS 1 publishes and records them.
 struct FloodBroker {
     port: u16,
     state: Arc<Mutex<FloodState>>,
@@ -118,13 +122,34 @@ fn flood(
             Got::Closed => return,
         };
         let reply: Vec<u8> = match first >> 4 {
-            // CONNACK: the session is present from the second connection on.
-            1 => vec![0x20, 3, u8::from(number > 1), 0, 0],
-            // SUBSCRIBE → SUBACK granting QoS 1, then the whole backlog.
-            8 => {
-                let mut p = suback(&body);
+            // CONNACK: the session is present from the second connection
+            // on, and what it holds unacknowledged follows at once.
+            1 if number > 1 => {
+                let mut p = vec![0x20, 3, 1, 0, 0];
                 p.extend(backlog(&mut state.lock().unwrap()));
                 p
+            }
+            1 => vec![0x20, 3, 0, 0, 0],
+            // SUBSCRIBE → SUBACK granting QoS 1; on the first connection the
+            // whole backlog follows.
+            8 => {
+                let mut p = suback(&body);
+                if number == 1 {
+                    p.extend(backlog(&mut state.lock().unwrap()));
+                }
+                p
+            }
+            // A QoS 1 PUBLISH from the host: recorded, acknowledged.
+            3 if (first >> 1) & 3 == 1 => {
+                let topic_len = u16::from_be_bytes([body[0], body[1]]) as usize;
+                let at = 2 + topic_len;
+                let (props, after) = varint_at(&body, at + 2);
+                state
+                    .lock()
+                    .unwrap()
+                    .from_host
+                    .push(String::from_utf8_lossy(&body[after + props..]).into_owned());
+                vec![0x40, 2, body[at], body[at + 1]]
             }
             // PUBACK
             4 => {
@@ -189,5 +214,68 @@ async fn messages_past_the_receive_maximum_are_received_again_after_a_reconnect(
         assert_eq!(b.repeated, 0, "no message acknowledged twice");
         assert!(b.publishes > n, "some were sent again: {b:?}");
     }
+    host.stop().await;
+}
+
+/// The same with a handler that publishes a reply for each message: each
+/// reply reaches the broker once, although the connection is renewed while
+/// the host publishes (it waits for its publishes' acknowledgements first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_sends_the_hosts_own_publishes_once() {
+    let n = 3000;
+    let broker = FloodBroker::start(n);
+    let host = Running::start_with(
+        options_with(&broker.url(), "flood-replies", "receive_maximum = 10"),
+        vec![spec(ECHO_MQTT, &["sleep/reply"], "sleep", 1, 4)],
+        None,
+    )
+    .await;
+    let deadline = Instant::now() + PATIENCE;
+    while broker.acked() < n || broker.state.lock().unwrap().from_host.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} acknowledged; the host: {:?}",
+            broker.acked(),
+            host.stats
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = &host.stats;
+    assert!(s.resyncs.load(Relaxed) >= 1, "{s:?}");
+    assert_eq!(s.succeeded.load(Relaxed), n as u64, "{s:?}");
+    {
+        let b = broker.state.lock().unwrap();
+        assert_eq!(b.from_host.len(), n, "each reply published once");
+        assert_eq!((b.out_of_order, b.repeated), (0, 0));
+    }
+    host.stop().await;
+}
+
+/// Without a session that outlives the connection (`session_expiry = 0`)
+/// a renewed connection would lose what the broker holds: the host does
+/// not renew it, and leaves what did not fit unacknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_kept_session_the_connection_is_not_renewed() {
+    let n = 1500;
+    let broker = FloodBroker::start(n);
+    let host = Running::start_with(
+        options_with(
+            &broker.url(),
+            "flood-no-session",
+            "receive_maximum = 10\nsession_expiry = \"0s\"",
+        ),
+        vec![spec(HOSTILE, &[], "sleep", 1, 4)],
+        None,
+    )
+    .await;
+    host.wait_for(|s| {
+        s.overflow.load(Relaxed) > 0
+            && s.succeeded.load(Relaxed) + s.overflow.load(Relaxed) == n as u64
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(host.stats.resyncs.load(Relaxed), 0, "{:?}", host.stats);
+    assert_eq!(broker.state.lock().unwrap().connections, 1);
     host.stop().await;
 }
