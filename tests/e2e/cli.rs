@@ -588,3 +588,85 @@ fn wit_writes_the_packages_a_guest_builds_against() {
         std::fs::read(repo.join("edge.wit")).unwrap()
     );
 }
+
+/// `invoke --event FILE` delivers an event written the way `dlq show`
+/// prints it (the `event` object, or the whole record), and refuses a file
+/// that is not one with exit 2, naming what is wrong.
+#[test]
+fn invoke_delivers_an_event_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let event = serde_json::json!({
+        "kind": "mqtt",
+        "topic": "devices/7/temperature",
+        "payload_hex": hex_of("21.5"),
+        "qos": 1,
+        "retain": false,
+        "content_type": null,
+        "response_topic": "replies/7",
+        "correlation_data_hex": hex_of("req-1"),
+        "user_properties": [["unit", "C"]]
+    });
+    let bare = dir.path().join("event.json");
+    std::fs::write(&bare, event.to_string()).unwrap();
+    let record = dir.path().join("record.json");
+    std::fs::write(
+        &record,
+        serde_json::json!({"id": "x", "component": "echo", "event": event}).to_string(),
+    )
+    .unwrap();
+    for file in [&bare, &record] {
+        let out = run(&[
+            "invoke",
+            ECHO_MQTT,
+            "--event",
+            file.to_str().unwrap(),
+            "--allow-response",
+            "replies/#",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let v = json(&out);
+        assert_eq!(v["published"][0]["topic"], "replies/7", "{v}");
+        assert_eq!(v["published"][0]["payload"], "21.5", "{v}");
+    }
+    let timer = dir.path().join("timer.json");
+    std::fs::write(
+        &timer,
+        r#"{"kind": "timer", "schedule": "every 5s", "scheduled_at_ms": 1, "fired_at_ms": 2, "missed": 0}"#,
+    )
+    .unwrap();
+    let out = run(&[
+        "invoke",
+        wasmgate_test_artifacts::TICK_TIMER,
+        "--event",
+        timer.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    for (text, want) in [
+        ("{", "not JSON"),
+        (
+            r#"{"kind": "carrier-pigeon"}"#,
+            "not an event as `wasmgate dlq show` prints it",
+        ),
+        (&event.to_string().replace(&hex_of("21.5"), "zz"), "not hex"),
+        (
+            &event
+                .to_string()
+                .replace("devices/7/temperature", "devices/+/temperature"),
+            "topic",
+        ),
+        (
+            r#"{"kind": "http", "method": "GET", "path": "no-slash", "authority": "h", "headers": [], "body_hex": ""}"#,
+            "must start with '/'",
+        ),
+    ] {
+        std::fs::write(&bare, text).unwrap();
+        let out = run(&["invoke", ECHO_MQTT, "--event", bare.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{text}: {}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{text}: {}", stderr(&out));
+    }
+}
+
+fn hex_of(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}

@@ -177,8 +177,13 @@ pub struct InvokeArgs {
     pub file: PathBuf,
 
     /// Deliver an MQTT message on this topic to `handle-message`.
-    #[arg(long, value_name = "TOPIC", conflicts_with_all = ["timer", "http_path"], help_heading = "Event")]
+    #[arg(long, value_name = "TOPIC", conflicts_with_all = ["timer", "http_path", "event"], help_heading = "Event")]
     pub mqtt_topic: Option<String>,
+    /// Deliver the event in this JSON file: the shape `wasmgate dlq show`
+    /// prints (its `event` object, or the whole record), e.g.
+    /// `{"kind": "mqtt", "topic": "t", "payload_hex": "3231", "qos": 1, "retain": false, ...}`.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["timer", "http_path"], help_heading = "Event")]
+    pub event: Option<PathBuf>,
     /// Deliver a timer tick to `on-tick`.
     #[arg(long, conflicts_with = "http_path", help_heading = "Event")]
     pub timer: bool,

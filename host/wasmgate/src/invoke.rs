@@ -110,7 +110,77 @@ fn read_file(flag: &str, path: &Path) -> Result<Vec<u8>, Fatal> {
     std::fs::read(path).map_err(|e| Fatal(format!("{flag} {}: {e}", path.display())))
 }
 
+/// The largest `--event` file read (a stored event's payload is hex, twice
+/// its size).
+const MAX_EVENT_FILE: u64 = 64 * 1024 * 1024;
+
+/// The event of `--event FILE`: a stored event as `dlq show` prints it
+/// (the `event` object, or the whole record), checked like the flags.
+fn event_from_file(path: &Path) -> Result<Event, Fatal> {
+    let flag = format!("--event {}", path.display());
+    let size = std::fs::metadata(path)
+        .map_err(|e| Fatal(format!("{flag}: {e}")))?
+        .len();
+    if size > MAX_EVENT_FILE {
+        return Err(Fatal(format!(
+            "{flag}: {size} bytes, more than the {MAX_EVENT_FILE} an event file may have"
+        )));
+    }
+    let bytes = read_file("--event", path)?;
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| Fatal(format!("{flag}: not JSON: {e}")))?;
+    if let Some(event) = value.get_mut("event") {
+        value = event.take();
+    }
+    let stored: wasmgate_store::deadletter::StoredEvent =
+        serde_json::from_value(value).map_err(|e| {
+            Fatal(format!(
+                "{flag}: not an event as `wasmgate dlq show` prints it ({e}); \
+                 kind is one of mqtt, timer, http"
+            ))
+        })?;
+    let event = stored
+        .to_event()
+        .map_err(|e| Fatal(format!("{flag}: {e}")))?;
+    match &event {
+        Event::Mqtt(m) => {
+            wasmgate_manifest::topic::validate_name(&m.topic)
+                .map_err(|e| Fatal(format!("{flag}: topic: {e}")))?;
+            if m.qos > 2 {
+                return Err(Fatal(format!("{flag}: qos {} is not 0, 1 or 2", m.qos)));
+            }
+        }
+        Event::Http(r) => check_http(&r.method, &r.authority, &r.path, &r.headers)
+            .map_err(|e| Fatal(format!("{flag}: {e}")))?,
+        Event::Timer(_) => {}
+    }
+    Ok(event)
+}
+
+/// Whether an HTTP request with these parts can be made (a bad one is a
+/// usage error, exit 2, not a failed invocation).
+fn check_http(
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(String, String)],
+) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("path {path:?} must start with '/'"));
+    }
+    let mut check = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{host}{path}"));
+    for (name, value) in headers {
+        check = check.header(name.as_str(), value.as_str());
+    }
+    check.body(()).map(drop).map_err(|e| e.to_string())
+}
+
 fn build_event(args: &InvokeArgs) -> Result<Event, Fatal> {
+    if let Some(path) = &args.event {
+        return event_from_file(path);
+    }
     if let Some(topic) = &args.mqtt_topic {
         wasmgate_manifest::topic::validate_name(topic)
             .map_err(|e| Fatal(format!("--mqtt-topic: {e}")))?;
@@ -151,16 +221,7 @@ fn build_event(args: &InvokeArgs) -> Result<Event, Fatal> {
             (None, Some(p)) => read_file("--body-file", p)?,
             (None, None) => Vec::new(),
         };
-        // Validate method, host, path and headers here, so a bad flag is a
-        // usage error (exit 2), not a failed invocation.
-        let mut check = hyper::Request::builder()
-            .method(args.method.as_str())
-            .uri(format!("http://{}{path}", args.host));
-        for (name, value) in &args.headers {
-            check = check.header(name.as_str(), value.as_str());
-        }
-        check
-            .body(())
+        check_http(&args.method, &args.host, path, &args.headers)
             .map_err(|e| Fatal(format!("--method/--host/--http-path/--header: {e}")))?;
         return Ok(Event::Http(HttpRequest {
             method: args.method.clone(),
@@ -171,7 +232,7 @@ fn build_event(args: &InvokeArgs) -> Result<Event, Fatal> {
         }));
     }
     Err(Fatal(
-        "say which event to deliver: --mqtt-topic TOPIC [--payload ...], --timer, or --http-path PATH".into(),
+        "say which event to deliver: --mqtt-topic TOPIC [--payload ...], --timer, --http-path PATH, or --event FILE".into(),
     ))
 }
 
