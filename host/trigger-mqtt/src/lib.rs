@@ -841,8 +841,9 @@ impl MqttTriggers {
     /// waiting. A QoS 0 message past the shared QoS 0 buffer is dropped
     /// (counted); a QoS 1/2 message that finds a queue full (only a broker
     /// that sends more than the Receive Maximum unacknowledged can cause
-    /// it) is left unacknowledged, so the broker redelivers it on the next
-    /// connection, and counted.
+    /// it) is left unacknowledged and counted, and so is every later QoS
+    /// 1/2 message on the connection: `Shared::resync` renews the
+    /// connection for them once the ones taken are handled.
     fn take(&self, shared: &Shared, subs: &[Subscription], queues: &Queues, p: Incoming) {
         let qos0 = p.qos == 0;
         if !qos0 && shared.resync.load(Ordering::Relaxed) {
@@ -1081,7 +1082,7 @@ async fn deliver_message(
     message: MqttMessage,
     ack: Option<(u64, u64, u16)>,
     shutdown: CancellationToken,
-    permit: Slot,
+    slot: Slot,
 ) {
     let trigger = format!("mqtt:{}", spec.filter.raw);
     let stats = &shared.stats;
@@ -1123,13 +1124,13 @@ async fn deliver_message(
         stats.failed.fetch_add(1, Ordering::Relaxed);
     }
     if !d.settled {
-        drop(permit);
+        drop(slot);
         return;
     }
     if let Some((generation, seq, pkid)) = ack {
         shared.settle(generation, seq, pkid);
     }
-    drop(permit);
+    drop(slot);
 }
 
 /// Runs one worker per trigger, each taking its queue in order and starting
