@@ -1,11 +1,11 @@
-//! The guests written in other languages (`examples/python-mqtt`,
-//! `examples/js-http`), run the way their manifests tell a user to: `up
-//! --build` (each example's `build.sh` installs its pinned toolchain on first
-//! use and builds the component), then `check` and `invoke` on the manifest.
+//! The JavaScript example (`examples/js-http`), run the way its manifest
+//! tells a user to: `up --build` (its `build.sh` installs the pinned
+//! toolchain on first use and builds the component), then `check` and
+//! `invoke` on the manifest. (Python guests are `wasmgate new`'s templates:
+//! `templates.rs`.)
 //!
-//! These need python3 (with venv) and Node.js 20+ with npm, and reach PyPI
-//! and the npm registry the first time; `.ci/run` installs the tools when
-//! missing. Each example is one test, so its build never runs twice at once.
+//! This needs Node.js 20+ with npm and reaches the npm registry the first
+//! time; `.ci/run` installs the tools when missing.
 
 use crate::util::{json, run, wasmgate};
 use std::io::BufRead;
@@ -13,8 +13,8 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// A running `wasmgate up --build` on an example's manifest.
-struct Up {
+/// A running `wasmgate up` (also used by the `new` templates' tests).
+pub(crate) struct Up {
     child: crate::util::KillOnDrop,
     logs: Arc<Mutex<Vec<String>>>,
 }
@@ -23,9 +23,14 @@ impl Up {
     /// Starts `up --build -f MANIFEST` and waits for `ready` (the first run
     /// installs the guest toolchain and compiles a runtime of 10–20 MB).
     fn start(manifest: &str) -> Up {
+        Up::spawn(wasmgate().args(["up", "--build", "-f", manifest]), manifest)
+    }
+
+    /// Starts `command` (a `wasmgate up`) with JSON logs and waits for `ready`.
+    pub(crate) fn spawn(command: &mut Command, manifest: &str) -> Up {
         let mut child = crate::util::spawn_guarded(
-            wasmgate()
-                .args(["up", "--build", "-f", manifest, "--log-format", "json"])
+            command
+                .args(["--log-format", "json"])
                 .stderr(Stdio::piped())
                 .stdout(Stdio::null()),
         );
@@ -53,12 +58,12 @@ impl Up {
         up
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }
 
     /// Waits until the log has a line containing every one of `needles`.
-    fn wait_for(&self, needles: &[&str]) {
+    pub(crate) fn wait_for(&self, needles: &[&str]) {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while !self
             .logs
@@ -77,7 +82,7 @@ impl Up {
     }
 
     /// SIGTERM; the host must exit 0.
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -86,97 +91,6 @@ impl Up {
         let status = self.child.wait().unwrap();
         assert_eq!(status.code(), Some(0), "{}", self.logs());
     }
-}
-
-fn mosquitto(tool: &str, port: u16) -> Command {
-    let mut cmd = Command::new(tool);
-    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv5"]);
-    cmd
-}
-
-#[cfg(feature = "embedded-broker")]
-#[test]
-fn the_python_mqtt_example_builds_and_runs() {
-    let manifest = "examples/python-mqtt/wasmgate.toml";
-    let up = Up::start(manifest);
-    // A device reports 18.5 °C; the thermostat turns the heating on.
-    let heating = mosquitto("mosquitto_sub", 1885)
-        .args(["-t", "devices/+/heating", "-C", "1", "-W", "20", "-v"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_sub is installed (CI installs mosquitto-clients)");
-    std::thread::sleep(Duration::from_millis(300));
-    let status = mosquitto("mosquitto_pub", 1885)
-        .args(["-q", "1", "-t", "devices/7/temperature"])
-        .args(["-m", r#"{"celsius": 18.5}"#])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let got = heating.wait_with_output().unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&got.stdout),
-        "devices/7/heating {\"on\": true, \"celsius\": 18.5, \"setpoint\": 20.0}\n",
-        "{}",
-        up.logs()
-    );
-    // A payload that is not a reading is rejected: dead-lettered at once.
-    let status = mosquitto("mosquitto_pub", 1885)
-        .args(["-q", "1", "-t", "devices/7/temperature", "-m", "hot"])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    up.wait_for(&["event dead-lettered", r#""condition":"Rejected""#]);
-    up.stop();
-
-    let out = run(&["check", "-f", manifest]);
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("exports: exports, wasmgate:edge/mqtt-handler@0.1.0"),
-        "{stdout}"
-    );
-
-    let out = run(&[
-        "invoke",
-        "thermostat",
-        "-f",
-        manifest,
-        "--mqtt-topic",
-        "devices/3/temperature",
-        "--payload",
-        r#"{"celsius": 23}"#,
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let v = json(&out);
-    assert_eq!(v["status"], "ok", "{v}");
-    assert_eq!(v["published"][0]["topic"], "devices/3/heating", "{v}");
-    assert_eq!(
-        v["published"][0]["payload"],
-        r#"{"on": false, "celsius": 23.0, "setpoint": 20.0}"#
-    );
-    assert_eq!(v["published"][0]["qos"], 1);
-
-    // Outside this repository a Python developer gets the WIT from the
-    // binary: componentize-py generates the bindings from what it writes.
-    let dir = tempfile::tempdir().unwrap();
-    let wit = dir.path().join("wit");
-    let out = run(&["wit", "--dir", wit.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let bindings = dir.path().join("bindings");
-    let out =
-        Command::new(crate::util::root().join("examples/python-mqtt/.venv/bin/componentize-py"))
-            .arg("-d")
-            .arg(&wit)
-            .args(["-w", "wasmgate:edge/mqtt-app", "bindings"])
-            .arg(&bindings)
-            .output()
-            .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    assert!(
-        bindings
-            .join("wit_world/imports/mqtt_publisher.py")
-            .exists()
-    );
 }
 
 #[test]

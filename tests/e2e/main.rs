@@ -15,5 +15,7 @@ mod limits;
 mod manifest;
 mod mqtt;
 mod service;
+#[cfg(feature = "embedded-broker")]
+mod templates;
 mod timer;
 mod util;

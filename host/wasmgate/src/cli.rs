@@ -49,6 +49,26 @@ pub enum Command {
     /// Write the WIT guests are built against (`wasmgate:edge` and its WASI
     /// packages) into a directory, for a bindings generator.
     Wit(WitArgs),
+    /// Create a guest project: the handler, its build, a manifest, a sample
+    /// event, a README and a CI workflow (`new mqtt thermostat --lang python`).
+    New(NewArgs),
+}
+
+/// `wasmgate new`.
+#[derive(Debug, Args)]
+pub struct NewArgs {
+    /// What triggers the guest.
+    #[arg(value_enum)]
+    pub kind: crate::new::Kind,
+    /// The component's name, also the project's: a lowercase letter, then
+    /// lowercase letters, digits, '-' or '_'.
+    pub name: String,
+    /// The guest's language.
+    #[arg(long, value_enum, default_value = "rust")]
+    pub lang: crate::new::Lang,
+    /// Where to write (default: ./NAME); it must be new or empty.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
 }
 
 /// `wasmgate wit`.
@@ -351,6 +371,9 @@ pub fn main() -> ExitCode {
             Command::Dlq(args) => crate::dlq::dlq(args).await,
             Command::HashPassword => hash_password(),
             Command::Wit(args) => crate::wit::write(&args.dir, args.force),
+            Command::New(args) => {
+                crate::new::new(args.kind, args.lang, &args.name, args.dir.as_deref())
+            }
         }
     });
     match result {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// The files, as they are in the repository's `wit/`, relative to it.
-const FILES: &[(&str, &str)] = &[
+pub(crate) const FILES: &[(&str, &str)] = &[
     ("edge.wit", include_str!("../../../wit/edge.wit")),
     (
         "deps/cli/package.wit",
