@@ -4,7 +4,7 @@
 //! templates embedded in the binary (no network needed to write it).
 //!
 //! A Rust project uses plain `wit-bindgen` on the WIT written into its
-//! `wit/` (the same files as `wasmgate wit`), so it depends on nothing but
+//! `wasmgate-wit/` (the same files as `wasmgate wit`), so it depends on nothing but
 //! crates.io: no path into this repository, and the bindings match the WIT
 //! of the binary that wrote them.
 
@@ -297,6 +297,17 @@ fn grants(lang: Lang, kind: Kind) -> &'static str {
     }
 }
 
+/// Where a project's WIT goes: `wit/`, the convention of the bindings
+/// generators, except in a Rust project, where `cargo component build`
+/// would read a `wit/` itself (and cargo-component 0.21.1's WIT parser
+/// fails on WASI 0.2.12's unstable gates: "interface not found in package").
+fn wit_dir(lang: Lang) -> &'static str {
+    match lang {
+        Lang::Rust => "wasmgate-wit",
+        Lang::Python | Lang::Js => "wit",
+    }
+}
+
 /// Every file of the project `wasmgate new KIND NAME --lang LANG` writes.
 fn project(kind: Kind, lang: Lang, name: &str) -> Vec<File> {
     let parts = lang_parts(lang, kind, name);
@@ -322,6 +333,7 @@ fn project(kind: Kind, lang: Lang, name: &str) -> Vec<File> {
         ("limits", parts.limits.to_string()),
         ("world", parts.world.clone()),
         ("crate", name.replace('-', "_")),
+        ("wit", wit_dir(lang).to_string()),
         ("name", name.to_string()),
     ];
     let fill = |text: &str| {
@@ -375,7 +387,7 @@ fn project(kind: Kind, lang: Lang, name: &str) -> Vec<File> {
         crate::wit::FILES
     };
     files.extend(wit.iter().map(|(path, text)| File {
-        path: format!("wit/{path}"),
+        path: format!("{}/{path}", wit_dir(lang)),
         text: (*text).to_string(),
         executable: false,
     }));

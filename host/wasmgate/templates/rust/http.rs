@@ -8,7 +8,7 @@
 
 wit_bindgen::generate!({
     world: "wasmgate:edge/http-app",
-    path: "wit",
+    path: "wasmgate-wit",
     generate_all,
 });
 

@@ -9,7 +9,7 @@
 
 wit_bindgen::generate!({
     world: "wasmgate:edge/mqtt-app",
-    path: "wit",
+    path: "wasmgate-wit",
     generate_all,
 });
 

@@ -7,7 +7,7 @@
 
 wit_bindgen::generate!({
     world: "wasmgate:edge/timer-app",
-    path: "wit",
+    path: "wasmgate-wit",
     generate_all,
 });
 
