@@ -15,6 +15,7 @@ mod limits;
 mod manifest;
 mod mqtt;
 mod service;
+mod signing;
 #[cfg(feature = "embedded-broker")]
 mod templates;
 mod timer;

@@ -20,6 +20,7 @@ use toml::Spanned;
 mod broker_url;
 mod http;
 pub mod limits;
+pub mod signing;
 pub mod topic;
 pub use broker_url::BrokerUrl;
 pub use http::{
@@ -152,6 +153,14 @@ pub struct GatewayConfig {
     /// manifest's directory.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// Signers whose signatures (`SOURCE.sig`, `wasmgate sign`) are
+    /// trusted: `ed25519:BASE64` each. A component with a signature file is
+    /// loaded only if the signature is valid and by one of these.
+    #[serde(default)]
+    pub trusted_keys: Vec<Spanned<String>>,
+    /// Refuse every component without a valid signature by a trusted key.
+    #[serde(default)]
+    pub require_signature: Option<Spanned<bool>>,
 }
 
 fn default_gateway_name() -> String {
@@ -167,6 +176,8 @@ impl Default for GatewayConfig {
         Self {
             name: default_gateway_name(),
             state_dir: default_state_dir(),
+            trusted_keys: Vec::new(),
+            require_signature: None,
         }
     }
 }
@@ -657,6 +668,7 @@ impl Manifest {
         mut self,
         components: BTreeMap<Spanned<String>, ComponentConfig>,
     ) -> Result<Self, ManifestError> {
+        self.check_signing()?;
         for (name, config) in components {
             self.check_component(&name, &config)?;
             self.components.insert(name.into_inner(), config);
@@ -682,6 +694,43 @@ impl Manifest {
             self.check_timer_trigger(&format!("trigger.timer[{i}]"), t)?;
         }
         Ok(self)
+    }
+
+    /// `[gateway] trusted_keys` and `require_signature`.
+    fn check_signing(&self) -> Result<(), ManifestError> {
+        for key in &self.gateway.trusted_keys {
+            if let Err(message) = key.get_ref().parse::<signing::PublicKey>() {
+                return Err(self.invalid(key.span(), "gateway.trusted_keys", message));
+            }
+        }
+        if let Some(require) = &self.gateway.require_signature
+            && *require.get_ref()
+            && self.gateway.trusted_keys.is_empty()
+        {
+            return Err(self.invalid(
+                require.span(),
+                "gateway.require_signature",
+                "no signature could be trusted: add the signers' public keys to trusted_keys (`wasmgate keygen` writes one)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The signers `[gateway] trusted_keys` names (validated at load).
+    pub fn trusted_keys(&self) -> Vec<signing::PublicKey> {
+        self.gateway
+            .trusted_keys
+            .iter()
+            .filter_map(|k| k.get_ref().parse().ok())
+            .collect()
+    }
+
+    /// Whether every component must carry a valid signature.
+    pub fn requires_signature(&self) -> bool {
+        self.gateway
+            .require_signature
+            .as_ref()
+            .is_some_and(|r| *r.get_ref())
     }
 
     /// `[component.NAME]`: its name, source, limits, grants and reuse.

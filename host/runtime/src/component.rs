@@ -412,6 +412,17 @@ pub fn load(
         path: path.to_path_buf(),
         source,
     })?;
+    load_bytes(engine, linker, cache, path, &bytes)
+}
+
+/// Compiles `bytes`, read from `path` (which only names it in errors).
+pub fn load_bytes(
+    engine: &Engine,
+    linker: &Linker<State>,
+    cache: &Cache,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<Compiled, LoadError> {
     // Both binary formats start with "\0asm"; the next two bytes are the
     // version: 1 for a core module, 0x0d for a component.
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
@@ -420,7 +431,7 @@ pub fn load(
         });
     }
     if bytes[4..8] == [1, 0, 0, 0] {
-        return Err(match preview1_import(&bytes) {
+        return Err(match preview1_import(bytes) {
             Some(module) => LoadError::Preview1Module {
                 path: path.to_path_buf(),
                 module,
@@ -430,13 +441,12 @@ pub fn load(
             },
         });
     }
-    let (component, from_cache) =
-        cache
-            .compile(engine, &bytes)
-            .map_err(|e| LoadError::Invalid {
-                path: path.to_path_buf(),
-                message: format!("{e:#}"),
-            })?;
+    let (component, from_cache) = cache
+        .compile(engine, bytes)
+        .map_err(|e| LoadError::Invalid {
+            path: path.to_path_buf(),
+            message: format!("{e:#}"),
+        })?;
     let ty = component.component_type();
     let exports = ty
         .exports(engine)

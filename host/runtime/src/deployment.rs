@@ -4,6 +4,7 @@
 use crate::component::{self, Cache, Capability, Compiled, Handler, LoadError};
 use crate::engine::{EngineOptions, HostEngine};
 use crate::invoke::{Invocable, State};
+use crate::signature::Policy;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use wasmgate_manifest::{ComponentConfig, Manifest, ManifestError};
@@ -36,6 +37,15 @@ impl Runtime {
     /// Loads one component file.
     pub fn compile(&self, path: &std::path::Path) -> Result<Compiled, LoadError> {
         component::load(self.engine.engine(), &self.linker, &self.cache, path)
+    }
+
+    /// Compiles a component's bytes, read from `path`.
+    pub fn compile_bytes(
+        &self,
+        path: &std::path::Path,
+        bytes: &[u8],
+    ) -> Result<Compiled, LoadError> {
+        component::load_bytes(self.engine.engine(), &self.linker, &self.cache, path, bytes)
     }
 }
 
@@ -135,7 +145,7 @@ pub fn load_component(
     let config = &manifest.components[name];
     let path = manifest.resolve(config.source.get_ref());
     let key = format!("component.{name}.source");
-    let c = runtime.compile(&path).map_err(|e| {
+    let invalid = |e: LoadError| {
         let hint = match &e {
             LoadError::Read { .. } if config.build.is_some() => {
                 " (run `wasmgate up --build` to build it first)"
@@ -143,7 +153,22 @@ pub fn load_component(
             _ => "",
         };
         manifest.invalid(config.source.span(), &key, format!("{e}{hint}"))
+    };
+    // Read once: the bytes whose signature is checked are the ones compiled.
+    let bytes = std::fs::read(&path).map_err(|source| {
+        invalid(LoadError::Read {
+            path: path.clone(),
+            source,
+        })
     })?;
+    match Policy::of(manifest).check(&path, &bytes) {
+        Ok(Some(signer)) => {
+            tracing::info!(component = name, %signer, "signature verified");
+        }
+        Ok(None) => {}
+        Err(e) => return Err(manifest.invalid(config.source.span(), &key, e.to_string())),
+    }
+    let c = runtime.compile_bytes(&path, &bytes).map_err(invalid)?;
     if config.strict_imports
         && let Some(cap) = ungranted_imports(config, &c).first()
     {

@@ -23,6 +23,7 @@ pub mod deployment;
 pub mod engine;
 pub mod event;
 pub mod invoke;
+pub mod signature;
 pub mod sink;
 pub mod trigger;
 

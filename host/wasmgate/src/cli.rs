@@ -52,6 +52,30 @@ pub enum Command {
     /// Create a guest project: the handler, its build, a manifest, a sample
     /// event, a README and a CI workflow (`new mqtt thermostat --lang python`).
     New(NewArgs),
+    /// Write a new Ed25519 signing key (PEM, mode 0600) and its public key
+    /// (`KEY.pub`, the line for `[gateway] trusted_keys`).
+    Keygen {
+        /// The private key's file; the public key goes to this path + `.pub`.
+        #[arg(long, default_value = "wasmgate.key")]
+        out: PathBuf,
+    },
+    /// Sign a component: writes `FILE.sig` (Ed25519 over its SHA-256).
+    Sign {
+        /// The component.
+        file: PathBuf,
+        /// The private key (`wasmgate keygen`).
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Verify a component's `FILE.sig`: exit 0 if a trusted key signed this
+    /// file, 1 if not.
+    Verify {
+        /// The component.
+        file: PathBuf,
+        /// A trusted key: `ed25519:BASE64`, or a `.pub` file (repeatable).
+        #[arg(long = "key", required = true)]
+        keys: Vec<String>,
+    },
 }
 
 /// `wasmgate new`.
@@ -371,6 +395,9 @@ pub fn main() -> ExitCode {
             Command::Dlq(args) => crate::dlq::dlq(args).await,
             Command::HashPassword => hash_password(),
             Command::Wit(args) => crate::wit::write(&args.dir, args.force),
+            Command::Keygen { out } => crate::sign::keygen(&out),
+            Command::Sign { file, key } => crate::sign::sign(&file, &key),
+            Command::Verify { file, keys } => crate::sign::verify(&file, &keys),
             Command::New(args) => {
                 crate::new::new(args.kind, args.lang, &args.name, args.dir.as_deref())
             }

@@ -21,13 +21,14 @@
 //!   logic (router, ack order, schedules) apart from its I/O, and none
 //!   depends on another.
 //! - this crate: [`cli`] parses the command line; [`up`] is the composition
-//!   root ([`up::Gateway`]); [`check`], [`invoke`], [`dlq`], [`wit`] and
-//!   [`new`] are the other commands.
+//!   root ([`up::Gateway`]); [`check`], [`invoke`], [`dlq`], [`wit`],
+//!   [`new`] and [`sign`] (keygen, sign, verify) are the other commands.
 
 pub mod check;
 pub mod cli;
 pub mod dlq;
 pub mod invoke;
 pub mod new;
+pub mod sign;
 pub mod up;
 pub mod wit;
