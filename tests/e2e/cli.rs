@@ -153,10 +153,22 @@ fn invoke_refuses_bad_input_with_exit_2() {
     // `--target wasm32-wasip1` makes, before the adapter).
     let p1 = root().join("tests/ui/wasip1-module.wasm");
     let p1 = p1.to_str().unwrap();
+    // 300 MiB that take no disk (sparse): refused before it is read.
+    let dir = tempfile::tempdir().unwrap();
+    let huge = dir.path().join("huge.wasm");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(300 << 20)
+        .unwrap();
+    let huge = huge.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["invoke", "missing.wasm", "--timer"],
             "cannot read missing.wasm",
+        ),
+        (
+            vec!["invoke", huge, "--timer"],
+            "is 314572800 bytes, more than the 268435456 bytes a component may have",
         ),
         (
             vec!["invoke", core, "--timer"],

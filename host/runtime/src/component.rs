@@ -153,6 +153,19 @@ pub enum LoadError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The file is larger than a component may be.
+    #[error(
+        "{path} is {size} bytes, more than the {max} bytes a component may have (the largest \
+         language runtimes are tens of MB)"
+    )]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The bound, [`MAX_COMPONENT_BYTES`].
+        max: u64,
+    },
     /// The file is not WebAssembly at all.
     #[error("{path} is not a WebAssembly file (no \\0asm header)")]
     NotWasm {
@@ -408,11 +421,40 @@ pub fn load(
     cache: &Cache,
     path: &Path,
 ) -> Result<Compiled, LoadError> {
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+    let bytes = read(path)?;
+    load_bytes(engine, linker, cache, path, &bytes)
+}
+
+/// The largest component file read: 256 MiB. A Python or JavaScript
+/// component, runtime included, is 10–20 MB.
+pub const MAX_COMPONENT_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Reads a component file, refusing one over [`MAX_COMPONENT_BYTES`]
+/// before reading it (and never reading more, should it grow meanwhile).
+pub fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
+    use std::io::Read;
+    let read_error = |source| LoadError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
-    load_bytes(engine, linker, cache, path, &bytes)
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let too_large = |size| LoadError::TooLarge {
+        path: path.to_path_buf(),
+        size,
+        max: MAX_COMPONENT_BYTES,
+    };
+    let size = file.metadata().map_err(read_error)?.len();
+    if size > MAX_COMPONENT_BYTES {
+        return Err(too_large(size));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    file.take(MAX_COMPONENT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_COMPONENT_BYTES {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
 }
 
 /// Compiles `bytes`, read from `path` (which only names it in errors).

@@ -155,12 +155,7 @@ pub fn load_component(
         manifest.invalid(config.source.span(), &key, format!("{e}{hint}"))
     };
     // Read once: the bytes whose signature is checked are the ones compiled.
-    let bytes = std::fs::read(&path).map_err(|source| {
-        invalid(LoadError::Read {
-            path: path.clone(),
-            source,
-        })
-    })?;
+    let bytes = component::read(&path).map_err(invalid)?;
     match Policy::of(manifest).check(&path, &bytes) {
         Ok(Some(signer)) => {
             tracing::info!(component = name, %signer, "signature verified");

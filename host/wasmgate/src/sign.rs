@@ -120,8 +120,7 @@ pub fn sign(file: &Path, key: &Path) -> Result<ExitCode, Fatal> {
             key.display()
         ))
     })?;
-    let bytes =
-        std::fs::read(file).map_err(|e| Fatal(format!("cannot read {}: {e}", file.display())))?;
+    let bytes = wasmgate_runtime::component::read(file).map_err(|e| Fatal(e.to_string()))?;
     let sig = signature::sign(der.secret_pkcs8_der(), &bytes)
         .map_err(|e| Fatal(format!("{}: {e}", key.display())))?;
     let sig_path = signature::signature_path(file);
@@ -166,8 +165,7 @@ pub fn verify(file: &Path, keys: &[String]) -> Result<ExitCode, Fatal> {
         .iter()
         .map(|k| trusted_key(k))
         .collect::<Result<Vec<_>, _>>()?;
-    let bytes =
-        std::fs::read(file).map_err(|e| Fatal(format!("cannot read {}: {e}", file.display())))?;
+    let bytes = wasmgate_runtime::component::read(file).map_err(|e| Fatal(e.to_string()))?;
     let sig_path = signature::signature_path(file);
     let result = match signature::read_signature(&sig_path) {
         Ok(Some(sig)) => signature::verify(file, &sig_path, &sig, &bytes, &trusted),
