@@ -82,8 +82,13 @@ fn a_signed_component_loads_and_an_unsigned_tampered_or_foreign_one_is_refused()
 
     // Signed by the trusted key: loads, and runs.
     sign(&wasm, &dir.path().join("dev.key"));
-    let (code, err) = check(&m);
-    assert_eq!(code, Some(0), "{err}");
+    let out = run(&["check", "-f", &m]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("  signed by: {trusted}")),
+        "{stdout}"
+    );
     let out = run(&["invoke", "echo", "-f", &m, "--mqtt-topic", "t"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 

@@ -80,6 +80,8 @@ pub struct Compiled {
     pub imports: Vec<String>,
     /// Whether the compiled artifact came from the on-disk cache.
     pub from_cache: bool,
+    /// Who signed it, when its signature was verified at load.
+    pub signer: Option<wasmgate_manifest::signing::PublicKey>,
 }
 
 impl Compiled {
@@ -119,6 +121,7 @@ impl std::fmt::Debug for Compiled {
             .field("exports", &self.exports)
             .field("imports", &self.imports)
             .field("from_cache", &self.from_cache)
+            .field("signer", &self.signer)
             .finish_non_exhaustive()
     }
 }
@@ -510,6 +513,7 @@ pub fn load_bytes(
         exports,
         imports,
         from_cache,
+        signer: None,
     })
 }
 

@@ -62,6 +62,8 @@ pub struct Deployment {
     /// The capabilities each component imports without a grant (each call
     /// is denied), by name; only components that have some.
     pub ungranted: BTreeMap<String, Vec<Capability>>,
+    /// The verified signer of each signed component, by name.
+    pub signers: BTreeMap<String, wasmgate_manifest::signing::PublicKey>,
 }
 
 /// Why a deployment could not be loaded.
@@ -116,7 +118,11 @@ impl Deployment {
             }
         }
         let mut ungranted = BTreeMap::new();
+        let mut signers = BTreeMap::new();
         for (name, c) in compiled {
+            if let Some(signer) = c.signer {
+                signers.insert(name.clone(), signer);
+            }
             let missing = ungranted_imports(&manifest.components[&name], &c);
             if !missing.is_empty() {
                 ungranted.insert(name.clone(), missing);
@@ -131,6 +137,7 @@ impl Deployment {
             components,
             compiled: compiled_info,
             ungranted,
+            signers,
         })
     }
 }
@@ -156,14 +163,14 @@ pub fn load_component(
     };
     // Read once: the bytes whose signature is checked are the ones compiled.
     let bytes = component::read(&path).map_err(invalid)?;
-    match Policy::of(manifest).check(&path, &bytes) {
-        Ok(Some(signer)) => {
-            tracing::info!(component = name, %signer, "signature verified");
-        }
-        Ok(None) => {}
-        Err(e) => return Err(manifest.invalid(config.source.span(), &key, e.to_string())),
+    let signer = Policy::of(manifest)
+        .check(&path, &bytes)
+        .map_err(|e| manifest.invalid(config.source.span(), &key, e.to_string()))?;
+    if let Some(signer) = &signer {
+        tracing::info!(component = name, %signer, "signature verified");
     }
-    let c = runtime.compile_bytes(&path, &bytes).map_err(invalid)?;
+    let mut c = runtime.compile_bytes(&path, &bytes).map_err(invalid)?;
+    c.signer = signer;
     if config.strict_imports
         && let Some(cap) = ungranted_imports(config, &c).first()
     {

@@ -66,6 +66,9 @@ pub fn check(args: CheckArgs) -> Result<ExitCode, Fatal> {
                 imports.join(", ")
             }
         );
+        if let Some(signer) = gateway.signers.get(name) {
+            println!("  signed by: {signer}");
+        }
         for cap in gateway.ungranted.get(name).into_iter().flatten() {
             println!(
                 "  note: imports {} without a grant: each call is denied (grant it with allow.{}, or refuse the component at load with strict_imports = true)",
