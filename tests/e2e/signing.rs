@@ -194,7 +194,50 @@ fn keygen_sign_and_verify_on_the_command_line() {
     let other = keygen(dir.path(), "o.key");
     let out = verify(&other);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    // A signature whose digest is not one: malformed, and its text is not
+    // echoed back.
+    let sig = dir.path().join("echo.wasm.sig");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&sig).unwrap()).unwrap();
+    v["sha256"] = "\u{1b}[2Jfake".into();
+    std::fs::write(&sig, v.to_string()).unwrap();
+    let out = verify(&public);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not a wasmgate signature: sha256 is not 64 hex digits")
+            && !stderr(&out).contains('\u{1b}'),
+        "{}",
+        stderr(&out)
+    );
+    // keygen refused to replace the key: it still signs for its .pub.
+    sign(&wasm, &key);
+    assert_eq!(verify(&public).status.code(), Some(0));
     let out = verify("ed25519:nope");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("is not a public key"));
+}
+
+#[test]
+fn up_runs_a_signed_component_and_logs_its_signer() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("tick.wasm");
+    std::fs::copy(wasmgate_test_artifacts::TICK_TIMER, &wasm).unwrap();
+    let trusted = keygen(dir.path(), "dev.key");
+    sign(&wasm, &dir.path().join("dev.key"));
+    let manifest = dir.path().join("wasmgate.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[gateway]\nstate_dir = \".wasmgate\"\ntrusted_keys = [\"{trusted}\"]\nrequire_signature = true\n\n\
+             [component.tick]\nsource = \"tick.wasm\"\n\n[[trigger.timer]]\ncomponent = \"tick\"\nevery = \"1h\"\n"
+        ),
+    )
+    .unwrap();
+    let manifest = manifest.to_str().unwrap();
+    let up = crate::examples::Up::spawn(
+        crate::util::wasmgate().args(["up", "-f", manifest]),
+        manifest,
+    );
+    up.wait_for(&["signature verified", "\"component\":\"tick\"", &trusted]);
+    up.stop();
 }

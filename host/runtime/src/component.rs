@@ -440,6 +440,13 @@ pub fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
         path: path.to_path_buf(),
         source,
     };
+    // Not a FIFO or a device: opening one could block, reading it never end.
+    if !std::fs::metadata(path).map_err(read_error)?.is_file() {
+        return Err(LoadError::Read {
+            path: path.to_path_buf(),
+            source: std::io::Error::other("not a regular file"),
+        });
+    }
     let file = std::fs::File::open(path).map_err(read_error)?;
     let too_large = |size| LoadError::TooLarge {
         path: path.to_path_buf(),

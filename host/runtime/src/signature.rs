@@ -154,6 +154,9 @@ pub fn verify(
         )));
     }
     let key: PublicKey = sig.key.parse().map_err(malformed)?;
+    if sig.sha256.len() != 64 || !sig.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(malformed("sha256 is not 64 hex digits".into()));
+    }
     let signature = STANDARD
         .decode(&sig.signature)
         .map_err(|e| malformed(format!("signature: {e}")))?;
@@ -189,15 +192,25 @@ pub fn read_signature(sig_path: &Path) -> Result<Option<SignatureFile>, Signatur
         sig: sig_path.to_path_buf(),
         message,
     };
-    let file = match std::fs::File::open(sig_path) {
-        Ok(f) => f,
+    let malformed = |message: String| SignatureError::Malformed {
+        sig: sig_path.to_path_buf(),
+        message,
+    };
+    match std::fs::metadata(sig_path) {
+        Ok(m) if !m.is_file() => return Err(malformed("not a regular file".into())),
+        Ok(m) if m.len() > MAX_SIGNATURE_FILE => {
+            return Err(malformed(format!("larger than {MAX_SIGNATURE_FILE} bytes")));
+        }
+        Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(unreadable(e.to_string())),
-    };
-    let mut text = String::new();
+    }
+    let file = std::fs::File::open(sig_path).map_err(|e| unreadable(e.to_string()))?;
+    let mut bytes = Vec::new();
     file.take(MAX_SIGNATURE_FILE + 1)
-        .read_to_string(&mut text)
+        .read_to_end(&mut bytes)
         .map_err(|e| unreadable(e.to_string()))?;
+    let text = String::from_utf8(bytes).map_err(|_| malformed("not UTF-8 text".into()))?;
     if text.len() as u64 > MAX_SIGNATURE_FILE {
         return Err(SignatureError::Malformed {
             sig: sig_path.to_path_buf(),

@@ -52,6 +52,14 @@ impl Kind {
         }
     }
 
+    /// What `invoke` prints beyond the common fields.
+    fn invoke_notes(self) -> &'static str {
+        match self {
+            Kind::Http => " and the response (status, headers, body)",
+            Kind::Mqtt | Kind::Timer => " and the messages it published",
+        }
+    }
+
     /// The manifest, the sample event and the README's "while `up` runs".
     fn files(self) -> (&'static str, &'static str, &'static str) {
         match self {
@@ -308,14 +316,22 @@ fn wit_dir(lang: Lang) -> &'static str {
     }
 }
 
+/// What the README says of the project's WIT.
+fn wit_note(lang: Lang, kind: Kind) -> &'static str {
+    if (lang, kind) == (Lang::Js, Kind::Http) {
+        "the WIT the component is built against: `wasi:http/proxy` of\n  \
+         WASI 0.2.10, the version ComponentizeJS's engine implements (not what\n  \
+         `wasmgate wit` writes; wasmgate serves WASI 0.2.0 to 0.2.12 alike)."
+    } else {
+        "the WIT the component is built against (`wasmgate wit --dir\n  \
+         %%wit%% --force` writes the one a newer wasmgate serves)."
+    }
+}
+
 /// Every file of the project `wasmgate new KIND NAME --lang LANG` writes.
 fn project(kind: Kind, lang: Lang, name: &str) -> Vec<File> {
     let parts = lang_parts(lang, kind, name);
     let (manifest, event, try_md) = kind.files();
-    let invoke_notes = match kind {
-        Kind::Http => " and the response (status, headers, body)",
-        Kind::Mqtt | Kind::Timer => " and the messages it published",
-    };
     // Composite values first: they hold placeholders of their own.
     let vars: Vec<(&str, String)> = vec![
         ("try", try_md.trim_end().to_string()),
@@ -323,7 +339,7 @@ fn project(kind: Kind, lang: Lang, name: &str) -> Vec<File> {
         ("setup", parts.setup.to_string()),
         ("grants", grants(lang, kind).to_string()),
         ("build_notes", parts.build_notes.to_string()),
-        ("invoke_notes", invoke_notes.to_string()),
+        ("invoke_notes", kind.invoke_notes().to_string()),
         ("what", kind.what().to_string()),
         ("kind", kind.flag().to_string()),
         ("lang_flag", lang.flag().to_string()),
@@ -333,6 +349,7 @@ fn project(kind: Kind, lang: Lang, name: &str) -> Vec<File> {
         ("limits", parts.limits.to_string()),
         ("world", parts.world.clone()),
         ("crate", name.replace('-', "_")),
+        ("wit_note", wit_note(lang, kind).to_string()),
         ("wit", wit_dir(lang).to_string()),
         ("name", name.to_string()),
     ];

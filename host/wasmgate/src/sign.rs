@@ -96,6 +96,12 @@ fn pkcs8_v1(v2: &[u8]) -> Result<Vec<u8>, Fatal> {
 /// Reads at most `max` bytes of `path`, or fails naming it.
 fn read_bounded(path: &Path, max: u64, what: &str) -> Result<Vec<u8>, Fatal> {
     use std::io::Read;
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return Err(Fatal(format!(
+            "{} is not a regular file: not {what}",
+            path.display()
+        )));
+    }
     let file = std::fs::File::open(path)
         .map_err(|e| Fatal(format!("cannot read {what} {}: {e}", path.display())))?;
     let mut bytes = Vec::new();
@@ -114,6 +120,19 @@ fn read_bounded(path: &Path, max: u64, what: &str) -> Result<Vec<u8>, Fatal> {
 /// Signs `file` with the private key in `key`, writing `file.sig`.
 pub fn sign(file: &Path, key: &Path) -> Result<ExitCode, Fatal> {
     let pem = read_bounded(key, MAX_KEY_FILE, "a private key")?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(key)
+            && m.permissions().mode() & 0o077 != 0
+        {
+            eprintln!(
+                "warning: {} can be read by others (mode {:o}): `chmod 600 {}`",
+                key.display(),
+                m.permissions().mode() & 0o777,
+                key.display()
+            );
+        }
+    }
     let der = PrivatePkcs8KeyDer::from_pem_slice(&pem).map_err(|e| {
         Fatal(format!(
             "{} is not a PEM private key (PKCS#8, as `wasmgate keygen` writes): {e}",
@@ -125,13 +144,21 @@ pub fn sign(file: &Path, key: &Path) -> Result<ExitCode, Fatal> {
         .map_err(|e| Fatal(format!("{}: {e}", key.display())))?;
     let sig_path = signature::signature_path(file);
     let text = serde_json::to_string_pretty(&sig).map_err(|e| Fatal(e.to_string()))? + "\n";
-    // Written whole, then renamed: a reader never sees half a signature.
+    // Written whole to a new file (never through a link that is there), then
+    // renamed: a reader never sees half a signature.
     let mut tmp_name = sig_path.as_os_str().to_os_string();
-    tmp_name.push(".tmp");
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
     let tmp = PathBuf::from(tmp_name);
-    std::fs::write(&tmp, &text)
-        .and_then(|()| std::fs::rename(&tmp, &sig_path))
-        .map_err(|e| Fatal(format!("cannot write {}: {e}", sig_path.display())))?;
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, &sig_path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Fatal(format!("cannot write {}: {e}", sig_path.display())));
+    }
     println!(
         "signed {} (sha256 {}) with {}: {}",
         file.display(),

@@ -12,9 +12,9 @@ const MAX_BODY = 64 * 1024;
 async function handle(request) {
   const url = new URL(request.url);
   const path = url.pathname + url.search;
-  const body = new Uint8Array(await request.arrayBuffer());
+  const body = await readBody(request);
   let status, reply;
-  if (body.length > MAX_BODY) {
+  if (body === null) {
     [status, reply] = [413, { error: `body over ${MAX_BODY} bytes` }];
   } else if (body.length === 0) {
     [status, reply] = [200, { method: request.method, path, echo: null }];
@@ -31,6 +31,32 @@ async function handle(request) {
     status,
     headers: { "content-type": "application/json" },
   });
+}
+
+// The body, or null past MAX_BODY (read no further than that).
+async function readBody(request) {
+  if (Number(request.headers.get("content-length") ?? 0) > MAX_BODY) return null;
+  if (request.body === null) return new Uint8Array(0);
+  const reader = request.body.getReader();
+  const chunks = [];
+  let length = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    length += value.length;
+    if (length > MAX_BODY) {
+      await reader.cancel();
+      return null;
+    }
+    chunks.push(value);
+  }
+  const body = new Uint8Array(length);
+  let offset = 0;
+  for (const chunk of chunks) {
+    body.set(chunk, offset);
+    offset += chunk.length;
+  }
+  return body;
 }
 
 addEventListener("fetch", (event) => event.respondWith(handle(event.request)));

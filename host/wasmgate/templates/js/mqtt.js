@@ -4,8 +4,9 @@
 // devices/<id>/temperature. The handler decides whether the heating should
 // run and publishes the command to devices/<id>/heating at QoS 1:
 // {"on": true, "celsius": 18.5, "setpoint": 20.5}. A payload that is not such
-// a reading is rejected (dead-lettered at once, never retried); a publish the
-// host cannot take now asks for a retry.
+// a reading is rejected (dead-lettered at once, never retried), and so is a
+// command the host refuses to publish (not granted, or past this invocation's
+// publish budget: retrying would not change that).
 //
 // A handler returns for success and throws a handler-error
 // ({tag: "retry" | "reject", val: reason}) for failure.
@@ -46,12 +47,12 @@ export const mqttHandler = {
   },
 };
 
-// Publishes; a host that cannot take the message now asks for a retry.
+// Publishes; a refusal (denied, invalid topic, past the budget) rejects.
 function send(message) {
   try {
     publish(message);
   } catch (e) {
     const error = e.payload ?? e;
-    throw { tag: error.tag === "unavailable" ? "retry" : "reject", val: String(error.val ?? error) };
+    throw { tag: "reject", val: String(error.val ?? error) };
   }
 }

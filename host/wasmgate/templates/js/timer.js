@@ -3,7 +3,8 @@
 // Every tick publishes {"component": ..., "schedule": ..., "fired_at_ms": ...,
 // "missed": ...} to heartbeat/<component> at QoS 1, so whoever watches the
 // gateway sees it alive (and how many ticks it missed while it was down). A
-// publish the host cannot take now asks for a retry.
+// heartbeat the host refuses to publish (not granted, or past the
+// invocation's publish budget) fails the tick without a retry.
 //
 // A handler returns for success and throws a handler-error
 // ({tag: "retry" | "reject", val: reason}) for failure.
@@ -32,7 +33,7 @@ export const timerHandler = {
       });
     } catch (e) {
       const error = e.payload ?? e;
-      throw { tag: error.tag === "unavailable" ? "retry" : "reject", val: String(error.val ?? error) };
+      throw { tag: "reject", val: String(error.val ?? error) };
     }
   },
 };

@@ -3,7 +3,8 @@
 Every tick publishes {"component": ..., "schedule": ..., "fired_at_ms": ...,
 "missed": ...} to heartbeat/<component> at QoS 1, so whoever watches the
 gateway sees it alive (and how many ticks it missed while it was down). A
-publish the host cannot take now asks for a retry.
+heartbeat the host refuses to publish (not granted, or past the invocation's
+publish budget) fails the tick without a retry.
 """
 
 import json
@@ -37,6 +38,4 @@ class TimerHandler(exports.TimerHandler):
                 )
             )
         except Err as e:
-            if isinstance(e.value, mqtt_publisher.PublishError_Unavailable):
-                raise Err(types.HandlerError_Retry(e.value.value))
             raise Err(types.HandlerError_Reject(str(e.value.value)))

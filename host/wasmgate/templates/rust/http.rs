@@ -34,8 +34,9 @@ impl Guest for Echo {
             Method::Delete => "DELETE".to_string(),
             Method::Patch => "PATCH".to_string(),
             Method::Options => "OPTIONS".to_string(),
+            Method::Connect => "CONNECT".to_string(),
+            Method::Trace => "TRACE".to_string(),
             Method::Other(m) => m,
-            other => format!("{other:?}").to_uppercase(),
         };
         let path = request.path_with_query().unwrap_or_default();
         let (status, reply) = match read_body(request) {

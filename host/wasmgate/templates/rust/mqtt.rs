@@ -4,8 +4,9 @@
 //! `devices/<id>/temperature`. The handler decides whether the heating should
 //! run and publishes the command to `devices/<id>/heating` at QoS 1:
 //! `{"on":true,"celsius":18.5,"setpoint":20.5}`. A payload that is not
-//! such a reading is rejected (dead-lettered at once, never retried); a
-//! publish the host cannot take now asks for a retry.
+//! such a reading is rejected (dead-lettered at once, never retried), and so
+//! is a command the host refuses to publish (not granted, or past this
+//! invocation's publish budget: retrying would not change that).
 
 wit_bindgen::generate!({
     world: "wasmgate:edge/mqtt-app",
@@ -55,8 +56,9 @@ impl Guest for Thermostat {
             user_properties: Vec::new(),
         })
         .map_err(|e| match e {
-            PublishError::Unavailable(m) => HandlerError::Retry(m),
-            PublishError::Denied(m) | PublishError::InvalidTopic(m) => reject(m),
+            PublishError::Denied(m) | PublishError::InvalidTopic(m) | PublishError::Unavailable(m) => {
+                reject(m)
+            }
         })
     }
 }

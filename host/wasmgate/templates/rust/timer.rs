@@ -3,7 +3,8 @@
 //! Every tick publishes `{"component": ..., "schedule": ..., "fired_at_ms":
 //! ..., "missed": ...}` to `heartbeat/<component>` at QoS 1, so whoever
 //! watches the gateway sees it alive (and how many ticks it missed while it
-//! was down). A publish the host cannot take now asks for a retry.
+//! was down). A heartbeat the host refuses to publish (not granted, or past
+//! the invocation's publish budget) fails the tick without a retry.
 
 wit_bindgen::generate!({
     world: "wasmgate:edge/timer-app",
@@ -38,8 +39,9 @@ impl Guest for Heartbeat {
             user_properties: Vec::new(),
         })
         .map_err(|e| match e {
-            PublishError::Unavailable(m) => HandlerError::Retry(m),
-            PublishError::Denied(m) | PublishError::InvalidTopic(m) => HandlerError::Reject(m),
+            PublishError::Denied(m) | PublishError::InvalidTopic(m) | PublishError::Unavailable(m) => {
+                HandlerError::Reject(m)
+            }
         })
     }
 }
