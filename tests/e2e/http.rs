@@ -1347,3 +1347,69 @@ component = "fetch"
         "{logs}"
     );
 }
+
+/// An answer given before the request body has been read (the host's 413
+/// for a declared or streamed body past `max_body`, or a guest that does
+/// not read the body) reaches a client that is still uploading: the host
+/// reads and discards the rest for a bounded time before it closes, so the
+/// close does not reset the connection over the unread upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_reaches_a_client_still_uploading() {
+    let server = Server::start(&format!(
+        r#"
+[http]
+listen = "127.0.0.1:0"
+max_body = "64KiB"
+
+[component.probe]
+source = "{HTTP_PROBE}"
+
+[[trigger.http]]
+priority = 1
+component = "probe"
+"#
+    ));
+    let c = client();
+    let big = vec![b'x'; 8 << 20];
+    for round in 0..3 {
+        // Declared past the limit: the host answers 413 unread.
+        let r = c
+            .post(server.url("/echo"))
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("round {round}, declared: {e:?}"));
+        assert_eq!(r.status(), 413);
+        // Streamed past the limit: 413 once 64 KiB have arrived.
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+            (0..128).map(|_| Ok(vec![1u8; 64 * 1024])).collect();
+        let r = c
+            .post(server.url("/echo"))
+            .body(reqwest::Body::wrap_stream(futures_stream(chunks)))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("round {round}, streamed: {e:?}"));
+        assert_eq!(r.status(), 413);
+        // The guest answers without reading the body at all.
+        let r = c
+            .post(server.url("/count"))
+            .body(vec![b'y'; 60 * 1024])
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("round {round}, unread: {e:?}"));
+        assert_eq!(r.status(), 200);
+    }
+    // With a raw client: the 413 is readable after the upload is written.
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+        big.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let _ = s.write_all(&big);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 413"), "{out:?}");
+}

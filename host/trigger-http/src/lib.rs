@@ -8,6 +8,7 @@
 //! connection ends that connection only; the listener goes on.
 
 pub mod bridge;
+pub mod linger;
 pub mod router;
 pub mod tls;
 
@@ -205,6 +206,7 @@ impl Conn {
     /// ends, sits idle past `idle_timeout`, or the listener shuts down.
     async fn serve(self, stream: tokio::net::TcpStream, acceptor: Option<TlsAcceptor>) {
         let peer = self.peer;
+        let stream = linger::Lingering::new(stream);
         let result = match acceptor {
             None => self.serve_http(stream).await,
             Some(acceptor) => {
