@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use toml::Spanned;
 
+pub mod admin;
 mod broker_url;
 mod http;
 pub mod limits;
@@ -85,6 +86,8 @@ pub struct Manifest {
     pub triggers: Triggers,
     /// `[dead_letters]`.
     pub dead_letters: DeadLettersConfig,
+    /// `[admin]`.
+    pub admin: admin::AdminConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +103,8 @@ struct RawManifest {
     trigger: Triggers,
     #[serde(default)]
     dead_letters: DeadLettersConfig,
+    #[serde(default)]
+    admin: admin::AdminConfig,
 }
 
 /// `[dead_letters]`: bounds of the durable dead-letter store
@@ -658,6 +663,7 @@ impl Manifest {
             components: BTreeMap::new(),
             triggers: raw.trigger,
             dead_letters: raw.dead_letters,
+            admin: raw.admin,
         };
         manifest.validate(raw.component)
     }
@@ -677,6 +683,7 @@ impl Manifest {
             self.check_mqtt(mqtt)?;
         }
         self.check_dead_letters()?;
+        self.check_admin()?;
         let triggers = self.triggers.clone();
         for (i, t) in triggers.http.iter().enumerate() {
             let key = format!("trigger.http[{i}]");
@@ -711,6 +718,38 @@ impl Manifest {
                 require.span(),
                 "gateway.require_signature",
                 "no signature could be trusted: add the signers' public keys to trusted_keys (`wasmgate keygen` writes one)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `[admin]`: a TCP listener needs exactly one token source.
+    fn check_admin(&self) -> Result<(), ManifestError> {
+        let a = &self.admin;
+        if let (Some(_), Some(env)) = (&a.token_file, &a.token_env) {
+            return Err(self.invalid(
+                env.span(),
+                "admin.token_env",
+                "set token_file or token_env, not both".into(),
+            ));
+        }
+        if let Some(env) = &a.token_env
+            && (env.get_ref().is_empty() || env.get_ref().contains(['=', '\0']))
+        {
+            return Err(self.invalid(
+                env.span(),
+                "admin.token_env",
+                "not an environment variable name".into(),
+            ));
+        }
+        if let Some(listen) = &a.listen
+            && a.token_file.is_none()
+            && a.token_env.is_none()
+        {
+            return Err(self.invalid(
+                listen.span(),
+                "admin.listen",
+                "a TCP admin listener needs a bearer token: set token_file (a file holding it) or token_env (a variable holding it); the token never goes in the manifest".into(),
             ));
         }
         Ok(())

@@ -82,6 +82,8 @@ pub struct Compiled {
     pub from_cache: bool,
     /// Who signed it, when its signature was verified at load.
     pub signer: Option<wasmgate_manifest::signing::PublicKey>,
+    /// SHA-256 of the component file, lowercase hex.
+    pub digest: String,
 }
 
 impl Compiled {
@@ -521,6 +523,7 @@ pub fn load_bytes(
         imports,
         from_cache,
         signer: None,
+        digest: hex::encode(Sha256::digest(bytes)),
     })
 }
 

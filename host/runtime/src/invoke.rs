@@ -638,6 +638,21 @@ pub struct Invocable {
     reuse: u32,
     /// Healthy instances waiting for their next invocation.
     warm: std::sync::Mutex<Vec<WarmInstance>>,
+    metrics: std::sync::OnceLock<Arc<crate::metrics::InvocationMetrics>>,
+    last_error: std::sync::Mutex<Option<LastError>>,
+}
+
+/// The last invocation of a component that did not succeed.
+#[derive(Debug, Clone, Serialize)]
+pub struct LastError {
+    /// When it ended, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Its invocation id.
+    pub invocation_id: String,
+    /// [`Status::name`].
+    pub outcome: &'static str,
+    /// The trigger text of its context.
+    pub trigger: String,
 }
 
 /// An instance kept for its next invocation (`reuse` > 1).
@@ -694,6 +709,8 @@ impl Invocable {
             sink: std::sync::OnceLock::new(),
             reuse: 1,
             warm: std::sync::Mutex::default(),
+            metrics: std::sync::OnceLock::new(),
+            last_error: std::sync::Mutex::default(),
         }
     }
 
@@ -743,6 +760,27 @@ impl Invocable {
         self.invocations.load(Ordering::Relaxed)
     }
 
+    /// Invocations running now.
+    pub fn in_flight(&self) -> u32 {
+        let free = u32::try_from(self.slots.available_permits()).unwrap_or(u32::MAX);
+        self.limits.concurrency.saturating_sub(free)
+    }
+
+    /// Records every invocation's outcome in `metrics` from now on (the
+    /// first set stays).
+    pub fn set_metrics(&self, metrics: Arc<crate::metrics::InvocationMetrics>) {
+        metrics.declare(&self.name);
+        let _ = self.metrics.set(metrics);
+    }
+
+    /// The last invocation that did not succeed, if any.
+    pub fn last_error(&self) -> Option<LastError> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// Runs one invocation — the one path every trigger takes — logs one
     /// line with its outcome (a successful HTTP exchange at debug level) and,
     /// when it succeeded, hands what the guest published to the publish sink
@@ -777,6 +815,23 @@ impl Invocable {
             }
         }
         log_invocation(&outcome, quiet_success);
+        if let Some(metrics) = self.metrics.get() {
+            metrics.record(&outcome);
+        }
+        if !outcome.is_ok() {
+            let at_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            *self
+                .last_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(LastError {
+                at_ms,
+                invocation_id: outcome.invocation_id.clone(),
+                outcome: outcome.status.name(),
+                trigger: outcome.trigger.clone(),
+            });
+        }
         outcome
     }
 

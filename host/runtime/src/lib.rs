@@ -16,6 +16,7 @@
 //! - [`sink`] is the host capability a guest's publishes go to: one
 //!   [`sink::PublishSink`], injected by the composition root, whatever
 //!   trigger ran the guest.
+//! - [`metrics`] counts invocations for Prometheus, on the same path.
 //! - [`trigger`] is the trait every event source implements.
 
 pub mod component;
@@ -23,6 +24,7 @@ pub mod deployment;
 pub mod engine;
 pub mod event;
 pub mod invoke;
+pub mod metrics;
 pub mod signature;
 pub mod sink;
 pub mod trigger;

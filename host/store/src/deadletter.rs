@@ -364,7 +364,8 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS dead_letters (
              payload BLOB,
              size INTEGER NOT NULL DEFAULT 0
          );
-         CREATE INDEX IF NOT EXISTS dead_letters_by_time ON dead_letters (dead_at_ms);";
+         CREATE INDEX IF NOT EXISTS dead_letters_by_time ON dead_letters (dead_at_ms);
+         CREATE INDEX IF NOT EXISTS dead_letters_by_component ON dead_letters (component);";
 
 fn open_connection(path: &Path) -> Result<Connection, String> {
     let conn = crate::sqlite::open(path, "dead-letter store", SCHEMA)?;
@@ -789,6 +790,21 @@ impl DeadLetterStore {
         }
         let next = if more { last } else { None };
         Ok(Page { records, next })
+    }
+
+    /// Records kept, per component (from the component index: no record
+    /// is read).
+    pub fn counts_by_component(&self) -> Result<Vec<(String, u64)>, String> {
+        let conn = self.reader.lock().expect("reader lock");
+        let mut stmt = conn
+            .prepare_cached("SELECT component, COUNT(*) FROM dead_letters GROUP BY component")
+            .map_err(|e| e.to_string())?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
+            })
+            .map_err(|e| e.to_string())?;
+        rows.map(|r| r.map_err(|e| e.to_string())).collect()
     }
 
     /// Where the record `id` sits in the newest-first order: a page

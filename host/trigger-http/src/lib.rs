@@ -56,6 +56,7 @@ pub struct HttpServer {
 }
 
 struct App {
+    stats: Arc<HttpStats>,
     router: Router,
     components: BTreeMap<String, Arc<Invocable>>,
     limits: HttpLimits,
@@ -96,6 +97,7 @@ impl HttpServer {
         Ok(Some(Self {
             listener,
             app: Arc::new(App {
+                stats: Arc::new(HttpStats::new(m.triggers.http.len())),
                 router,
                 components,
                 limits: config.limits(),
@@ -114,6 +116,11 @@ impl HttpServer {
     /// Whether the listener speaks TLS.
     pub fn is_tls(&self) -> bool {
         self.acceptor.is_some()
+    }
+
+    /// Its responses, counted by rule and status class.
+    pub fn stats(&self) -> Arc<HttpStats> {
+        self.app.stats.clone()
     }
 
     /// Serves until `shutdown`; then stops accepting and gives open
@@ -339,6 +346,46 @@ impl Activity {
     }
 }
 
+/// Responses by rule and status class (1xx to 5xx), for metrics.
+#[derive(Debug)]
+pub struct HttpStats {
+    /// `[[trigger.http]]` rules in manifest order, then requests no rule
+    /// took (bad Host, no match).
+    counts: Vec<[std::sync::atomic::AtomicU64; 5]>,
+}
+
+/// The status classes, in [`HttpStats::snapshot`]'s order.
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+impl HttpStats {
+    fn new(rules: usize) -> Self {
+        Self {
+            counts: (0..=rules).map(|_| Default::default()).collect(),
+        }
+    }
+
+    fn count(&self, rule: Option<usize>, status: StatusCode) {
+        let row = rule
+            .filter(|r| *r + 1 < self.counts.len())
+            .unwrap_or(self.counts.len() - 1);
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.counts[row][class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(rule, class, responses)` for every rule and class: the rule is
+    /// its index in `[[trigger.http]]`, `None` for requests no rule took.
+    pub fn snapshot(&self) -> Vec<(Option<usize>, &'static str, u64)> {
+        let last = self.counts.len() - 1;
+        let mut out = Vec::new();
+        for (i, row) in self.counts.iter().enumerate() {
+            for (class, n) in STATUS_CLASSES.iter().zip(row) {
+                out.push(((i < last).then_some(i), *class, n.load(Ordering::Relaxed)));
+            }
+        }
+        out
+    }
+}
+
 /// Largest request head (request line and headers) accepted, in bytes.
 /// Beyond it HTTP/1.1 clients get 431 and HTTP/2 streams are refused.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -373,13 +420,21 @@ impl App {
     async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let id = uuid::Uuid::now_v7().to_string();
         let deadline = self.limits.request_timeout;
-        match tokio::time::timeout(deadline, self.clone().route(req, peer, &id)).await {
+        let rule = std::sync::OnceLock::new();
+        let response = match tokio::time::timeout(
+            deadline,
+            self.clone().route(req, peer, &id, &rule),
+        )
+        .await
+        {
             Ok(response) => response,
             Err(_) => {
                 tracing::info!(id = %id, timeout_ms = deadline.as_millis() as u64, "http: request timed out");
                 simple(StatusCode::GATEWAY_TIMEOUT, &id, "504 Gateway Timeout")
             }
-        }
+        };
+        self.stats.count(rule.get().copied(), response.status());
+        response
     }
 
     #[expect(
@@ -391,6 +446,7 @@ impl App {
         req: Request<Incoming>,
         peer: SocketAddr,
         id: &str,
+        rule: &std::sync::OnceLock<usize>,
     ) -> Response<Body> {
         let host_header = req
             .uri()
@@ -445,6 +501,7 @@ impl App {
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
         let rule_index = matched.rule.index;
+        let _ = rule.set(rule_index);
         match &matched.rule.action {
             Action::Fixed {
                 status,

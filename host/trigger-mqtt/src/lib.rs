@@ -270,6 +270,8 @@ pub fn specs(m: &Manifest, components: &BTreeMap<String, Arc<Invocable>>) -> Vec
 /// Counters of the MQTT trigger, and the recent acknowledgement order.
 #[derive(Debug, Default)]
 pub struct MqttStats {
+    /// Whether the connection is up now (from CONNACK to its loss).
+    pub connected: std::sync::atomic::AtomicBool,
     /// Successful connections (CONNACK received).
     pub connects: AtomicU64,
     /// Connections on which every subscription was confirmed (SUBACK).
@@ -673,6 +675,7 @@ impl MqttTriggers {
                 }) => {
                     backoff.reset();
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                    self.stats.connected.store(true, Ordering::Relaxed);
                     shared.resync.store(false, Ordering::Relaxed);
                     watching = false;
                     if std::mem::take(&mut renewing) && !session_present {
@@ -775,6 +778,7 @@ impl MqttTriggers {
             }
         }
         drop(queues);
+        self.stats.connected.store(false, Ordering::Relaxed);
         loop_ended.cancel();
         // What the broker has not acknowledged of the host's publishes waits
         // in the spool for the next start. Paused first, so the QoS 2
@@ -1030,6 +1034,7 @@ impl Shared {
     fn connection_lost(&self, clean: impl FnOnce() -> connection::Cleaned) {
         // Under the lock: no delivery can hand over an ack between here and
         // the new generation.
+        self.stats.connected.store(false, Ordering::Relaxed);
         let mut acks = self.acks.lock().expect("acks lock");
         acks.generation += 1;
         let dropped = acks.tracker.len() as u64;

@@ -104,6 +104,7 @@ pub struct TimerStats {
     recent: Mutex<VecDeque<TickRecord>>,
     lateness_us: Mutex<Vec<u64>>,
     start_lateness_us: Mutex<Vec<u64>>,
+    lateness: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl TimerStats {
@@ -143,6 +144,9 @@ impl TimerStats {
     }
 
     fn late_by(&self, us: u64) {
+        if let Some(h) = self.lateness.get() {
+            h.observe(us as f64 / 1e6);
+        }
         let mut samples = self.lateness_us.lock().expect("stats lock");
         if samples.len() < LATENESS_SAMPLES {
             samples.push(us);
@@ -205,6 +209,16 @@ impl TimerTrigger {
     /// never delay the dispatch of a tick.
     pub fn with_delivery_runtime(mut self, runtime: tokio::runtime::Handle) -> Self {
         self.deliveries = Some(runtime);
+        self
+    }
+
+    /// Records each tick's lateness (seconds past its due time) in
+    /// `histogram` too (the first set stays).
+    pub fn with_lateness_histogram(
+        self,
+        histogram: prometheus_client::metrics::histogram::Histogram,
+    ) -> Self {
+        let _ = self.stats.lateness.set(histogram);
         self
     }
 
