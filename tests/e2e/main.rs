@@ -3,6 +3,7 @@
 
 // An end-to-end test reads as one scenario, start to finish.
 #![allow(clippy::too_many_lines)]
+mod admin;
 #[cfg(feature = "embedded-broker")]
 mod broker;
 mod cache;

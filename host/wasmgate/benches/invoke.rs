@@ -7,8 +7,12 @@
 //!    own invocation path (`Invocable::invoke_quiet`), pooling vs on-demand
 //!    allocator, with and without fuel: median and p99;
 //! 2. the fuel overhead on a compute-bound guest (fuel on vs off, alternating);
-//! 3. cold start of `wasmgate up` with a warm precompile cache, to "ready".
+//! 3. cold start of `wasmgate up` with a warm precompile cache, to "ready";
+//! 4. the cost of the Prometheus invocation metrics: the same invocations
+//!    through `Invocable::invoke` with metrics recorded and not, alternating
+//!    in rounds, and the cost of one `InvocationMetrics::record` alone.
 //!
+//! `cargo bench -p wasmgate --bench invoke -- metrics` runs only 4.
 //! Prints Markdown tables for BENCHMARKS.md.
 #![allow(missing_docs)]
 
@@ -21,6 +25,7 @@ use wasmgate_runtime::component::Cache;
 use wasmgate_runtime::deployment::Runtime;
 use wasmgate_runtime::engine::{AllocatorChoice, EngineOptions};
 use wasmgate_runtime::invoke::{Admission, Event, Invocable, InvocationContext, MqttMessage};
+use wasmgate_runtime::metrics::InvocationMetrics;
 use wasmgate_test_artifacts::HOSTILE;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -173,6 +178,10 @@ fn main() {
     // enough to profile (e.g. under `perf record`).
     let profile = std::env::var_os("WASMGATE_BENCH_PROFILE").is_some();
     let iterations = if profile { 300_000 } else { 20_000 };
+    if std::env::args().any(|a| a == "metrics") {
+        metrics_overhead(&rt);
+        return;
+    }
 
     println!(
         "## Fresh instance per invocation: trivial handler, {iterations} sequential invocations\n"
@@ -340,5 +349,102 @@ fn main() {
         "| main() → ready, as the process reports it | {:.1} | {:.1} |",
         percentile(&self_reported, 0.5),
         self_reported[self_reported.len() - 1]
+    );
+}
+
+/// Section 4: invocations with and without metrics, alternating rounds of
+/// `PER_ROUND` each, pooling allocator with fuel (the defaults of `up`).
+fn metrics_overhead(rt: &tokio::runtime::Runtime) {
+    const ROUNDS: usize = 9;
+    const PER_ROUND: usize = 5_000;
+    let runtime = runtime(AllocatorChoice::Pooling, true);
+    let with = invocable(&runtime, Limits::default());
+    let without = invocable(&runtime, Limits::default());
+    let mut labels = std::collections::HashMap::new();
+    labels.insert(
+        ("hostile".to_string(), "mqtt:bench".to_string()),
+        "mqtt[0]".to_string(),
+    );
+    let metrics = std::sync::Arc::new(InvocationMetrics::new(labels));
+    let mut registry = prometheus_client::registry::Registry::with_prefix("wasmgate");
+    metrics.register(&mut registry);
+    with.set_metrics(metrics.clone());
+    println!(
+        "## Metrics overhead: {ROUNDS} rounds of {PER_ROUND} sequential invocations each way, alternating (pooling, fuel on)\n"
+    );
+    println!(
+        "| round | median µs, metrics on | median µs, metrics off | p99 on | p99 off | on/off |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut ratios = Vec::new();
+    let mut last = None;
+    for round in 0..ROUNDS {
+        let mut medians = [(0.0, 0.0); 2];
+        // Which goes first alternates between rounds.
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for which in order {
+            let inv = if which == 0 { &with } else { &without };
+            let mut samples = Vec::with_capacity(PER_ROUND);
+            rt.block_on(async {
+                for i in 0..(PER_ROUND + 200) {
+                    let t = Instant::now();
+                    let outcome = inv
+                        .invoke(
+                            mqtt("ok", ""),
+                            InvocationContext::new("mqtt:bench"),
+                            Admission::Wait,
+                        )
+                        .await;
+                    assert!(outcome.is_ok(), "{outcome:?}");
+                    if i >= 200 {
+                        samples.push(t.elapsed().as_secs_f64() * 1e6);
+                    }
+                    if which == 0 {
+                        last = Some(outcome);
+                    }
+                }
+            });
+            samples.sort_by(f64::total_cmp);
+            medians[which] = (percentile(&samples, 0.5), percentile(&samples, 0.99));
+        }
+        let ratio = medians[0].0 / medians[1].0;
+        ratios.push(ratio);
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {ratio:.3} |",
+            round + 1,
+            medians[0].0,
+            medians[1].0,
+            medians[0].1,
+            medians[1].1
+        );
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "\nMedian on/off ratio over the rounds: {:.3} (min {:.3}, max {:.3})",
+        percentile(&ratios, 0.5),
+        ratios[0],
+        ratios[ratios.len() - 1]
+    );
+    // One record alone, on an outcome of the loop above.
+    record_cost(&metrics, &registry, &last.expect("an outcome"));
+}
+
+/// The time of one `InvocationMetrics::record` of `outcome`.
+fn record_cost(
+    metrics: &InvocationMetrics,
+    registry: &prometheus_client::registry::Registry,
+    outcome: &wasmgate_runtime::invoke::Outcome,
+) {
+    let n = 1_000_000;
+    let t = Instant::now();
+    for _ in 0..n {
+        metrics.record(std::hint::black_box(outcome));
+    }
+    let per = t.elapsed().as_secs_f64() * 1e9 / f64::from(n);
+    let mut text = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut text, registry).unwrap();
+    println!(
+        "One `InvocationMetrics::record`: {per:.0} ns ({n} calls); the exposition of this registry: {} bytes",
+        text.len()
     );
 }

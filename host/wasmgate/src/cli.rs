@@ -49,6 +49,9 @@ pub enum Command {
     /// Write the WIT guests are built against (`wasmgate:edge` and its WASI
     /// packages) into a directory, for a bindings generator.
     Wit(WitArgs),
+    /// Show a running gateway: components (versions, invocations, in
+    /// flight, last error), triggers, MQTT, queue and dead letters.
+    Status(StatusArgs),
     /// Create a guest project: the handler, its build, a manifest, a sample
     /// event, a README and a CI workflow (`new mqtt thermostat --lang python`).
     New(NewArgs),
@@ -76,6 +79,24 @@ pub enum Command {
         #[arg(long = "key", required = true)]
         keys: Vec<String>,
     },
+}
+
+/// `wasmgate status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The manifest of the gateway (its `state_dir` holds the admin socket).
+    #[arg(short = 'f', long = "file", default_value = "wasmgate.toml")]
+    pub file: PathBuf,
+    /// Ask the TCP admin listener at this URL (`http://HOST:PORT`) instead
+    /// of the local socket.
+    #[arg(long, value_name = "URL")]
+    pub admin: Option<String>,
+    /// The file holding the admin token (with `--admin`).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Print the JSON the gateway answered.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `wasmgate new`.
@@ -393,6 +414,7 @@ pub fn main() -> ExitCode {
             Command::Invoke(args) => crate::invoke::invoke(*args).await,
             Command::Up(args) => crate::up::up(args, started).await,
             Command::Dlq(args) => crate::dlq::dlq(args).await,
+            Command::Status(args) => crate::status::status(args).await,
             Command::HashPassword => hash_password(),
             Command::Wit(args) => crate::wit::write(&args.dir, args.force),
             Command::Keygen { out } => crate::sign::keygen(&out),

@@ -21,14 +21,18 @@
 //!   logic (router, ack order, schedules) apart from its I/O, and none
 //!   depends on another.
 //! - this crate: [`cli`] parses the command line; [`up`] is the composition
-//!   root ([`up::Gateway`]); [`check`], [`invoke`], [`dlq`], [`wit`],
+//!   root ([`up::Gateway`]), with [`metrics`] and the [`admin`] listener;
+//!   [`check`], [`invoke`], [`dlq`], [`wit`],
 //!   [`new`] and [`sign`] (keygen, sign, verify) are the other commands.
 
+pub mod admin;
 pub mod check;
 pub mod cli;
 pub mod dlq;
 pub mod invoke;
+pub mod metrics;
 pub mod new;
 pub mod sign;
+pub mod status;
 pub mod up;
 pub mod wit;

@@ -3,7 +3,9 @@
 //! them, and shuts them down in order: stop taking events, drain in-flight
 //! invocations (with a deadline), then the last publishes into the spool.
 
+use crate::admin::AdminState;
 use crate::cli::{Fatal, UpArgs, load_manifest};
+use crate::metrics::GatewayMetrics;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +20,7 @@ use wasmgate_store::deadletter::{self, Bounds, DeadLetterStore};
 use wasmgate_store::queue::EventQueue;
 use wasmgate_store::spool::{Spool, SpoolBounds};
 use wasmgate_store::timer_state::TimerState;
+use wasmgate_trigger_http::HttpStats;
 use wasmgate_trigger_mqtt::{ClientOptions, MqttTriggers};
 use wasmgate_trigger_timer::clock::Clock;
 use wasmgate_trigger_timer::{SchedulerThread, TimerTrigger};
@@ -28,6 +31,8 @@ pub async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
     // `ready` is logged must start a clean shutdown, not kill the process.
     let signals = Signals::install();
     let manifest = load_manifest(&args.file)?;
+    // Before anything starts: a bad admin token stops `up` at once.
+    crate::admin::read_token(&manifest).map_err(Fatal)?;
     if args.build {
         run_builds(&manifest).await?;
     }
@@ -40,7 +45,7 @@ pub async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
         let imports: Vec<&str> = caps.iter().map(|c| c.interface()).collect();
         tracing::info!(%component, imports = %imports.join(", "), "the component imports capabilities it is not granted: each call is denied");
     }
-    let gateway = Gateway::start(deployment).await?;
+    let gateway = Gateway::start(deployment, started).await?;
     let m = &gateway.deployment.manifest;
     tracing::info!(
         gateway = %m.gateway.name,
@@ -72,6 +77,7 @@ pub struct Gateway {
     http_drain: Duration,
     scheduler: Option<SchedulerThread>,
     timer_state: Arc<TimerState>,
+    admin: crate::admin::Admin,
     _embedded_broker: Option<EmbeddedBroker>,
 }
 
@@ -114,10 +120,15 @@ impl Stores {
 
 impl Gateway {
     /// Opens the stores, connects the publish sink and starts every trigger.
-    pub async fn start(deployment: Deployment) -> Result<Self, Fatal> {
+    pub async fn start(deployment: Deployment, started: Instant) -> Result<Self, Fatal> {
         let m = &deployment.manifest;
         let (embedded_broker, connection) = mqtt_connection(m).await?;
         let stores = Stores::open(m, connection.is_some())?;
+        let since = std::time::SystemTime::now() - started.elapsed();
+        let metrics = Arc::new(GatewayMetrics::new(&deployment, since));
+        metrics.set_stores(stores.dead_letters.clone(), stores.queue.clone());
+        let admin_state = Arc::new(AdminState::new(&deployment, metrics.clone(), started));
+        admin_state.set_stores(stores.dead_letters.clone(), stores.queue.clone());
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
         let sink_closed = CancellationToken::new();
@@ -143,7 +154,14 @@ impl Gateway {
         for c in deployment.components.values() {
             c.set_publish_sink(sink.clone());
         }
-        let http_drain = start_http(&deployment, &tasks, &shutdown).await?;
+        if let Some(t) = &mqtt {
+            metrics.set_mqtt(t.stats());
+            admin_state.set_mqtt(t.stats());
+        }
+        let (http_drain, http_stats) = start_http(&deployment, &tasks, &shutdown).await?;
+        if let Some(stats) = http_stats {
+            metrics.set_http(stats);
+        }
         tasks.spawn(wasmgate_store::queue::consume(
             stores.queue.clone(),
             deployment.components.clone(),
@@ -158,9 +176,13 @@ impl Gateway {
             &deployment,
             stores.timer_state.clone(),
             stores.dead_letters.clone(),
+            &metrics,
             &tasks,
             &shutdown,
         )?;
+        let admin = crate::admin::Admin::start(m, admin_state)
+            .await
+            .map_err(Fatal)?;
         Ok(Self {
             deployment,
             tasks,
@@ -170,6 +192,7 @@ impl Gateway {
             http_drain,
             scheduler,
             timer_state: stores.timer_state,
+            admin,
             _embedded_broker: embedded_broker,
         })
     }
@@ -203,6 +226,7 @@ impl Gateway {
         if let Err(e) = self.timer_state.flush() {
             tracing::error!(error = %e, "cannot write the timer state");
         }
+        self.admin.stop().await;
     }
 }
 
@@ -271,18 +295,19 @@ fn mqtt_trigger(
 }
 
 /// Binds and starts the HTTP listener, if the manifest has one; returns how
-/// long its connections may take to drain.
+/// long its connections may take to drain, and its response counts.
 async fn start_http(
     deployment: &Deployment,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
-) -> Result<Duration, Fatal> {
+) -> Result<(Duration, Option<Arc<HttpStats>>), Fatal> {
     let Some(server) = wasmgate_trigger_http::HttpServer::bind(deployment)
         .await
         .map_err(Fatal)?
     else {
-        return Ok(Duration::ZERO);
+        return Ok((Duration::ZERO, None));
     };
+    let stats = server.stats();
     let m = &deployment.manifest;
     let addr = server
         .local_addr()
@@ -294,7 +319,10 @@ async fn start_http(
         "http listening"
     );
     tasks.spawn(Trigger::run(server, tasks.clone(), shutdown.clone()));
-    Ok(m.http.clone().unwrap_or_default().limits().drain_timeout)
+    Ok((
+        m.http.clone().unwrap_or_default().limits().drain_timeout,
+        Some(stats),
+    ))
 }
 
 #[cfg(feature = "embedded-broker")]
@@ -415,6 +443,7 @@ fn start_timers(
     gateway: &Deployment,
     state: Arc<TimerState>,
     dead_letters: Arc<DeadLetterStore>,
+    metrics: &GatewayMetrics,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<Option<SchedulerThread>, Fatal> {
@@ -433,7 +462,9 @@ fn start_timers(
     {
         let component = gateway.components[t.component.get_ref()].clone();
         tracing::info!(trigger = %spec.label, component = %component.name, schedule = %spec.schedule_text, "timer armed");
+        let lateness = metrics.timer_histogram(spec.label.trim_start_matches("trigger."));
         let trigger = TimerTrigger::new(spec, component, state.clone(), clock.clone())
+            .with_lateness_histogram(lateness)
             .with_delivery_runtime(deliveries.clone())
             .with_dead_letters(dead_letters.clone());
         tasks.spawn_on(

@@ -1,0 +1,493 @@
+//! The admin listener: `/metrics` (Prometheus), `/healthz`, and the JSON
+//! API under `/v1/`, built with axum on the gateway's tokio runtime.
+//!
+//! It is always served on the Unix socket `state_dir/admin.sock` (mode
+//! 0600: the local CLI, `wasmgate status`), and on TCP when `[admin]
+//! listen` is set. On TCP every request but `/metrics` and `/healthz` must
+//! carry `Authorization: Bearer TOKEN` (401 otherwise; the comparison takes
+//! the same time wherever the tokens differ).
+//!
+//! Bounds, since a TCP client may be hostile: [`MAX_CONNECTIONS`] served at
+//! once per listener (more wait in the accept queue), [`HEAD_TIMEOUT`] to
+//! send a request head, [`IDLE_TIMEOUT`] for a connection with no request,
+//! and every route answers from memory or one bounded store query.
+
+use crate::metrics::GatewayMetrics;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use wasmgate_manifest::Manifest;
+use wasmgate_manifest::admin::{MAX_TOKEN_FILE_BYTES, validate_token};
+use wasmgate_runtime::deployment::Deployment;
+use wasmgate_runtime::invoke::{Invocable, LastError};
+use wasmgate_store::deadletter::DeadLetterStore;
+use wasmgate_store::queue::EventQueue;
+use wasmgate_trigger_mqtt::MqttStats;
+
+/// The Unix socket's file name in `state_dir`.
+pub const SOCKET_NAME: &str = "admin.sock";
+/// Connections one admin listener serves at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send a request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection is closed this long after it was accepted.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+
+/// What the admin routes read.
+pub struct AdminState {
+    metrics: Arc<GatewayMetrics>,
+    gateway: String,
+    state_dir: PathBuf,
+    started: Instant,
+    components: BTreeMap<String, Arc<Invocable>>,
+    digests: BTreeMap<String, String>,
+    signers: BTreeMap<String, String>,
+    triggers: Vec<TriggerStatus>,
+    mqtt: std::sync::OnceLock<Arc<MqttStats>>,
+    stores: std::sync::OnceLock<(Arc<DeadLetterStore>, Arc<EventQueue>)>,
+}
+
+impl AdminState {
+    /// The state of `deployment`, with its metrics.
+    pub fn new(deployment: &Deployment, metrics: Arc<GatewayMetrics>, started: Instant) -> Self {
+        let m = &deployment.manifest;
+        Self {
+            metrics,
+            gateway: m.gateway.name.clone(),
+            state_dir: m.state_dir(),
+            started,
+            components: deployment.components.clone(),
+            digests: deployment.digests.clone(),
+            signers: deployment
+                .signers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_string()))
+                .collect(),
+            triggers: triggers(m),
+            mqtt: std::sync::OnceLock::new(),
+            stores: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The MQTT trigger's counters.
+    pub fn set_mqtt(&self, stats: Arc<MqttStats>) {
+        let _ = self.mqtt.set(stats);
+    }
+
+    /// The dead-letter store and the event queue.
+    pub fn set_stores(&self, dead_letters: Arc<DeadLetterStore>, queue: Arc<EventQueue>) {
+        let _ = self.stores.set((dead_letters, queue));
+    }
+}
+
+/// One trigger of the manifest, as `/v1/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+struct TriggerStatus {
+    trigger: String,
+    component: String,
+    source: String,
+}
+
+fn triggers(m: &Manifest) -> Vec<TriggerStatus> {
+    let mut out = Vec::new();
+    for (i, t) in m.triggers.http.iter().enumerate() {
+        for c in t.components() {
+            out.push(TriggerStatus {
+                trigger: format!("http[{i}]"),
+                component: c.get_ref().clone(),
+                source: format!("priority {}", t.priority.get_ref()),
+            });
+        }
+    }
+    for (i, t) in m.triggers.mqtt.iter().enumerate() {
+        out.push(TriggerStatus {
+            trigger: format!("mqtt[{i}]"),
+            component: t.component.get_ref().clone(),
+            source: t.topic.get_ref().clone(),
+        });
+    }
+    for (spec, t) in wasmgate_trigger_timer::specs(m)
+        .into_iter()
+        .zip(&m.triggers.timer)
+    {
+        out.push(TriggerStatus {
+            trigger: spec.label.trim_start_matches("trigger.").to_string(),
+            component: t.component.get_ref().clone(),
+            source: spec.schedule_text,
+        });
+    }
+    out
+}
+
+/// The bearer token of `[admin]` (from its file or variable), checked.
+pub fn read_token(m: &Manifest) -> Result<Option<String>, String> {
+    let a = &m.admin;
+    let text = if let Some(file) = &a.token_file {
+        let path = m.resolve(file.get_ref());
+        let len = std::fs::metadata(&path)
+            .map_err(|e| format!("admin.token_file: cannot read {}: {e}", path.display()))?
+            .len();
+        if len > MAX_TOKEN_FILE_BYTES {
+            return Err(format!(
+                "admin.token_file: {} has {len} bytes; a token file holds one token (at most {MAX_TOKEN_FILE_BYTES} bytes)",
+                path.display()
+            ));
+        }
+        std::fs::read_to_string(&path)
+            .map_err(|e| format!("admin.token_file: cannot read {}: {e}", path.display()))?
+    } else if let Some(var) = &a.token_env {
+        std::env::var(var.get_ref()).map_err(|_| {
+            format!(
+                "admin.token_env: the environment variable {} is not set (or not UTF-8)",
+                var.get_ref()
+            )
+        })?
+    } else {
+        return Ok(None);
+    };
+    let token = text.trim().to_string();
+    let key = if a.token_file.is_some() {
+        "admin.token_file"
+    } else {
+        "admin.token_env"
+    };
+    validate_token(&token).map_err(|e| format!("{key}: {e}"))?;
+    Ok(Some(token))
+}
+
+/// The routes, with the bearer check when `token` is set.
+fn router(state: Arc<AdminState>, token: Option<Arc<str>>) -> Router {
+    let api = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/components", get(components));
+    let api = match token {
+        Some(token) => api.layer(axum::middleware::from_fn(move |req, next| {
+            require_token(token.clone(), req, next)
+        })),
+        None => api,
+    };
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .merge(api)
+        .with_state(state)
+}
+
+async fn require_token(token: Arc<str>, req: Request, next: Next) -> Response {
+    if bearer_matches(req.headers(), &token) {
+        next.run(req).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "send Authorization: Bearer TOKEN (the token of [admin])\n",
+        )
+            .into_response()
+    }
+}
+
+/// Whether the request carries `Bearer token`. Both sides are hashed first
+/// and the digests compared in constant time: neither the length nor the
+/// first differing byte shows in the time taken.
+fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let a = ring::digest::digest(&ring::digest::SHA256, given.trim().as_bytes());
+    let b = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    a.as_ref()
+        .iter()
+        .zip(b.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+    // The collector reads the stores (SQLite): off the async workers.
+    match tokio::task::spawn_blocking(move || state.metrics.encode()).await {
+        Ok(text) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+/// One component, as `/v1/status` shows it.
+#[derive(Debug, Serialize)]
+struct ComponentStatus {
+    name: String,
+    digest: String,
+    signer: Option<String>,
+    fuel: u64,
+    memory_bytes: u64,
+    timeout_ms: u64,
+    concurrency: u32,
+    in_flight: u32,
+    invocations: u64,
+    last_error: Option<LastError>,
+}
+
+fn component_statuses(state: &AdminState) -> Vec<ComponentStatus> {
+    state
+        .components
+        .iter()
+        .map(|(name, c)| ComponentStatus {
+            name: name.clone(),
+            digest: state
+                .digests
+                .get(name)
+                .map(|d| format!("sha256:{d}"))
+                .unwrap_or_default(),
+            signer: state.signers.get(name).cloned(),
+            fuel: c.limits.fuel,
+            memory_bytes: c.limits.memory,
+            timeout_ms: c.limits.timeout.as_millis() as u64,
+            concurrency: c.limits.concurrency,
+            in_flight: c.in_flight(),
+            invocations: c.invocations(),
+            last_error: c.last_error(),
+        })
+        .collect()
+}
+
+async fn components(State(state): State<Arc<AdminState>>) -> Response {
+    axum::Json(component_statuses(&state)).into_response()
+}
+
+async fn status(State(state): State<Arc<AdminState>>) -> Response {
+    let s = state.clone();
+    let stores = tokio::task::spawn_blocking(move || {
+        s.stores.get().map(|(dead_letters, queue)| {
+            (
+                queue.len().ok(),
+                dead_letters
+                    .counts_by_component()
+                    .ok()
+                    .map(|v| v.into_iter().collect::<BTreeMap<_, _>>()),
+            )
+        })
+    })
+    .await
+    .ok()
+    .flatten();
+    let (queue_depth, dead_letters) = stores.unwrap_or((None, None));
+    let mqtt = state.mqtt.get().map(|m| {
+        serde_json::json!({
+            "connected": m.connected.load(Ordering::Relaxed),
+            "received": m.received.load(Ordering::Relaxed),
+            "succeeded": m.succeeded.load(Ordering::Relaxed),
+            "dead_lettered": m.failed.load(Ordering::Relaxed),
+            "published": m.published.load(Ordering::Relaxed),
+            "spool_messages": m.spool_waiting.load(Ordering::Relaxed),
+        })
+    });
+    axum::Json(serde_json::json!({
+        "gateway": {
+            "name": state.gateway,
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_s": state.started.elapsed().as_secs(),
+            "state_dir": state.state_dir.display().to_string(),
+        },
+        "components": component_statuses(&state),
+        "triggers": state.triggers,
+        "mqtt": mqtt,
+        "queue_depth": queue_depth,
+        "dead_letters": dead_letters,
+    }))
+    .into_response()
+}
+
+/// A running admin listener (or two).
+pub struct Admin {
+    socket: Option<PathBuf>,
+    stop: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+    /// The TCP listener's address, when `[admin] listen` is set.
+    pub tcp: Option<std::net::SocketAddr>,
+}
+
+impl Admin {
+    /// Binds the Unix socket (and the TCP listener of `[admin] listen`)
+    /// and serves them until [`Admin::stop`].
+    pub async fn start(m: &Manifest, state: Arc<AdminState>) -> Result<Self, String> {
+        let token = read_token(m)?;
+        let stop = CancellationToken::new();
+        let tasks = tokio_util::task::TaskTracker::new();
+        let path = m.state_dir().join(SOCKET_NAME);
+        let socket = match bind_socket(&path).await {
+            Ok(listener) => {
+                let app = router(state.clone(), None);
+                tasks.spawn(serve(Listener::Unix(listener), app, stop.clone()));
+                tracing::info!(socket = %path.display(), "admin listening (local socket)");
+                Some(path)
+            }
+            Err(e) => {
+                // The gateway runs on without it: `wasmgate status` then
+                // says it cannot connect.
+                tracing::warn!(socket = %path.display(), error = %e, "cannot create the admin socket; `wasmgate status` will not reach this gateway");
+                None
+            }
+        };
+        let tcp = match &m.admin.listen {
+            Some(addr) => {
+                let addr = *addr.get_ref();
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("admin.listen: cannot listen on {addr}: {e}"))?;
+                let local = listener.local_addr().map_err(|e| e.to_string())?;
+                let app = router(state, token.map(Arc::from));
+                tasks.spawn(serve(Listener::Tcp(listener), app, stop.clone()));
+                tracing::info!(address = %local, "admin listening");
+                Some(local)
+            }
+            None => None,
+        };
+        Ok(Self {
+            socket,
+            stop,
+            tasks,
+            tcp,
+        })
+    }
+
+    /// Stops serving and removes the socket file.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
+        if let Some(path) = self.socket {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Binds `path`, replacing a stale socket file (one no process answers on)
+/// but never a live one: two gateways on one `state_dir` are refused.
+async fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, String> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(format!(
+                "{} exists and is not a socket; remove it",
+                path.display()
+            ));
+        }
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(format!(
+                "another gateway answers on {}: is a second `wasmgate up` running with this state_dir?",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path).map_err(|e| e.to_string())?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(|e| e.to_string())?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| e.to_string())?;
+    Ok(listener)
+}
+
+enum Listener {
+    Unix(tokio::net::UnixListener),
+    Tcp(tokio::net::TcpListener),
+}
+
+/// Serves `app` on `listener` until `stop`, within the bounds above.
+async fn serve(listener: Listener, app: Router, stop: CancellationToken) {
+    // HTTP/1.1 only: its head timeout runs from the connection's start, so
+    // a client that connects and sends nothing is closed after it.
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(64 * 1024);
+    let builder = Arc::new(builder);
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => return,
+            p = permits.clone().acquire_owned() => p.expect("never closed"),
+        };
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            a = accept(&listener) => a,
+        };
+        let io = match accepted {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let builder = builder.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let conn = builder.serve_connection(io, service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = tokio::time::sleep(MAX_CONNECTION_AGE) => {}
+                () = stop.cancelled() => {}
+            }
+            drop(permit);
+        });
+    }
+}
+
+type Io = TokioIo<Box<dyn Stream>>;
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+async fn accept(listener: &Listener) -> std::io::Result<Io> {
+    Ok(match listener {
+        Listener::Unix(l) => TokioIo::new(Box::new(l.accept().await?.0) as Box<dyn Stream>),
+        Listener::Tcp(l) => {
+            let (s, _) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            TokioIo::new(Box::new(s) as Box<dyn Stream>)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_check_needs_the_exact_token() {
+        let mut h = HeaderMap::new();
+        assert!(!bearer_matches(&h, "0123456789abcdef"));
+        h.insert(
+            header::AUTHORIZATION,
+            "Bearer 0123456789abcdef".parse().unwrap(),
+        );
+        assert!(bearer_matches(&h, "0123456789abcdef"));
+        assert!(!bearer_matches(&h, "0123456789abcdeF"));
+        assert!(!bearer_matches(&h, "0123456789abcdef0"));
+        h.insert(
+            header::AUTHORIZATION,
+            "Basic 0123456789abcdef".parse().unwrap(),
+        );
+        assert!(!bearer_matches(&h, "0123456789abcdef"));
+    }
+}

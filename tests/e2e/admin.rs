@@ -1,0 +1,393 @@
+//! The admin listener against the real binary: `/metrics` checked by
+//! `promtool` and scraped by a real Prometheus server, the bearer token,
+//! the local socket and `wasmgate status`, and a client that holds
+//! connections open.
+
+use crate::examples::Up;
+use crate::util::wasmgate;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use wasmgate_test_artifacts::{HELLO_HTTP, HTTP_PROBE};
+
+const TOKEN: &str = "3f9c2e7a61b04d58a9e1c0f27b6d8e43";
+
+/// Writes a manifest with an HTTP rule to `hello` and an admin listener on
+/// an ephemeral port, and the token file.
+fn manifest(dir: &Path, extra: &str) -> String {
+    std::fs::write(dir.join("admin.token"), format!("{TOKEN}\n")).unwrap();
+    let path = dir.join("wasmgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[gateway]
+name = "edge-7"
+state_dir = "state"
+
+[http]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+token_file = "admin.token"
+
+[component.hello]
+source = "{HELLO_HTTP}"
+[component.probe]
+source = "{HTTP_PROBE}"
+
+[[trigger.http]]
+priority = 1
+path = "/probe/*"
+component = "probe"
+[[trigger.http]]
+priority = 2
+component = "hello"
+{extra}"#
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// The `field` of the first log line whose message is `message`.
+fn logged(up: &Up, message: &str, field: &str) -> String {
+    for line in up.logs().lines() {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
+            && v["message"] == message
+        {
+            return v[field].as_str().unwrap().to_string();
+        }
+    }
+    panic!("no {message:?} line:\n{}", up.logs());
+}
+
+fn start(dir: &Path) -> (Up, String, String) {
+    let path = manifest(dir, "");
+    let up = Up::spawn(wasmgate().args(["up", "-f", &path]), &path);
+    let http = logged(&up, "http listening", "address");
+    let admin = logged(&up, "admin listening", "address");
+    (up, http, admin)
+}
+
+/// The value of the sample `name{labels}` in a text exposition.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_prometheus_scrapes_the_invocations() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, http, admin) = start(dir.path());
+    let c = crate::http::client();
+    for _ in 0..7 {
+        let r = c.get(format!("http://{http}/hi")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // A trap and a request no rule... every request has a rule here: a
+    // trap gives a 5xx and outcome "trap".
+    let r = c
+        .get(format!("http://{http}/probe/trap"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+
+    // /metrics needs no token.
+    let r = c
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"),
+        "{:?}",
+        r.headers()
+    );
+    let text = r.text().await.unwrap();
+    let ok = r#"wasmgate_invocations_total{component="hello",trigger="http[1]",outcome="ok"}"#;
+    assert_eq!(sample(&text, ok), Some(7.0), "{text}");
+    let trap = r#"wasmgate_invocations_total{component="probe",trigger="http[0]",outcome="trap"}"#;
+    assert_eq!(sample(&text, trap), Some(1.0), "{text}");
+    for series in [
+        r#"wasmgate_http_requests_total{rule="http[1]",code_class="2xx"}"#,
+        r#"wasmgate_invocation_duration_seconds_count{component="hello"}"#,
+    ] {
+        assert_eq!(sample(&text, series), Some(7.0), "{series}\n{text}");
+    }
+    assert_eq!(
+        sample(
+            &text,
+            r#"wasmgate_http_requests_total{rule="http[0]",code_class="5xx"}"#
+        ),
+        Some(1.0)
+    );
+    assert!(
+        sample(&text, r#"wasmgate_fuel_consumed_total{component="hello"}"#).unwrap() > 0.0,
+        "{text}"
+    );
+    assert!(sample(&text, "process_resident_memory_bytes").unwrap() > 1e6);
+    assert!(text.contains("wasmgate_component_info{component=\"hello\",digest=\"sha256:"));
+    // No label carries a path or an id.
+    assert!(!text.contains("/hi") && !text.contains("/probe"), "{text}");
+
+    // promtool, Prometheus' own checker, accepts the exposition.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; .ci/run installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A real Prometheus scrapes the gateway and answers, through its own
+    // query API, the count the requests above caused.
+    let port = free_port();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: wasmgate\n    static_configs:\n      - targets: ['{admin}']\n"
+        ),
+    )
+    .unwrap();
+    let _prometheus = crate::util::spawn_guarded(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let query = "sum(wasmgate_invocations_total{component=\"hello\",outcome=\"ok\"})";
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let value = loop {
+        let answer = c
+            .post(format!("http://127.0.0.1:{port}/api/v1/query"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!(
+                "query={}",
+                form_urlencoded::byte_serialize(query.as_bytes()).collect::<String>()
+            ))
+            .send()
+            .await;
+        if let Ok(r) = answer
+            && let Ok(text) = r.text().await
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            && let Some(value) = v["data"]["result"][0]["value"][1].as_str()
+        {
+            break value.to_string();
+        }
+        assert!(Instant::now() < deadline, "Prometheus never had the series");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(value, "7");
+    up.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_needs_the_token_and_the_local_socket_is_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, http, admin) = start(dir.path());
+    let manifest = dir.path().join("wasmgate.toml");
+    let c = crate::http::client();
+    let r = c.get(format!("http://{http}/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Over TCP: no token, a wrong one, another scheme → 401.
+    for auth in [
+        None,
+        Some(format!("Bearer {TOKEN}x")),
+        Some("Bearer short".to_string()),
+        Some(format!("Basic {TOKEN}")),
+    ] {
+        let mut req = c.get(format!("http://{admin}/v1/status"));
+        if let Some(a) = &auth {
+            req = req.header("authorization", a);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 401, "{auth:?}");
+    }
+    let r = c
+        .get(format!("http://{admin}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .get(format!("http://{admin}/v1/status"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(v["gateway"]["name"], "edge-7");
+    let hello = v["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "hello")
+        .unwrap();
+    assert_eq!(hello["invocations"], 1);
+    assert_eq!(hello["in_flight"], 0);
+    assert!(
+        hello["digest"].as_str().unwrap().starts_with("sha256:"),
+        "{v}"
+    );
+
+    // The local socket: mode 0600, no token needed; `wasmgate status`
+    // reads it from the manifest's state_dir.
+    let socket = dir.path().join("state/admin.sock");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let out = wasmgate()
+        .args(["status", "-f", manifest.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("gateway edge-7"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("hello ") && l.contains("sha256:")),
+        "{text}"
+    );
+    assert!(text.contains("http[1]"), "{text}");
+    // Over TCP with the token file; with a wrong token, exit 1 and the 401.
+    let out = wasmgate()
+        .args(["status", "--json", "--admin", &format!("http://{admin}")])
+        .arg("--token-file")
+        .arg(dir.path().join("admin.token"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["gateway"]["name"], "edge-7");
+    std::fs::write(dir.path().join("wrong"), "not-the-token-at-all").unwrap();
+    let out = wasmgate()
+        .args(["status", "--admin", &format!("http://{admin}")])
+        .arg("--token-file")
+        .arg(dir.path().join("wrong"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Clients holding every connection open without a request are closed
+    // after the head timeout, and the listener serves again.
+    let held: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| std::net::TcpStream::connect(&admin).unwrap())
+        .collect();
+    let started = Instant::now();
+    let mut s = std::net::TcpStream::connect(&admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(50),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(held);
+
+    // Stopped: the socket is gone and status says it cannot reach it.
+    up.stop();
+    assert!(!socket.exists());
+    let out = wasmgate()
+        .args(["status", "-f", manifest.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach the gateway"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn admin_settings_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let check = |body: &str| {
+        std::fs::write(d.join("wasmgate.toml"), body).unwrap();
+        let out = wasmgate()
+            .args(["check", "-f"])
+            .arg(d.join("wasmgate.toml"))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = check("[admin]\nlisten = \"127.0.0.1:9100\"\n");
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("admin.listen") && err.contains("bearer token"),
+        "{err}"
+    );
+    let (code, err) = check("[admin]\ntoken_file = \"t\"\ntoken_env = \"T\"\n");
+    assert_eq!(code, Some(2));
+    assert!(err.contains("admin.token_env"), "{err}");
+
+    // A weak token stops `up` with the key named.
+    std::fs::write(d.join("t"), "hunter2\n").unwrap();
+    let path = d.join("wasmgate.toml");
+    std::fs::write(
+        &path,
+        "[gateway]\nstate_dir = \"state\"\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"t\"\n",
+    )
+    .unwrap();
+    let out = wasmgate().args(["up", "-f"]).arg(&path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("admin.token_file") && err.contains("at least 16"),
+        "{err}"
+    );
+}
