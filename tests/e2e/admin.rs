@@ -391,3 +391,73 @@ fn admin_settings_are_checked() {
         "{err}"
     );
 }
+
+/// Loads `url` in headless Chromium and returns the DOM it built.
+fn chromium_dom(url: &str, profile: &Path) -> String {
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(["--dump-dom", url])
+        .stderr(Stdio::null())
+        .output()
+        .expect("chromium (Debian package chromium; .ci/run installs it)");
+    assert!(out.status.success(), "chromium failed on {url}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The invocation count in the component table's row of `component`.
+fn invocations_in(dom: &str, component: &str) -> u64 {
+    let row = dom
+        .split("<tr ")
+        .find(|r| r.contains(&format!("data-component=\"{component}\"")))
+        .unwrap_or_else(|| panic!("no row for {component}:\n{dom}"));
+    let cell = row
+        .split("class=\"n invocations\">")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no invocation cell:\n{row}"));
+    cell[..cell.find('<').unwrap()].parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_in_a_browser_shows_invocations_go_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, http, admin) = start(dir.path());
+    let profile = dir.path().join("chromium");
+    let url = format!("http://{admin}/");
+    let before = chromium_dom(&url, &profile);
+    assert!(before.contains("<h1>edge-7</h1>"), "{before}");
+    assert!(
+        before.contains("http-equiv=\"refresh\""),
+        "the page reloads itself:\n{before}"
+    );
+    let first = invocations_in(&before, "hello");
+    let c = crate::http::client();
+    for _ in 0..3 {
+        let r = c.get(format!("http://{http}/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = c
+        .get(format!("http://{http}/probe/trap"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let after = chromium_dom(&url, &profile);
+    assert_eq!(invocations_in(&after, "hello"), first + 3, "{after}");
+    // The trap shows as a failure of probe, with its outcome.
+    let probe = after
+        .split("<tr ")
+        .find(|r| r.contains("data-component=\"probe\""))
+        .unwrap();
+    assert!(
+        probe.contains("class=\"n failures bad\">1<") && probe.contains("trap ("),
+        "{probe}"
+    );
+    up.stop();
+}

@@ -633,6 +633,7 @@ pub struct Invocable {
     fuel: bool,
     ticker: crate::engine::EpochTicker,
     invocations: AtomicU64,
+    failures: AtomicU64,
     sink: std::sync::OnceLock<Arc<dyn PublishSink>>,
     /// Invocations per instance (`reuse`; 1: fresh each time).
     reuse: u32,
@@ -706,6 +707,7 @@ impl Invocable {
             fuel: engine.fuel(),
             ticker: engine.ticker().clone(),
             invocations: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
             sink: std::sync::OnceLock::new(),
             reuse: 1,
             warm: std::sync::Mutex::default(),
@@ -758,6 +760,12 @@ impl Invocable {
     /// Invocations started so far.
     pub fn invocations(&self) -> u64 {
         self.invocations.load(Ordering::Relaxed)
+    }
+
+    /// Invocations through [`Self::invoke`] that did not succeed (any
+    /// outcome but `ok`, throttled ones included).
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
     }
 
     /// Invocations running now.
@@ -819,6 +827,7 @@ impl Invocable {
             metrics.record(&outcome);
         }
         if !outcome.is_ok() {
+            self.failures.fetch_add(1, Ordering::Relaxed);
             let at_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);

@@ -3,8 +3,9 @@
 //!
 //! It is always served on the Unix socket `state_dir/admin.sock` (mode
 //! 0600: the local CLI, `wasmgate status`), and on TCP when `[admin]
-//! listen` is set. On TCP every request but `/metrics` and `/healthz` must
-//! carry `Authorization: Bearer TOKEN` (401 otherwise; the comparison takes
+//! listen` is set. On TCP every request but `/metrics`, `/healthz` and the
+//! status page `/` (which shows what `/metrics` shows) must carry
+//! `Authorization: Bearer TOKEN` (401 otherwise; the comparison takes
 //! the same time wherever the tokens differ).
 //!
 //! Bounds, since a TCP client may be hostile: [`MAX_CONNECTIONS`] served at
@@ -58,6 +59,7 @@ pub struct AdminState {
     triggers: Vec<TriggerStatus>,
     mqtt: std::sync::OnceLock<Arc<MqttStats>>,
     stores: std::sync::OnceLock<(Arc<DeadLetterStore>, Arc<EventQueue>)>,
+    rates: crate::page::Rates,
 }
 
 impl AdminState {
@@ -79,7 +81,16 @@ impl AdminState {
             triggers: triggers(m),
             mqtt: std::sync::OnceLock::new(),
             stores: std::sync::OnceLock::new(),
+            rates: crate::page::Rates::default(),
         }
+    }
+
+    /// Per component: invocations started and failures.
+    fn counts(&self) -> crate::page::Counts {
+        self.components
+            .iter()
+            .map(|(name, c)| (name.clone(), (c.invocations(), c.failures())))
+            .collect()
     }
 
     /// The MQTT trigger's counters.
@@ -180,6 +191,7 @@ fn router(state: Arc<AdminState>, token: Option<Arc<str>>) -> Router {
         None => api,
     };
     Router::new()
+        .route("/", get(page))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .merge(api)
@@ -225,6 +237,52 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         Ok(text) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     }
+}
+
+/// The status page (see [`crate::page`]).
+async fn page(State(state): State<Arc<AdminState>>) -> Response {
+    let s = state.clone();
+    let (queue_depth, dead_letters) = tokio::task::spawn_blocking(move || {
+        s.stores.get().map(|(dead_letters, queue)| {
+            (
+                queue.len().ok(),
+                dead_letters
+                    .counts_by_component()
+                    .ok()
+                    .map(|v| v.into_iter().collect::<BTreeMap<_, _>>()),
+            )
+        })
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or((None, None));
+    let mqtt = state.mqtt.get();
+    let summary = crate::page::Summary {
+        gateway: state.gateway.clone(),
+        uptime_s: state.started.elapsed().as_secs(),
+        mqtt_connected: mqtt.map(|m| m.connected.load(Ordering::Relaxed)),
+        queue_depth,
+        spool_messages: mqtt.map(|m| m.spool_waiting.load(Ordering::Relaxed)),
+    };
+    let rows: Vec<crate::page::Row> = component_statuses(&state)
+        .into_iter()
+        .map(|c| crate::page::Row {
+            dead_letters: dead_letters
+                .as_ref()
+                .map(|d| d.get(&c.name).copied().unwrap_or(0)),
+            failures: state.components[&c.name].failures(),
+            digest: c.digest,
+            invocations: c.invocations,
+            in_flight: (c.in_flight, c.concurrency),
+            last_error: c
+                .last_error
+                .map(|e| format!("{} ({})", e.outcome, e.invocation_id)),
+            name: c.name,
+        })
+        .collect();
+    let rates = state.rates.per_minute(&state.counts());
+    axum::response::Html(crate::page::render(&summary, &rows, &rates)).into_response()
 }
 
 /// One component, as `/v1/status` shows it.
@@ -343,6 +401,18 @@ impl Admin {
                 None
             }
         };
+        // The counts behind the page's rates.
+        let sampled = state.clone();
+        let stop_sampling = stop.clone();
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(crate::page::SAMPLE_EVERY);
+            loop {
+                tokio::select! {
+                    () = stop_sampling.cancelled() => return,
+                    _ = every.tick() => sampled.rates.sample(sampled.counts()),
+                }
+            }
+        });
         let tcp = match &m.admin.listen {
             Some(addr) => {
                 let addr = *addr.get_ref();

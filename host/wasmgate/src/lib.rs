@@ -32,6 +32,7 @@ pub mod dlq;
 pub mod invoke;
 pub mod metrics;
 pub mod new;
+pub mod page;
 pub mod sign;
 pub mod status;
 pub mod up;
