@@ -78,6 +78,35 @@ fn sample(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
 
+/// The sum of the samples whose series starts with `prefix`.
+fn sum_of(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Scrapes `/metrics` until `done` accepts the text (at most 20 s).
+async fn scrape_until(admin: &str, done: impl Fn(&str) -> bool) -> String {
+    let c = crate::http::client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = c
+            .get(format!("http://{admin}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if done(&text) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "never came:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -94,6 +123,9 @@ async fn metrics_pass_promtool_and_prometheus_scrapes_the_invocations() {
     for _ in 0..7 {
         let r = c.get(format!("http://{http}/hi")).send().await.unwrap();
         assert_eq!(r.status(), 200);
+        // Read to the end: a client that hangs up before the body makes
+        // the guest's write fail (outcome `client_closed`, tested below).
+        assert!(r.text().await.unwrap().starts_with("Hello from wasmgate"));
     }
     // A trap and a request no rule... every request has a rule here: a
     // trap gives a 5xx and outcome "trap".
@@ -104,7 +136,10 @@ async fn metrics_pass_promtool_and_prometheus_scrapes_the_invocations() {
         .unwrap();
     assert_eq!(r.status(), 500);
 
-    // /metrics needs no token.
+    // /metrics needs no token. (The outcome is recorded just after the
+    // guest returns, so wait until all 8 are.)
+    let ok = r#"wasmgate_invocations_total{component="hello",trigger="http[1]",outcome="ok"}"#;
+    scrape_until(&admin, |text| sample(text, ok) == Some(7.0)).await;
     let r = c
         .get(format!("http://{admin}/metrics"))
         .send()
@@ -120,18 +155,12 @@ async fn metrics_pass_promtool_and_prometheus_scrapes_the_invocations() {
         r.headers()
     );
     let text = r.text().await.unwrap();
-    // All 7 over every outcome: the client saw 7 × 200, but under a
-    // loaded machine one was once counted as `trap` (an HTTP invocation
-    // whose response was sent and whose guest then failed on the host
-    // side, a separate finding), so the outcome split is not asserted.
-    let hello: f64 = text
-        .lines()
-        .filter(|l| {
-            l.starts_with(r#"wasmgate_invocations_total{component="hello",trigger="http[1]","#)
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert_eq!(hello, 7.0, "{text}");
+    // All 7 ok, and nothing else for hello.
+    assert_eq!(
+        sum_of(&text, r#"wasmgate_invocations_total{component="hello","#),
+        7.0,
+        "{text}"
+    );
     let trap = r#"wasmgate_invocations_total{component="probe",trigger="http[0]",outcome="trap"}"#;
     assert_eq!(sample(&text, trap), Some(1.0), "{text}");
     for series in [
@@ -200,7 +229,7 @@ async fn metrics_pass_promtool_and_prometheus_scrapes_the_invocations() {
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
-    let query = "sum(wasmgate_invocations_total{component=\"hello\"})";
+    let query = "sum(wasmgate_invocations_total{component=\"hello\",outcome=\"ok\"})";
     let deadline = Instant::now() + Duration::from_secs(90);
     let value = loop {
         let answer = c
@@ -224,6 +253,64 @@ async fn metrics_pass_promtool_and_prometheus_scrapes_the_invocations() {
     };
     assert_eq!(value, "7");
     up.stop();
+}
+
+/// A client that hangs up while the guest streams its body makes the
+/// guest's next write fail, and the probe traps on that (`expect`). The
+/// outcome is `client_closed`: not a failure of the component, so not in
+/// its failure count or last error (which a deploy's automatic rollback
+/// watches: a hostile client must not be able to roll a deploy back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_is_not_a_component_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_up, http, admin) = start(dir.path());
+    for _ in 0..3 {
+        let mut s = std::net::TcpStream::connect(&http).unwrap();
+        s.write_all(b"GET /probe/big?kb=16384 HTTP/1.1\r\nHost: edge\r\n\r\n")
+            .unwrap();
+        let mut head = [0u8; 512];
+        let n = s.read(&mut head).unwrap();
+        assert!(head[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &head[..n]);
+        drop(s);
+    }
+    let closed = r#"wasmgate_invocations_total{component="probe",trigger="http[0]",outcome="client_closed"}"#;
+    let text = scrape_until(&admin, |t| sample(t, closed) == Some(3.0)).await;
+    assert_eq!(
+        sum_of(&text, r#"wasmgate_invocations_total{component="probe","#),
+        3.0,
+        "{text}"
+    );
+    let status: serde_json::Value = serde_json::from_str(
+        &crate::http::client()
+            .get(format!("http://{admin}/v1/status"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let probe = status["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "probe")
+        .unwrap();
+    assert_eq!(probe["invocations"], 3, "{probe}");
+    assert_eq!(probe["failures"], 0, "{probe}");
+    assert!(probe["last_error"].is_null(), "{probe}");
+
+    // A trap with the client still there is a trap.
+    let r = crate::http::client()
+        .get(format!("http://{http}/probe/trap"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let trap = r#"wasmgate_invocations_total{component="probe",trigger="http[0]",outcome="trap"}"#;
+    scrape_until(&admin, |t| sample(t, trap) == Some(1.0)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

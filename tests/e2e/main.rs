@@ -8,6 +8,7 @@ mod admin;
 mod broker;
 mod cache;
 mod cli;
+mod deploy;
 mod dlq;
 mod examples;
 mod http;

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use toml::Spanned;
+pub use toml::Spanned;
 
 pub mod admin;
 mod broker_url;
@@ -359,6 +359,61 @@ pub struct ComponentConfig {
     /// (default 1: a fresh instance each time). State left by one invocation
     /// is visible to the next; a failed invocation drops its instance.
     pub reuse: Option<Spanned<u32>>,
+    /// How a new version deployed while the gateway runs is tried and
+    /// watched (`wasmgate deploy`).
+    #[serde(default)]
+    pub deploy: DeployConfig,
+}
+
+/// `[component.NAME.deploy]`: the smoke test of a deploy and the watch
+/// after it that rolls a failing version back by itself.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployConfig {
+    /// An event file (as `wasmgate invoke --event` reads) that the new
+    /// version must handle successfully before it is swapped in.
+    pub smoke_test: Option<Spanned<PathBuf>>,
+    /// How long after a deploy its failure ratio is watched (default
+    /// [`DeployConfig::DEFAULT_WATCH`]; `"0s"`: not watched).
+    pub watch: Option<Spanned<HumanDuration>>,
+    /// Invocations the new version must have run before its failure ratio
+    /// counts (default [`DeployConfig::DEFAULT_MIN_INVOCATIONS`]).
+    pub min_invocations: Option<Spanned<u32>>,
+    /// The failure ratio past which the previous version comes back
+    /// (default [`DeployConfig::DEFAULT_MAX_FAILURE_RATIO`]).
+    pub max_failure_ratio: Option<Spanned<f64>>,
+}
+
+impl DeployConfig {
+    /// The watch's length unless set.
+    pub const DEFAULT_WATCH: Duration = Duration::from_secs(60);
+    /// The invocations a watch needs unless set.
+    pub const DEFAULT_MIN_INVOCATIONS: u32 = 10;
+    /// The failure ratio a watch tolerates unless set.
+    pub const DEFAULT_MAX_FAILURE_RATIO: f64 = 0.5;
+    /// The longest watch.
+    pub const MAX_WATCH: Duration = Duration::from_secs(24 * 3600);
+
+    /// The watch's length.
+    pub fn watch(&self) -> Duration {
+        self.watch
+            .as_ref()
+            .map_or(Self::DEFAULT_WATCH, |w| w.get_ref().0)
+    }
+
+    /// The invocations a watch needs before it judges.
+    pub fn min_invocations(&self) -> u32 {
+        self.min_invocations
+            .as_ref()
+            .map_or(Self::DEFAULT_MIN_INVOCATIONS, |m| *m.get_ref())
+    }
+
+    /// The failure ratio a watch tolerates.
+    pub fn max_failure_ratio(&self) -> f64 {
+        self.max_failure_ratio
+            .as_ref()
+            .map_or(Self::DEFAULT_MAX_FAILURE_RATIO, |r| *r.get_ref())
+    }
 }
 
 impl ComponentConfig {
@@ -823,6 +878,50 @@ impl Manifest {
                 r.span(),
                 &format!("{key}.reuse"),
                 "must be at least 1 (1 means a fresh instance per request)".into(),
+            ));
+        }
+        self.check_deploy(&key, &config.deploy)
+    }
+
+    /// `[component.NAME.deploy]`.
+    fn check_deploy(&self, key: &str, d: &DeployConfig) -> Result<(), ManifestError> {
+        if let Some(w) = &d.watch
+            && w.get_ref().0 > DeployConfig::MAX_WATCH
+        {
+            return Err(self.invalid(
+                w.span(),
+                &format!("{key}.deploy.watch"),
+                "must be at most 24h".into(),
+            ));
+        }
+        if let Some(m) = &d.min_invocations
+            && *m.get_ref() == 0
+        {
+            return Err(self.invalid(
+                m.span(),
+                &format!("{key}.deploy.min_invocations"),
+                "must be at least 1".into(),
+            ));
+        }
+        if let Some(r) = &d.max_failure_ratio
+            && !(0.0..1.0).contains(r.get_ref())
+        {
+            return Err(self.invalid(
+                r.span(),
+                &format!("{key}.deploy.max_failure_ratio"),
+                format!(
+                    "{} is not a ratio from 0 (no failure tolerated) up to, not including, 1",
+                    r.get_ref()
+                ),
+            ));
+        }
+        if let Some(t) = &d.smoke_test
+            && t.get_ref().as_os_str().is_empty()
+        {
+            return Err(self.invalid(
+                t.span(),
+                &format!("{key}.deploy.smoke_test"),
+                "the path is empty".into(),
             ));
         }
         Ok(())

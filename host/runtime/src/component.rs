@@ -69,6 +69,7 @@ impl Capability {
 }
 
 /// A compiled, pre-instantiated component.
+#[derive(Clone)]
 pub struct Compiled {
     /// The compiled component.
     pub component: Component,
@@ -274,6 +275,31 @@ impl Cache {
         )
     }
 
+    /// Removes the artifacts of every component whose SHA-256 digest (hex)
+    /// is not in `keep`, so that deploys do not fill the disk with the
+    /// artifacts of versions gone. Returns how many were removed.
+    pub fn retain(&self, keep: &std::collections::BTreeSet<String>) -> usize {
+        let Some(dir) = &self.dir else { return 0 };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some((digest, _)) = name.split_once('-') else {
+                continue;
+            };
+            if name.ends_with(".cwasm")
+                && !keep.contains(digest)
+                && std::fs::remove_file(entry.path()).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Compiles `bytes`, or loads the precompiled artifact. Returns whether it
     /// came from the cache. Cache I/O failures are logged and never fatal.
     pub fn compile(&self, engine: &Engine, bytes: &[u8]) -> wasmtime::Result<(Component, bool)> {
@@ -392,9 +418,10 @@ fn deserialize(engine: &Engine, artifact: &[u8]) -> wasmtime::Result<Component> 
     unsafe { Component::deserialize(engine, artifact) }
 }
 
-/// Writes `file` so that after a crash or power cut it is either absent or
-/// complete: a temporary file, fsync, rename, fsync of the directory.
-fn write_durably(dir: &Path, file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` to `file` in `dir` so that after a crash or power cut it
+/// is the old file or the new one, complete: a temporary file (mode 0600),
+/// fsync, rename, fsync of the directory.
+pub fn write_durably(dir: &Path, file: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = dir.join(format!(

@@ -34,6 +34,11 @@ impl Runtime {
         &self.engine
     }
 
+    /// The precompiled-component cache.
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
     /// Loads one component file.
     pub fn compile(&self, path: &std::path::Path) -> Result<Compiled, LoadError> {
         component::load(self.engine.engine(), &self.linker, &self.cache, path)
@@ -90,28 +95,7 @@ impl Deployment {
         for name in manifest.components.keys() {
             compiled.insert(name.clone(), load_component(&manifest, &runtime, name)?);
         }
-        let t = &manifest.triggers;
-        let uses =
-            t.http
-                .iter()
-                .enumerate()
-                .flat_map(|(i, x)| {
-                    x.components()
-                        .into_iter()
-                        .map(move |c| (format!("trigger.http[{i}]"), c, Handler::Http))
-                })
-                .chain(
-                    t.mqtt
-                        .iter()
-                        .enumerate()
-                        .map(|(i, x)| (format!("trigger.mqtt[{i}]"), &x.component, Handler::Mqtt)),
-                )
-                .chain(
-                    t.timer.iter().enumerate().map(|(i, x)| {
-                        (format!("trigger.timer[{i}]"), &x.component, Handler::Timer)
-                    }),
-                );
-        for (key, component, handler) in uses {
+        for (key, component, handler) in uses(&manifest) {
             let c = &compiled[component.get_ref()];
             if let Err(message) = c.require_handler(component.get_ref(), handler) {
                 return Err(manifest
@@ -145,6 +129,71 @@ impl Deployment {
             digests,
         })
     }
+}
+
+/// Every trigger's use of a component: the trigger's manifest key, the
+/// component, and the handler it calls.
+fn uses(manifest: &Manifest) -> Vec<(String, &wasmgate_manifest::Spanned<String>, Handler)> {
+    let t = &manifest.triggers;
+    t.http
+        .iter()
+        .enumerate()
+        .flat_map(|(i, x)| {
+            x.components()
+                .into_iter()
+                .map(move |c| (format!("trigger.http[{i}]"), c, Handler::Http))
+        })
+        .chain(
+            t.mqtt
+                .iter()
+                .enumerate()
+                .map(|(i, x)| (format!("trigger.mqtt[{i}]"), &x.component, Handler::Mqtt)),
+        )
+        .chain(
+            t.timer
+                .iter()
+                .enumerate()
+                .map(|(i, x)| (format!("trigger.timer[{i}]"), &x.component, Handler::Timer)),
+        )
+        .collect()
+}
+
+/// Checks a new version of component `name`, read from `path`, the way
+/// [`load_component`] checks the manifest's: its signature under the
+/// manifest's policy, that it compiles, that it exports the handler of
+/// every trigger that calls it, and (`strict_imports`) that it imports
+/// only what it is granted. The error says what is wrong, without a
+/// manifest key (the manifest did not change).
+pub fn load_version(
+    manifest: &Manifest,
+    runtime: &Runtime,
+    name: &str,
+    path: &std::path::Path,
+    bytes: &[u8],
+) -> Result<Compiled, String> {
+    let config = &manifest.components[name];
+    let signer = Policy::of(manifest)
+        .check(path, bytes)
+        .map_err(|e| e.to_string())?;
+    let mut c = runtime
+        .compile_bytes(path, bytes)
+        .map_err(|e| e.to_string())?;
+    c.signer = signer;
+    for (key, component, handler) in uses(manifest) {
+        if component.get_ref() == name {
+            c.require_handler(name, handler)
+                .map_err(|e| format!("{key} calls it: {e}"))?;
+        }
+    }
+    if config.strict_imports
+        && let Some(cap) = ungranted_imports(config, &c).first()
+    {
+        return Err(format!(
+            "it imports {} but the manifest does not grant it (strict_imports = true)",
+            cap.interface()
+        ));
+    }
+    Ok(c)
 }
 
 /// Compiles one manifest component and checks that it imports only the
@@ -241,4 +290,5 @@ pub fn invocable(
             .collect(),
     )
     .with_reuse(config.reuse())
+    .with_identity(compiled.digest, compiled.signer.map(|s| s.to_string()))
 }

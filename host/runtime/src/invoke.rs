@@ -35,7 +35,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use serde::Serialize;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmgate_manifest::limits::Limits;
@@ -66,6 +66,9 @@ pub struct State {
     hooks: OutboundPolicy,
     limiter: MemoryLimiter,
     publish: PublishState,
+    /// Set when the HTTP response body of the running invocation was
+    /// dropped before its end (see `crate::watched_body`).
+    client_gone: Option<Arc<AtomicBool>>,
 }
 
 impl WasiView for State {
@@ -432,11 +435,19 @@ pub enum Status {
         /// The component's concurrency.
         concurrency: u32,
     },
+    /// An HTTP guest trapped after its client had gone (the connection
+    /// closed, or hyper stopped reading the response body): a write to a
+    /// body nobody reads failed. Not the component's fault, so neither a
+    /// failure in its counts nor a reason to roll a deploy back.
+    ClientClosed {
+        /// What the guest's trap said.
+        message: String,
+    },
 }
 
 impl Status {
     /// A short name: `ok`, `retry`, `reject`, `trap`, `fuel_exhausted`,
-    /// `memory_limit`, `timeout`, `throttled`.
+    /// `memory_limit`, `timeout`, `throttled`, `client_closed`.
     pub fn name(&self) -> &'static str {
         match self {
             Status::Ok => "ok",
@@ -453,7 +464,19 @@ impl Status {
             Status::MemoryLimit { .. } => "memory_limit",
             Status::Timeout { .. } => "timeout",
             Status::Throttled { .. } => "throttled",
+            Status::ClientClosed { .. } => "client_closed",
         }
+    }
+
+    /// Whether the component failed: any outcome but `ok`, `throttled`
+    /// (the host refused it before the guest ran) and `client_closed`
+    /// (the client went away). What a component's failure count and a
+    /// deploy's failure ratio count.
+    pub fn is_failure(&self) -> bool {
+        !matches!(
+            self,
+            Status::Ok | Status::Throttled { .. } | Status::ClientClosed { .. }
+        )
     }
 }
 
@@ -619,10 +642,8 @@ pub struct Invocable {
     pub name: String,
     /// Its limits.
     pub limits: Limits,
-    pre: InstancePre<State>,
-    mqtt: Option<MqttHandlerIndices>,
-    timer: Option<TimerHandlerIndices>,
-    http: Option<HttpHandlerIndices>,
+    /// The code new invocations run; swapped by a deploy or a rollback.
+    version: std::sync::RwLock<Arc<Version>>,
     publish_acl: Arc<Vec<TopicFilter>>,
     response_acl: Arc<Vec<TopicFilter>>,
     outbound_http: Arc<Vec<String>>,
@@ -637,10 +658,72 @@ pub struct Invocable {
     sink: std::sync::OnceLock<Arc<dyn PublishSink>>,
     /// Invocations per instance (`reuse`; 1: fresh each time).
     reuse: u32,
-    /// Healthy instances waiting for their next invocation.
-    warm: std::sync::Mutex<Vec<WarmInstance>>,
     metrics: std::sync::OnceLock<Arc<crate::metrics::InvocationMetrics>>,
     last_error: std::sync::Mutex<Option<LastError>>,
+}
+
+/// One version of a component's code: what an invocation instantiates.
+/// An invocation keeps the version it started on to its end, so a deploy
+/// that swaps in another one never changes the code under a running
+/// invocation.
+pub struct Version {
+    /// SHA-256 of the component file, lowercase hex.
+    pub digest: String,
+    /// Who signed it, when its signature was verified.
+    pub signer: Option<String>,
+    pre: InstancePre<State>,
+    mqtt: Option<MqttHandlerIndices>,
+    timer: Option<TimerHandlerIndices>,
+    http: Option<HttpHandlerIndices>,
+    /// Healthy instances of this version waiting for their next invocation.
+    warm: std::sync::Mutex<Vec<WarmInstance>>,
+    invocations: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl Version {
+    /// A version of pre-instantiated code.
+    pub fn new(pre: InstancePre<State>, digest: String, signer: Option<String>) -> Self {
+        Self {
+            digest,
+            signer,
+            mqtt: MqttHandlerIndices::new(&pre).ok(),
+            timer: TimerHandlerIndices::new(&pre).ok(),
+            http: HttpHandlerIndices::new(&pre).ok(),
+            pre,
+            warm: std::sync::Mutex::default(),
+            invocations: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    /// A compiled component as a version.
+    pub fn of(compiled: crate::component::Compiled) -> Self {
+        Self::new(
+            compiled.pre,
+            compiled.digest,
+            compiled.signer.map(|s| s.to_string()),
+        )
+    }
+
+    /// Invocations this version ran (throttled ones never reach a version).
+    pub fn invocations(&self) -> u64 {
+        self.invocations.load(Ordering::Relaxed)
+    }
+
+    /// Of those, the failures ([`Status::is_failure`]).
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Version")
+            .field("digest", &self.digest)
+            .field("signer", &self.signer)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The last invocation of a component that did not succeed.
@@ -693,10 +776,7 @@ impl Invocable {
     ) -> Self {
         Self {
             name,
-            mqtt: MqttHandlerIndices::new(&pre).ok(),
-            timer: TimerHandlerIndices::new(&pre).ok(),
-            http: HttpHandlerIndices::new(&pre).ok(),
-            pre,
+            version: std::sync::RwLock::new(Arc::new(Version::new(pre, String::new(), None))),
             limits,
             publish_acl: Arc::new(publish_acl),
             response_acl: Arc::new(Vec::new()),
@@ -710,7 +790,6 @@ impl Invocable {
             failures: AtomicU64::new(0),
             sink: std::sync::OnceLock::new(),
             reuse: 1,
-            warm: std::sync::Mutex::default(),
             metrics: std::sync::OnceLock::new(),
             last_error: std::sync::Mutex::default(),
         }
@@ -752,9 +831,40 @@ impl Invocable {
         self.sink.get()
     }
 
+    /// Sets the digest and signer of the first version (before the
+    /// component is shared).
+    pub fn with_identity(self, digest: String, signer: Option<String>) -> Self {
+        {
+            let mut v = self.version.write().expect("version lock");
+            let pre = v.pre.clone();
+            *v = Arc::new(Version::new(pre, digest, signer));
+        }
+        self
+    }
+
+    /// The version new invocations run.
+    pub fn version(&self) -> Arc<Version> {
+        self.version
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes `next` the version new invocations run and returns the one it
+    /// replaces; invocations running on that one finish on it.
+    pub fn swap(&self, next: Arc<Version>) -> Arc<Version> {
+        std::mem::replace(
+            &mut *self
+                .version
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            next,
+        )
+    }
+
     /// Instances kept for reuse (`reuse` > 1), waiting for an invocation.
     pub fn warm_instances(&self) -> usize {
-        self.warm.lock().expect("warm pool").len()
+        self.version().warm.lock().expect("warm pool").len()
     }
 
     /// Invocations started so far.
@@ -762,8 +872,8 @@ impl Invocable {
         self.invocations.load(Ordering::Relaxed)
     }
 
-    /// Invocations through [`Self::invoke`] that did not succeed (any
-    /// outcome but `ok`, throttled ones included).
+    /// Invocations through [`Self::invoke`] that failed
+    /// ([`Status::is_failure`]: throttled and client-closed ones are not).
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
     }
@@ -781,7 +891,7 @@ impl Invocable {
         let _ = self.metrics.set(metrics);
     }
 
-    /// The last invocation that did not succeed, if any.
+    /// The last invocation that failed ([`Status::is_failure`]), if any.
     pub fn last_error(&self) -> Option<LastError> {
         self.last_error
             .lock()
@@ -801,7 +911,7 @@ impl Invocable {
     ) -> Outcome {
         let input = input.into();
         let quiet_success = matches!(input, Input::Http(_));
-        let mut outcome = self.invoke_quiet(input, ctx, admission).await;
+        let (mut outcome, version) = self.invoke_on_version(input, ctx, admission).await;
         if let Some(sink) = self.sink.get()
             && outcome.is_ok()
             && !outcome.published.is_empty()
@@ -826,7 +936,13 @@ impl Invocable {
         if let Some(metrics) = self.metrics.get() {
             metrics.record(&outcome);
         }
-        if !outcome.is_ok() {
+        if let Some(v) = &version {
+            v.invocations.fetch_add(1, Ordering::Relaxed);
+            if outcome.status.is_failure() {
+                v.failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if outcome.status.is_failure() {
             self.failures.fetch_add(1, Ordering::Relaxed);
             let at_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -852,18 +968,26 @@ impl Invocable {
         ctx: InvocationContext,
         admission: Admission,
     ) -> Outcome {
+        self.invoke_on_version(input.into(), ctx, admission).await.0
+    }
+
+    /// Runs one invocation on the current version; returns the version it
+    /// ran on (none when it was throttled).
+    async fn invoke_on_version(
+        &self,
+        input: Input,
+        ctx: InvocationContext,
+        admission: Admission,
+    ) -> (Outcome, Option<Arc<Version>>) {
         let started = Instant::now();
         let permit: OwnedSemaphorePermit = match admission {
             Admission::Reject => match self.slots.clone().try_acquire_owned() {
                 Ok(p) => p,
                 Err(_) => {
-                    return self.bare_outcome(
-                        &ctx,
-                        Status::Throttled {
-                            concurrency: self.limits.concurrency,
-                        },
-                        started,
-                    );
+                    let status = Status::Throttled {
+                        concurrency: self.limits.concurrency,
+                    };
+                    return (self.bare_outcome(&ctx, status, started), None);
                 }
             },
             Admission::Wait => self
@@ -877,9 +1001,10 @@ impl Invocable {
         // The limits (and the reported duration) start once the invocation
         // has its slot: time spent waiting for one is not the guest's.
         let started = Instant::now();
-        let outcome = self.run(input.into(), &ctx, started).await;
+        let version = self.version();
+        let outcome = self.run(&version, input, &ctx, started).await;
         drop(permit);
-        outcome
+        (outcome, Some(version))
     }
 
     fn bare_outcome(&self, ctx: &InvocationContext, status: Status, started: Instant) -> Outcome {
@@ -905,14 +1030,20 @@ impl Invocable {
     /// Runs the guest in a warm or a fresh store; the outcome is final
     /// (HTTP answers included) before the instance may go back to the warm
     /// pool, and only a successful invocation's instance goes back.
-    async fn run(&self, input: Input, ctx: &InvocationContext, started: Instant) -> Outcome {
+    async fn run(
+        &self,
+        v: &Version,
+        input: Input,
+        ctx: &InvocationContext,
+        started: Instant,
+    ) -> Outcome {
         let _ticking = self.ticker.busy();
         let response_topic = match &input {
             Input::Event(Event::Mqtt(m)) => m.response_topic.clone(),
             _ => None,
         };
         let warm = if self.reuse > 1 {
-            self.warm.lock().expect("warm pool").pop()
+            v.warm.lock().expect("warm pool").pop()
         } else {
             None
         };
@@ -921,7 +1052,7 @@ impl Invocable {
                 w.run.store.data_mut().publish.response_topic = response_topic;
                 (w.run, Some(w.instance), w.served)
             }
-            None => (self.new_store(response_topic), None, 0),
+            None => (self.new_store(v, response_topic), None, 0),
         };
         run.arm(self, started);
         let mut http_response = None;
@@ -929,6 +1060,7 @@ impl Invocable {
         let result = tokio::time::timeout(
             remaining,
             self.call(
+                v,
                 &mut run.store,
                 &mut instance,
                 input,
@@ -944,7 +1076,7 @@ impl Invocable {
             && served + 1 < self.reuse
             && let Some(instance) = instance
         {
-            self.warm.lock().expect("warm pool").push(WarmInstance {
+            v.warm.lock().expect("warm pool").push(WarmInstance {
                 run,
                 instance,
                 served: served + 1,
@@ -968,7 +1100,7 @@ impl Invocable {
 
     /// A new store with its own WASI context, output capture, memory
     /// limiter and publish state. [`StoreRun::arm`] sets fuel and deadline.
-    fn new_store(&self, response_topic: Option<String>) -> StoreRun {
+    fn new_store(&self, v: &Version, response_topic: Option<String>) -> StoreRun {
         let stdout = CapturedOutput::new(OUTPUT_CAPTURE_BYTES);
         let stderr = CapturedOutput::new(OUTPUT_CAPTURE_BYTES);
         let wasi = WasiCtx::builder()
@@ -1008,8 +1140,9 @@ impl Invocable {
                 max_bytes: self.limits.publish_bytes,
                 ..PublishState::default()
             },
+            client_gone: None,
         };
-        let mut store = Store::new(self.pre.engine(), state);
+        let mut store = Store::new(v.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
         StoreRun {
             store,
@@ -1049,8 +1182,22 @@ impl Invocable {
                 kind: HandlerErrorKind::Reject,
                 message,
             },
-            Ok(Err(e)) => classify(&e, &limits, run.store.data().limiter.breached),
+            Ok(Err(e)) => {
+                let data = run.store.data_mut();
+                match classify(&e, &limits, data.limiter.breached) {
+                    Status::Trap { message }
+                        if data
+                            .client_gone
+                            .as_ref()
+                            .is_some_and(|g| g.load(Ordering::Relaxed)) =>
+                    {
+                        Status::ClientClosed { message }
+                    }
+                    status => status,
+                }
+            }
         };
+        run.store.data_mut().client_gone = None;
         let (out, out_dropped) = run.stdout.take();
         let (err, err_dropped) = run.stderr.take();
         let data = run.store.data_mut();
@@ -1073,14 +1220,14 @@ impl Invocable {
 
     /// The instance to call: the warm one, or a new one.
     async fn instance<'a>(
-        &self,
+        v: &Version,
         store: &mut Store<State>,
         instance: &'a mut Option<Loaded>,
     ) -> wasmtime::Result<&'a mut Loaded> {
         Ok(match instance {
             Some(loaded) => loaded,
             None => instance.insert(Loaded {
-                instance: self.pre.instantiate_async(store).await?,
+                instance: v.pre.instantiate_async(store).await?,
                 mqtt: None,
                 timer: None,
                 http: None,
@@ -1092,6 +1239,7 @@ impl Invocable {
     /// error; the inner one the guest's `handler-error`.
     async fn call(
         &self,
+        v: &Version,
         store: &mut Store<State>,
         instance: &mut Option<Loaded>,
         input: Input,
@@ -1100,10 +1248,10 @@ impl Invocable {
     ) -> wasmtime::Result<Result<(), HandlerError>> {
         match input {
             Input::Event(Event::Mqtt(msg)) => {
-                let Some(indices) = &self.mqtt else {
+                let Some(indices) = &v.mqtt else {
                     return Ok(Err(not_exported(crate::component::Handler::Mqtt)));
                 };
-                let loaded = self.instance(store, instance).await?;
+                let loaded = Self::instance(v, store, instance).await?;
                 if loaded.mqtt.is_none() {
                     loaded.mqtt = Some(indices.load(&mut *store, &loaded.instance)?);
                 }
@@ -1114,10 +1262,10 @@ impl Invocable {
                     .await
             }
             Input::Event(Event::Timer(tick)) => {
-                let Some(indices) = &self.timer else {
+                let Some(indices) = &v.timer else {
                     return Ok(Err(not_exported(crate::component::Handler::Timer)));
                 };
-                let loaded = self.instance(store, instance).await?;
+                let loaded = Self::instance(v, store, instance).await?;
                 if loaded.timer.is_none() {
                     loaded.timer = Some(indices.load(&mut *store, &loaded.instance)?);
                 }
@@ -1135,10 +1283,11 @@ impl Invocable {
             // would otherwise grow every invocation's future, which is
             // moved into its task on every request.
             Input::Event(Event::Http(request)) => {
-                Box::pin(self.call_buffered_http(store, instance, request, http_response)).await
+                Box::pin(self.call_buffered_http(v, store, instance, request, http_response)).await
             }
             Input::Http(exchange) => {
                 self.call_http(
+                    v,
                     store,
                     instance,
                     exchange.request,
@@ -1155,6 +1304,7 @@ impl Invocable {
     /// (it may stream more than a pipe's buffer).
     async fn call_buffered_http(
         &self,
+        v: &Version,
         store: &mut Store<State>,
         instance: &mut Option<Loaded>,
         request: HttpRequest,
@@ -1177,7 +1327,7 @@ impl Invocable {
         let returned = tokio::sync::Notify::new();
         let call = async {
             let r = self
-                .call_http(store, instance, req, Scheme::Http, sender)
+                .call_http(v, store, instance, req, Scheme::Http, sender)
                 .await;
             returned.notify_one();
             r
@@ -1206,22 +1356,25 @@ impl Invocable {
     /// (a trap), so its instance is not reused and the caller sees why.
     async fn call_http(
         &self,
+        v: &Version,
         store: &mut Store<State>,
         instance: &mut Option<Loaded>,
         request: hyper::Request<HttpBody>,
         scheme: Scheme,
         response: ResponseSender,
     ) -> wasmtime::Result<Result<(), HandlerError>> {
-        let Some(indices) = &self.http else {
+        let Some(indices) = &v.http else {
             return Ok(Err(not_exported(crate::component::Handler::Http)));
         };
-        let loaded = self.instance(store, instance).await?;
+        let loaded = Self::instance(v, store, instance).await?;
         if loaded.http.is_none() {
             loaded.http = Some(indices.load(&mut *store, &loaded.instance)?);
         }
         let guest = loaded.http.as_ref().expect("looked up above");
         let answer = Arc::new(std::sync::Mutex::new(Answer::None));
         let seen = answer.clone();
+        let gone = Arc::new(AtomicBool::new(false));
+        store.data_mut().client_gone = Some(gone.clone());
         let (req, out) = {
             let mut http = store.data_mut().http();
             let req = http.new_incoming_request(scheme, request)?;
@@ -1231,7 +1384,9 @@ impl Invocable {
                     Err(code) => Answer::Error(format!("{code:?}")),
                 };
                 // The client may have gone; the guest goes on regardless.
-                let _ = response.send(r);
+                let _ = response.send(
+                    r.map(|r| r.map(|body| crate::watched_body::WatchedBody::wrap(body, gone))),
+                );
             })?;
             (req, out)
         };

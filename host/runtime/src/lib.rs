@@ -31,3 +31,4 @@ pub mod trigger;
 
 mod bindings;
 mod capture;
+mod watched_body;

@@ -74,7 +74,9 @@ impl AttemptError {
     /// The error an outcome describes.
     pub fn from_outcome(outcome: &Outcome) -> Self {
         let message = match &outcome.status {
-            Status::HandlerError { message, .. } | Status::Trap { message } => message.clone(),
+            Status::HandlerError { message, .. }
+            | Status::Trap { message }
+            | Status::ClientClosed { message } => message.clone(),
             Status::FuelExhausted { fuel_limit } => format!("fuel limit {fuel_limit} exhausted"),
             Status::MemoryLimit { memory_limit } => {
                 format!("memory limit {memory_limit} bytes exceeded")

@@ -13,13 +13,14 @@
 //! send a request head, [`IDLE_TIMEOUT`] for a connection with no request,
 //! and every route answers from memory or one bounded store query.
 
+use crate::deploy::{DeployError, Deployer};
 use crate::metrics::GatewayMetrics;
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde::Serialize;
@@ -44,8 +45,9 @@ pub const SOCKET_NAME: &str = "admin.sock";
 pub const MAX_CONNECTIONS: usize = 64;
 /// Time a client has to send a request head.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection is closed this long after it was accepted.
-pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+/// A connection is closed this long after it was accepted (long enough to
+/// upload and compile a large component).
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 
 /// What the admin routes read.
 pub struct AdminState {
@@ -54,17 +56,24 @@ pub struct AdminState {
     state_dir: PathBuf,
     started: Instant,
     components: BTreeMap<String, Arc<Invocable>>,
-    digests: BTreeMap<String, String>,
-    signers: BTreeMap<String, String>,
+    deployer: Arc<Deployer>,
     triggers: Vec<TriggerStatus>,
     mqtt: std::sync::OnceLock<Arc<MqttStats>>,
     stores: std::sync::OnceLock<(Arc<DeadLetterStore>, Arc<EventQueue>)>,
     rates: crate::page::Rates,
+    /// One deploy's upload is read at a time: each may be as large as a
+    /// component file may be.
+    uploads: Semaphore,
 }
 
 impl AdminState {
     /// The state of `deployment`, with its metrics.
-    pub fn new(deployment: &Deployment, metrics: Arc<GatewayMetrics>, started: Instant) -> Self {
+    pub fn new(
+        deployment: &Deployment,
+        deployer: Arc<Deployer>,
+        metrics: Arc<GatewayMetrics>,
+        started: Instant,
+    ) -> Self {
         let m = &deployment.manifest;
         Self {
             metrics,
@@ -72,16 +81,12 @@ impl AdminState {
             state_dir: m.state_dir(),
             started,
             components: deployment.components.clone(),
-            digests: deployment.digests.clone(),
-            signers: deployment
-                .signers
-                .iter()
-                .map(|(k, v)| (k.clone(), v.to_string()))
-                .collect(),
+            deployer,
             triggers: triggers(m),
             mqtt: std::sync::OnceLock::new(),
             stores: std::sync::OnceLock::new(),
             rates: crate::page::Rates::default(),
+            uploads: Semaphore::new(1),
         }
     }
 
@@ -183,7 +188,10 @@ pub fn read_token(m: &Manifest) -> Result<Option<String>, String> {
 fn router(state: Arc<AdminState>, token: Option<Arc<str>>) -> Router {
     let api = Router::new()
         .route("/v1/status", get(status))
-        .route("/v1/components", get(components));
+        .route("/v1/components", get(components))
+        .route("/v1/components/{name}", get(component))
+        .route("/v1/components/{name}/deploy", post(deploy))
+        .route("/v1/components/{name}/rollback", post(rollback));
     let api = match token {
         Some(token) => api.layer(axum::middleware::from_fn(move |req, next| {
             require_token(token.clone(), req, next)
@@ -289,14 +297,20 @@ async fn page(State(state): State<Arc<AdminState>>) -> Response {
 #[derive(Debug, Serialize)]
 struct ComponentStatus {
     name: String,
+    /// The active version (`sha256:…`).
     digest: String,
+    /// Who signed it, when verified.
     signer: Option<String>,
+    /// Active (its digest and signer) and previous versions, the running
+    /// watch and the last deploys and rollbacks.
+    versions: Option<crate::deploy::Versions>,
     fuel: u64,
     memory_bytes: u64,
     timeout_ms: u64,
     concurrency: u32,
     in_flight: u32,
     invocations: u64,
+    failures: u64,
     last_error: Option<LastError>,
 }
 
@@ -306,18 +320,16 @@ fn component_statuses(state: &AdminState) -> Vec<ComponentStatus> {
         .iter()
         .map(|(name, c)| ComponentStatus {
             name: name.clone(),
-            digest: state
-                .digests
-                .get(name)
-                .map(|d| format!("sha256:{d}"))
-                .unwrap_or_default(),
-            signer: state.signers.get(name).cloned(),
+            digest: format!("sha256:{}", c.version().digest),
+            signer: c.version().signer.clone(),
+            versions: state.deployer.versions(name),
             fuel: c.limits.fuel,
             memory_bytes: c.limits.memory,
             timeout_ms: c.limits.timeout.as_millis() as u64,
             concurrency: c.limits.concurrency,
             in_flight: c.in_flight(),
             invocations: c.invocations(),
+            failures: c.failures(),
             last_error: c.last_error(),
         })
         .collect()
@@ -325,6 +337,85 @@ fn component_statuses(state: &AdminState) -> Vec<ComponentStatus> {
 
 async fn components(State(state): State<Arc<AdminState>>) -> Response {
     axum::Json(component_statuses(&state)).into_response()
+}
+
+/// The header that carries a deploy's detached signature: the `.sig`
+/// file, base64.
+pub const SIGNATURE_HEADER: &str = "wasmgate-signature";
+
+fn error(status: u16, message: impl std::fmt::Display) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        code,
+        axum::Json(serde_json::json!({ "error": message.to_string() })),
+    )
+        .into_response()
+}
+
+impl IntoResponse for DeployError {
+    fn into_response(self) -> Response {
+        error(self.status(), self)
+    }
+}
+
+async fn component(
+    State(state): State<Arc<AdminState>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    match component_statuses(&state)
+        .into_iter()
+        .find(|c| c.name == name)
+    {
+        Some(c) => axum::Json(c).into_response(),
+        None => DeployError::Unknown(name).into_response(),
+    }
+}
+
+/// `POST /v1/components/NAME/deploy`: the body is the component file, at
+/// most [`MAX_COMPONENT_BYTES`](wasmgate_runtime::component::MAX_COMPONENT_BYTES).
+async fn deploy(
+    State(state): State<Arc<AdminState>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    use base64::Engine as _;
+    use http_body_util::BodyExt;
+    if !state.components.contains_key(&name) {
+        return DeployError::Unknown(name).into_response();
+    }
+    let signature = match headers.get(SIGNATURE_HEADER) {
+        None => None,
+        Some(v) => match base64::engine::general_purpose::STANDARD.decode(v.as_bytes()) {
+            Ok(sig) => Some(sig),
+            Err(e) => {
+                return error(400, format!("{SIGNATURE_HEADER}: not base64 ({e})"));
+            }
+        },
+    };
+    let _upload = state.uploads.acquire().await.expect("never closed");
+    let max = wasmgate_runtime::component::MAX_COMPONENT_BYTES as usize;
+    let bytes = match http_body_util::Limited::new(body, max).collect().await {
+        Ok(b) => b.to_bytes().to_vec(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return error(413, format!("the component is larger than {max} bytes"));
+        }
+        Err(e) => return error(400, format!("cannot read the component: {e}")),
+    };
+    match state.deployer.deploy(&name, bytes, signature).await {
+        Ok(d) => axum::Json(d).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn rollback(
+    State(state): State<Arc<AdminState>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    match state.deployer.rollback(&name).await {
+        Ok(r) => axum::Json(r).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn status(State(state): State<Arc<AdminState>>) -> Response {

@@ -52,6 +52,12 @@ pub enum Command {
     /// Show a running gateway: components (versions, invocations, in
     /// flight, last error), triggers, MQTT, queue and dead letters.
     Status(StatusArgs),
+    /// Deploy a new version of a component to a running gateway: checked,
+    /// smoke-tested, swapped in without dropping work, then watched (and
+    /// rolled back by itself if it fails too often).
+    Deploy(DeployArgs),
+    /// Bring back a component's previous version on a running gateway.
+    Rollback(RollbackArgs),
     /// Create a guest project: the handler, its build, a manifest, a sample
     /// event, a README and a CI workflow (`new mqtt thermostat --lang python`).
     New(NewArgs),
@@ -81,9 +87,9 @@ pub enum Command {
     },
 }
 
-/// `wasmgate status`.
+/// How the CLI reaches a running gateway's admin listener.
 #[derive(Debug, Args)]
-pub struct StatusArgs {
+pub struct AdminArgs {
     /// The manifest of the gateway (its `state_dir` holds the admin socket).
     #[arg(short = 'f', long = "file", default_value = "wasmgate.toml")]
     pub file: PathBuf,
@@ -94,9 +100,44 @@ pub struct StatusArgs {
     /// The file holding the admin token (with `--admin`).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+}
+
+/// `wasmgate status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Where the gateway is.
+    #[command(flatten)]
+    pub admin: AdminArgs,
     /// Print the JSON the gateway answered.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `wasmgate deploy`.
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// The component (its name in the manifest).
+    pub name: String,
+    /// The new version: a component file; its `FILE.sig`, if there is
+    /// one, is sent with it.
+    pub component: PathBuf,
+    /// Where the gateway is.
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// Wait for the deploy's watch to end: exit 0 if the version stays,
+    /// 1 if it was rolled back.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// `wasmgate rollback`.
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The component (its name in the manifest).
+    pub name: String,
+    /// Where the gateway is.
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 /// `wasmgate new`.
@@ -415,6 +456,8 @@ pub fn main() -> ExitCode {
             Command::Up(args) => crate::up::up(args, started).await,
             Command::Dlq(args) => crate::dlq::dlq(args).await,
             Command::Status(args) => crate::status::status(args).await,
+            Command::Deploy(args) => crate::status::deploy(args).await,
+            Command::Rollback(args) => crate::status::rollback(args).await,
             Command::HashPassword => hash_password(),
             Command::Wit(args) => crate::wit::write(&args.dir, args.force),
             Command::Keygen { out } => crate::sign::keygen(&out),

@@ -116,7 +116,7 @@ const MAX_EVENT_FILE: u64 = 64 * 1024 * 1024;
 
 /// The event of `--event FILE`: a stored event as `dlq show` prints it
 /// (the `event` object, or the whole record), checked like the flags.
-fn event_from_file(path: &Path) -> Result<Event, Fatal> {
+pub(crate) fn event_from_file(path: &Path) -> Result<Event, Fatal> {
     let flag = format!("--event {}", path.display());
     let size = std::fs::metadata(path)
         .map_err(|e| Fatal(format!("{flag}: {e}")))?

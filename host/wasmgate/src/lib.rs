@@ -28,6 +28,7 @@
 pub mod admin;
 pub mod check;
 pub mod cli;
+pub mod deploy;
 pub mod dlq;
 pub mod invoke;
 pub mod metrics;

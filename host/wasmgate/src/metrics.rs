@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 use wasmgate_manifest::Manifest;
 use wasmgate_runtime::deployment::Deployment;
+use wasmgate_runtime::invoke::Invocable;
 use wasmgate_runtime::metrics::{InvocationMetrics, duration_buckets};
 use wasmgate_store::deadletter::DeadLetterStore;
 use wasmgate_store::queue::EventQueue;
@@ -50,7 +51,8 @@ pub struct Sources {
     http: std::sync::OnceLock<Arc<HttpStats>>,
     mqtt: std::sync::OnceLock<Arc<MqttStats>>,
     stores: std::sync::OnceLock<(Arc<DeadLetterStore>, Arc<EventQueue>)>,
-    components: BTreeMap<String, String>,
+    components: BTreeMap<String, Arc<Invocable>>,
+    deployer: std::sync::OnceLock<Arc<crate::deploy::Deployer>>,
 }
 
 fn lateness_histogram() -> Histogram {
@@ -107,7 +109,7 @@ impl GatewayMetrics {
         let timer_lateness: Family<TriggerLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(lateness_histogram);
         let sources = Arc::new(Sources {
-            components: deployment.digests.clone(),
+            components: deployment.components.clone(),
             ..Sources::default()
         });
         let mut registry = Registry::default();
@@ -139,6 +141,11 @@ impl GatewayMetrics {
     /// The MQTT trigger's counters.
     pub fn set_mqtt(&self, stats: Arc<MqttStats>) {
         let _ = self.sources.mqtt.set(stats);
+    }
+
+    /// The deploys and rollbacks.
+    pub fn set_deployer(&self, deployer: Arc<crate::deploy::Deployer>) {
+        let _ = self.sources.deployer.set(deployer);
     }
 
     /// The dead-letter store and the event queue.
@@ -208,11 +215,11 @@ impl Collector for GatewayCollector {
         let info: Vec<_> = s
             .components
             .iter()
-            .map(|(name, digest)| {
+            .map(|(name, c)| {
                 (
                     vec![
                         ("component", name.clone()),
-                        ("digest", format!("sha256:{digest}")),
+                        ("digest", format!("sha256:{}", c.version().digest)),
                     ],
                     1,
                 )
@@ -246,6 +253,9 @@ impl Collector for GatewayCollector {
                 &rows,
             )?;
         }
+        if let Some(d) = s.deployer.get() {
+            encode_deploys(&mut encoder, d)?;
+        }
         if let Some(m) = s.mqtt.get() {
             encode_mqtt(&mut encoder, m)?;
         }
@@ -254,6 +264,44 @@ impl Collector for GatewayCollector {
         }
         Ok(())
     }
+}
+
+fn encode_deploys(
+    encoder: &mut DescriptorEncoder,
+    d: &crate::deploy::Deployer,
+) -> std::fmt::Result {
+    let counts = d.counts();
+    let rows = |pick: &dyn Fn(&crate::deploy::Counts) -> [(&'static str, u64); 2]| {
+        counts
+            .iter()
+            .flat_map(|(name, c)| pick(c).map(|(label, n)| (name.clone(), label.to_string(), n)))
+            .collect::<Vec<_>>()
+    };
+    let deploys: Vec<_> = rows(&|c| [("ok", c.deploys), ("refused", c.refused)])
+        .into_iter()
+        .map(|(c, r, n)| (vec![("component", c), ("result", r)], n))
+        .collect();
+    counter(
+        encoder,
+        "deploys",
+        "Deploys of a new version: swapped in (ok) or refused by a check or the smoke test",
+        &deploys,
+    )?;
+    let rollbacks: Vec<_> = rows(&|c| {
+        [
+            ("manual", c.rollbacks),
+            ("automatic", c.automatic_rollbacks),
+        ]
+    })
+    .into_iter()
+    .map(|(c, k, n)| (vec![("component", c), ("kind", k)], n))
+    .collect();
+    counter(
+        encoder,
+        "rollbacks",
+        "Rollbacks to the previous version: asked for (manual) or made by a deploy's watch (automatic)",
+        &rollbacks,
+    )
 }
 
 fn encode_mqtt(encoder: &mut DescriptorEncoder, m: &MqttStats) -> std::fmt::Result {
@@ -313,7 +361,7 @@ fn encode_mqtt(encoder: &mut DescriptorEncoder, m: &MqttStats) -> std::fmt::Resu
 
 fn encode_stores(
     encoder: &mut DescriptorEncoder,
-    components: &BTreeMap<String, String>,
+    components: &BTreeMap<String, Arc<Invocable>>,
     dead_letters: &DeadLetterStore,
     queue: &EventQueue,
 ) -> std::fmt::Result {

@@ -5,9 +5,9 @@
 //! Exit codes: 0 shown, 1 the gateway could not be reached or refused the
 //! request, 2 bad input.
 
-use crate::cli::{Fatal, StatusArgs};
+use crate::cli::{AdminArgs, DeployArgs, Fatal, RollbackArgs, StatusArgs};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
@@ -18,7 +18,7 @@ const MAX_ANSWER_BYTES: usize = 16 << 20;
 
 /// Runs `wasmgate status`.
 pub async fn status(args: StatusArgs) -> Result<ExitCode, Fatal> {
-    let answer = match get(&args, "/v1/status").await {
+    let answer = match get(&args.admin, "/v1/status").await {
         Ok(a) => a,
         Err(Unreachable(message)) => {
             eprintln!("error: {message}");
@@ -44,7 +44,7 @@ enum Target {
     Tcp { authority: String, token: String },
 }
 
-fn target(args: &StatusArgs) -> Result<Target, Unreachable> {
+fn target(args: &AdminArgs) -> Result<Target, Unreachable> {
     let Some(url) = &args.admin else {
         let manifest = crate::cli::load_manifest(&args.file)
             .map_err(|e| Unreachable(format!("{e} (or give --admin URL)")))?;
@@ -79,7 +79,22 @@ fn target(args: &StatusArgs) -> Result<Target, Unreachable> {
 }
 
 /// GETs `path` from the admin listener; the body on 200.
-pub async fn get(args: &StatusArgs, path: &str) -> Result<String, Unreachable> {
+pub async fn get(args: &AdminArgs, path: &str) -> Result<String, Unreachable> {
+    let (status, text) = request(args, hyper::Method::GET, path, Bytes::new(), None).await?;
+    if !status.is_success() {
+        return Err(Unreachable(format!("{status}: {}", text.trim())));
+    }
+    Ok(text)
+}
+
+/// Sends one request to the admin listener; its status and body.
+async fn request(
+    args: &AdminArgs,
+    method: hyper::Method,
+    path: &str,
+    body: Bytes,
+    header: Option<(&str, String)>,
+) -> Result<(hyper::StatusCode, String), Unreachable> {
     let target = target(args)?;
     let (io, host, token, place): (Box<dyn Io>, String, Option<String>, String) = match &target {
         Target::Socket(p) => {
@@ -113,19 +128,24 @@ pub async fn get(args: &StatusArgs, path: &str) -> Result<String, Unreachable> {
         .await
         .map_err(|e| failed(&e))?;
     tokio::spawn(conn);
-    let mut request = Request::get(path).header(hyper::header::HOST, host);
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, host);
     if let Some(token) = token {
         request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
     }
-    let request = request
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| failed(&e))?;
+    if let Some((name, value)) = header {
+        request = request.header(name, value);
+    }
+    let request = request.body(Full::new(body)).map_err(|e| failed(&e))?;
+    // A deploy uploads and compiles: as long as the listener allows.
     let response = tokio::time::timeout(
-        std::time::Duration::from_secs(30),
+        crate::admin::MAX_CONNECTION_AGE,
         sender.send_request(request),
     )
     .await
-    .map_err(|_| failed(&"no answer within 30 s"))?
+    .map_err(|_| failed(&"no answer in time"))?
     .map_err(|e| failed(&e))?;
     let status = response.status();
     let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
@@ -133,11 +153,159 @@ pub async fn get(args: &StatusArgs, path: &str) -> Result<String, Unreachable> {
         .await
         .map_err(|e| failed(&e))?
         .to_bytes();
-    let text = String::from_utf8_lossy(&body).into_owned();
-    if !status.is_success() {
-        return Err(failed(&format!("{status}: {}", text.trim())));
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// The `error` of a JSON error answer, or the whole answer.
+fn error_text(status: hyper::StatusCode, text: &str) -> String {
+    let message = serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(String::from))
+        .unwrap_or_else(|| text.trim().to_string());
+    format!("{status}: {message}")
+}
+
+/// Runs `wasmgate deploy NAME FILE`.
+pub async fn deploy(args: DeployArgs) -> Result<ExitCode, Fatal> {
+    use base64::Engine as _;
+    let bytes =
+        wasmgate_runtime::component::read(&args.component).map_err(|e| Fatal(e.to_string()))?;
+    let sig_path = wasmgate_runtime::signature::signature_path(&args.component);
+    let signature = match std::fs::read(&sig_path) {
+        Ok(sig) if sig.len() <= 4096 => Some(base64::engine::general_purpose::STANDARD.encode(sig)),
+        Ok(_) => {
+            return Err(Fatal(format!(
+                "{}: larger than 4096 bytes",
+                sig_path.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Fatal(format!("{}: {e}", sig_path.display()))),
+    };
+    let path = format!("/v1/components/{}/deploy", args.name);
+    let header = signature.map(|s| (crate::admin::SIGNATURE_HEADER, s));
+    let answer = request(
+        &args.admin,
+        hyper::Method::POST,
+        &path,
+        Bytes::from(bytes),
+        header,
+    )
+    .await;
+    let v = match answered(answer) {
+        Ok(v) => v,
+        Err(code) => return Ok(code),
+    };
+    if v["unchanged"] == true {
+        println!(
+            "{}: {} is already active; nothing changed",
+            args.name,
+            s(&v["digest"])
+        );
+        return Ok(ExitCode::SUCCESS);
     }
-    Ok(text)
+    println!(
+        "deployed {} {} (was {}){}",
+        args.name,
+        s(&v["digest"]),
+        s(&v["previous"]),
+        match v["smoke_test"].as_str() {
+            Some(outcome) => format!("; smoke test {outcome}"),
+            None => String::new(),
+        }
+    );
+    let watch_s = v["watch_s"].as_u64().unwrap_or(0);
+    if watch_s == 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "watching it for {watch_s} s; `wasmgate rollback {}` brings the previous version back",
+        args.name
+    );
+    if !args.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    wait_for_watch(&args, &s(&v["digest"])).await
+}
+
+/// Polls the component until its watch ended; 0 if `digest` stayed.
+async fn wait_for_watch(args: &DeployArgs, digest: &str) -> Result<ExitCode, Fatal> {
+    let path = format!("/v1/components/{}", args.name);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let v: Value = match get(&args.admin, &path).await {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| Fatal(format!("the gateway's answer is not JSON: {e}")))?,
+            Err(Unreachable(message)) => {
+                eprintln!("error: {message}");
+                return Ok(ExitCode::from(1));
+            }
+        };
+        let versions = &v["versions"];
+        if !versions["watch"].is_null() {
+            continue;
+        }
+        let last = versions["history"]
+            .as_array()
+            .and_then(|h| h.last())
+            .cloned()
+            .unwrap_or(Value::Null);
+        let active = s(&versions["active"]);
+        if active == digest {
+            println!("watch passed: {} stays ({})", digest, s(&last["reason"]));
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!(
+            "{}: {} is active again{}",
+            if last["action"] == "automatic_rollback" {
+                "rolled back"
+            } else {
+                "replaced"
+            },
+            active,
+            match last["reason"].as_str() {
+                Some(r) => format!(": {r}"),
+                None => String::new(),
+            }
+        );
+        return Ok(ExitCode::from(1));
+    }
+}
+
+/// Runs `wasmgate rollback NAME`.
+pub async fn rollback(args: RollbackArgs) -> Result<ExitCode, Fatal> {
+    let path = format!("/v1/components/{}/rollback", args.name);
+    let answer = request(&args.admin, hyper::Method::POST, &path, Bytes::new(), None).await;
+    let v = match answered(answer) {
+        Ok(v) => v,
+        Err(code) => return Ok(code),
+    };
+    println!(
+        "rolled back {}: {} is active again (was {})",
+        args.name,
+        s(&v["to"]),
+        s(&v["from"])
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The JSON of a successful answer; otherwise the error printed and exit
+/// code 1.
+fn answered(answer: Result<(hyper::StatusCode, String), Unreachable>) -> Result<Value, ExitCode> {
+    match answer {
+        Ok((status, text)) if status.is_success() => serde_json::from_str(&text).map_err(|e| {
+            eprintln!("error: the gateway's answer is not JSON: {e}");
+            ExitCode::from(1)
+        }),
+        Ok((status, text)) => {
+            eprintln!("error: {}", error_text(status, &text));
+            Err(ExitCode::from(1))
+        }
+        Err(Unreachable(message)) => {
+            eprintln!("error: {message}");
+            Err(ExitCode::from(1))
+        }
+    }
 }
 
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}

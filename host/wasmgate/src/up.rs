@@ -45,7 +45,7 @@ pub async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
         let imports: Vec<&str> = caps.iter().map(|c| c.interface()).collect();
         tracing::info!(%component, imports = %imports.join(", "), "the component imports capabilities it is not granted: each call is denied");
     }
-    let gateway = Gateway::start(deployment, started).await?;
+    let gateway = Gateway::start(Arc::new(deployment), started).await?;
     let m = &gateway.deployment.manifest;
     tracing::info!(
         gateway = %m.gateway.name,
@@ -67,7 +67,8 @@ type Connection = (Option<EmbeddedBroker>, Option<(ClientOptions, u16)>);
 
 /// A running gateway: a deployment with its stores and triggers.
 pub struct Gateway {
-    deployment: Deployment,
+    deployment: Arc<Deployment>,
+    deployer: Arc<crate::deploy::Deployer>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
     /// The publish sink stays open until every invocation has finished;
@@ -120,15 +121,13 @@ impl Stores {
 
 impl Gateway {
     /// Opens the stores, connects the publish sink and starts every trigger.
-    pub async fn start(deployment: Deployment, started: Instant) -> Result<Self, Fatal> {
+    pub async fn start(deployment: Arc<Deployment>, started: Instant) -> Result<Self, Fatal> {
+        // The deployed versions come back before any trigger starts.
+        let deployer = crate::deploy::Deployer::new(deployment.clone());
         let m = &deployment.manifest;
         let (embedded_broker, connection) = mqtt_connection(m).await?;
         let stores = Stores::open(m, connection.is_some())?;
-        let since = std::time::SystemTime::now() - started.elapsed();
-        let metrics = Arc::new(GatewayMetrics::new(&deployment, since));
-        metrics.set_stores(stores.dead_letters.clone(), stores.queue.clone());
-        let admin_state = Arc::new(AdminState::new(&deployment, metrics.clone(), started));
-        admin_state.set_stores(stores.dead_letters.clone(), stores.queue.clone());
+        let (metrics, admin_state) = observe(&deployment, &deployer, &stores, started);
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
         let sink_closed = CancellationToken::new();
@@ -185,6 +184,7 @@ impl Gateway {
             .map_err(Fatal)?;
         Ok(Self {
             deployment,
+            deployer,
             tasks,
             shutdown,
             sink_closed,
@@ -205,6 +205,7 @@ impl Gateway {
             "shutting down: no new events; draining in-flight invocations"
         );
         self.shutdown.cancel();
+        self.deployer.stop().await;
         self.tasks.close();
         if tokio::time::timeout(DRAIN_TIMEOUT.max(self.http_drain), self.tasks.wait())
             .await
@@ -228,6 +229,27 @@ impl Gateway {
         }
         self.admin.stop().await;
     }
+}
+
+/// The gateway's metrics and the admin listener's state.
+fn observe(
+    deployment: &Arc<Deployment>,
+    deployer: &Arc<crate::deploy::Deployer>,
+    stores: &Stores,
+    started: Instant,
+) -> (Arc<GatewayMetrics>, Arc<AdminState>) {
+    let since = std::time::SystemTime::now() - started.elapsed();
+    let metrics = Arc::new(GatewayMetrics::new(deployment, since));
+    metrics.set_deployer(deployer.clone());
+    metrics.set_stores(stores.dead_letters.clone(), stores.queue.clone());
+    let admin_state = Arc::new(AdminState::new(
+        deployment,
+        deployer.clone(),
+        metrics.clone(),
+        started,
+    ));
+    admin_state.set_stores(stores.dead_letters.clone(), stores.queue.clone());
+    (metrics, admin_state)
 }
 
 /// The broker connection `up` needs, if any: the embedded broker (when the
