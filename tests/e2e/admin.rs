@@ -336,6 +336,29 @@ async fn the_api_needs_the_token_and_the_local_socket_is_private() {
         let r = req.send().await.unwrap();
         assert_eq!(r.status(), 401, "{auth:?}");
     }
+    // Deploy and rollback too, before the body is read.
+    for path in [
+        "/v1/components/hello/deploy",
+        "/v1/components/hello/rollback",
+    ] {
+        let r = c
+            .post(format!("http://{admin}{path}"))
+            .body(std::fs::read(HTTP_PROBE).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+    }
+    assert!(
+        c.get(format!("http://{http}/x"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+            .starts_with("Hello")
+    );
     let r = c
         .get(format!("http://{admin}/healthz"))
         .send()
@@ -357,7 +380,8 @@ async fn the_api_needs_the_token_and_the_local_socket_is_private() {
         .iter()
         .find(|c| c["name"] == "hello")
         .unwrap();
-    assert_eq!(hello["invocations"], 1);
+    // The request above and the one after the refused deploys.
+    assert_eq!(hello["invocations"], 2);
     assert_eq!(hello["in_flight"], 0);
     assert!(
         hello["digest"].as_str().unwrap().starts_with("sha256:"),

@@ -15,6 +15,11 @@ use wasmgate_test_artifacts::{HELLO_HTTP, HTTP_PROBE, TICK_TIMER};
 /// A manifest whose every HTTP request goes to component `app` (from
 /// `source`), with `deploy` lines for `[component.app.deploy]`.
 fn manifest(dir: &Path, source: &str, deploy: &str) -> String {
+    manifest_with(dir, "", source, deploy)
+}
+
+/// [`manifest`] with more `[gateway]` lines.
+fn manifest_with(dir: &Path, gateway: &str, source: &str, deploy: &str) -> String {
     let path = dir.join("wasmgate.toml");
     std::fs::write(
         &path,
@@ -23,6 +28,7 @@ fn manifest(dir: &Path, source: &str, deploy: &str) -> String {
 [gateway]
 name = "edge-7"
 state_dir = "state"
+{gateway}
 
 [http]
 listen = "127.0.0.1:0"
@@ -269,6 +275,37 @@ async fn a_failing_version_is_rolled_back_by_itself() {
         versions["history"][1]["action"], "automatic_rollback",
         "{v}"
     );
+    // `status` prints it; the status page and the metrics show it.
+    let out = cli(&["status", "-f", &m]).await;
+    assert!(
+        text(&out).contains("automatic_rollback") && text(&out).contains("4 of its first 7"),
+        "{}",
+        text(&out)
+    );
+    let socket = dir.path().join("state/admin.sock");
+    let curl = |path: &str| {
+        let out = std::process::Command::new("curl")
+            .args(["-sf", "--unix-socket", socket.to_str().unwrap()])
+            .arg(format!("http://gateway{path}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let page = curl("/");
+    assert!(
+        page.contains(r#"<td class="automatic_rollback">automatic_rollback</td>"#),
+        "{page}"
+    );
+    let metrics = curl("/metrics");
+    for line in [
+        r#"wasmgate_deploys_total{component="app",result="ok"} 1"#,
+        r#"wasmgate_rollbacks_total{component="app",kind="automatic"} 1"#,
+        r#"wasmgate_rollbacks_total{component="app",kind="manual"} 0"#,
+        &format!(r#"wasmgate_component_info{{component="app",digest="sha256:{hello}"}} 1"#),
+    ] {
+        assert!(metrics.contains(line), "{line}\n{metrics}");
+    }
     up.stop();
 }
 
@@ -365,5 +402,68 @@ async fn bad_versions_are_refused_and_the_running_one_stays() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("smoke test ok"), "{}", text(&out));
     assert_eq!(get(&http, "/hi").await.1, "probe GET /hi\n");
+    up.stop();
+}
+
+/// Runs the CLI (blocking) and asserts it exited 0.
+fn ok(args: &[&str]) -> String {
+    let out = wasmgate().args(args).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_require_signature_only_a_trusted_signed_version_deploys() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |f: &str| dir.path().join(f).to_str().unwrap().to_string();
+    ok(&["keygen", "--out", &d("dev.key")]);
+    ok(&["keygen", "--out", &d("other.key")]);
+    let trusted = std::fs::read_to_string(d("dev.key.pub")).unwrap();
+    std::fs::copy(HELLO_HTTP, d("hello.wasm")).unwrap();
+    ok(&["sign", &d("hello.wasm"), "--key", &d("dev.key")]);
+    let m = manifest_with(
+        dir.path(),
+        &format!(
+            "trusted_keys = [\"{}\"]\nrequire_signature = true",
+            trusted.trim()
+        ),
+        &d("hello.wasm"),
+        "",
+    );
+    let (up, http) = start(&m);
+    let probe = d("probe.wasm");
+    std::fs::copy(HTTP_PROBE, &probe).unwrap();
+    let deploy = |expected: &'static str| {
+        let (m, probe) = (m.clone(), probe.clone());
+        async move {
+            let out = cli(&["deploy", "app", &probe, "-f", &m]).await;
+            assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+            assert!(text(&out).contains(expected), "{}", text(&out));
+        }
+    };
+    deploy("no signature").await;
+    ok(&["sign", &probe, "--key", &d("other.key")]);
+    deploy("not a trusted key").await;
+    // Signed by the trusted key, then changed: the signature is not its.
+    ok(&["sign", &probe, "--key", &d("dev.key")]);
+    let mut bytes = std::fs::read(&probe).unwrap();
+    bytes.extend_from_slice(&[0, 5, 4, b'n', b'o', b't', b'e']);
+    std::fs::write(&probe, &bytes).unwrap();
+    deploy("not the file that was signed").await;
+    assert!(get(&http, "/hi").await.1.starts_with("Hello from wasmgate"));
+
+    std::fs::copy(HTTP_PROBE, &probe).unwrap();
+    let out = cli(&["deploy", "app", &probe, "-f", &m]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(get(&http, "/hi").await.1, "probe GET /hi\n");
+    let out = cli(&["status", "-f", &m, "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["components"][0]["signer"], trusted.trim(), "{v}");
+    assert!(
+        std::fs::read_dir(dir.path().join("state/components/app"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".wasm.sig"))
+    );
     up.stop();
 }

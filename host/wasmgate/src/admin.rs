@@ -272,6 +272,7 @@ async fn page(State(state): State<Arc<AdminState>>) -> Response {
         mqtt_connected: mqtt.map(|m| m.connected.load(Ordering::Relaxed)),
         queue_depth,
         spool_messages: mqtt.map(|m| m.spool_waiting.load(Ordering::Relaxed)),
+        deploys: state.deployer.recent(10),
     };
     let rows: Vec<crate::page::Row> = component_statuses(&state)
         .into_iter()

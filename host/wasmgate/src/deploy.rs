@@ -725,6 +725,26 @@ impl Deployer {
         })
     }
 
+    /// The last `n` deploys and rollbacks of every component, newest last.
+    pub fn recent(&self, n: usize) -> Vec<(String, HistoryEntry)> {
+        let mut all: Vec<(String, HistoryEntry)> = self
+            .slots
+            .iter()
+            .flat_map(|(name, slot)| {
+                let s = slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                s.history
+                    .iter()
+                    .map(|e| (name.clone(), e.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        all.sort_by_key(|(_, e)| e.at_ms);
+        let skip = all.len().saturating_sub(n);
+        all.split_off(skip)
+    }
+
     /// Deploy and rollback counts per component, for the metrics.
     pub fn counts(&self) -> Vec<(String, Counts)> {
         self.slots

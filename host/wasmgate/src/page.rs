@@ -111,6 +111,8 @@ pub struct Summary {
     pub queue_depth: Option<u64>,
     /// Publishes in the spool.
     pub spool_messages: Option<u64>,
+    /// The last deploys and rollbacks, by component, newest last.
+    pub deploys: Vec<(String, crate::deploy::HistoryEntry)>,
 }
 
 fn or_dash(v: Option<u64>) -> String {
@@ -175,7 +177,29 @@ code {{ font-size: 12px; }}
             last = escape(r.last_error.as_deref().unwrap_or("-")),
         );
     }
-    h.push_str("</table>\n<p><a href=\"/metrics\">/metrics</a></p>\n</body></html>\n");
+    h.push_str("</table>\n");
+    if !summary.deploys.is_empty() {
+        h.push_str("<h2>Deploys and rollbacks</h2>\n<table id=\"deploys\">\n<tr><th>UTC</th><th>component</th><th>what</th><th>from</th><th>to</th><th>why</th></tr>\n");
+        for (component, e) in &summary.deploys {
+            let when = chrono::DateTime::from_timestamp_millis(e.at_ms as i64)
+                .map_or_else(String::new, |t| t.format("%Y-%m-%d %H:%M:%S").to_string());
+            let action = serde_json::to_value(e.action)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default();
+            let short = |d: &str| escape(&d.chars().take(12).collect::<String>());
+            let _ = writeln!(
+                h,
+                r#"<tr><td>{when}</td><td>{component}</td><td class="{action}">{action}</td><td><code>{from}</code></td><td><code>{to}</code></td><td>{why}</td></tr>"#,
+                component = escape(component),
+                from = short(&e.from),
+                to = short(&e.to),
+                why = escape(e.reason.as_deref().unwrap_or("")),
+            );
+        }
+        h.push_str("</table>\n");
+    }
+    h.push_str("<p><a href=\"/metrics\">/metrics</a></p>\n</body></html>\n");
     h
 }
 
@@ -192,6 +216,7 @@ mod tests {
                 mqtt_connected: None,
                 queue_depth: Some(0),
                 spool_messages: None,
+                deploys: Vec::new(),
             },
             &[],
             &BTreeMap::new(),

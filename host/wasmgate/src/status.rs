@@ -319,6 +319,57 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// The last deploys and rollbacks (and running watches), newest last.
+fn render_deploys(out: &mut String, v: &Value) {
+    use std::fmt::Write;
+    let short = |d: &Value| s(d).chars().take(19).collect::<String>();
+    let mut lines = Vec::new();
+    for c in v["components"].as_array().into_iter().flatten() {
+        let versions = &c["versions"];
+        for h in versions["history"].as_array().into_iter().flatten() {
+            let at = h["at_ms"].as_i64().unwrap_or(0);
+            let when = chrono::DateTime::from_timestamp_millis(at)
+                .map_or_else(String::new, |t| t.format("%Y-%m-%d %H:%M:%S").to_string());
+            let reason = h["reason"]
+                .as_str()
+                .map_or_else(String::new, |r| format!("  {r}"));
+            lines.push((
+                at,
+                format!(
+                    "{when}  {:<20} {:<18} {} -> {}{reason}",
+                    s(&c["name"]),
+                    s(&h["action"]),
+                    short(&Value::String(format!("sha256:{}", s(&h["from"])))),
+                    short(&Value::String(format!("sha256:{}", s(&h["to"])))),
+                ),
+            ));
+        }
+        if let Some(w) = versions["watch"].as_object() {
+            lines.push((
+                i64::MAX,
+                format!(
+                    "watching            {:<20} {} of {} invocations failed so far (rolls back past {} of at least {})",
+                    s(&c["name"]),
+                    s(&w["failures"]),
+                    s(&w["invocations"]),
+                    s(&w["max_failure_ratio"]),
+                    s(&w["min_invocations"]),
+                ),
+            ));
+        }
+    }
+    if lines.is_empty() {
+        return;
+    }
+    lines.sort_by_key(|(at, _)| *at);
+    let _ = writeln!(out);
+    let _ = writeln!(out, "DEPLOYS (UTC, newest last)");
+    let skip = lines.len().saturating_sub(10);
+    for (_, line) in lines.into_iter().skip(skip) {
+        let _ = writeln!(out, "{line}");
+    }
+}
+
 /// The status as text: the gateway, then a table of components and one
 /// of triggers.
 pub fn render(v: &Value) -> String {
@@ -376,6 +427,7 @@ pub fn render(v: &Value) -> String {
             last
         );
     }
+    render_deploys(&mut out, v);
     let _ = writeln!(out);
     let _ = writeln!(out, "{:<12} {:<20} SOURCE", "TRIGGER", "COMPONENT");
     for t in v["triggers"].as_array().into_iter().flatten() {
