@@ -511,6 +511,98 @@ fn admin_settings_are_checked() {
         err.contains("admin.token_file") && err.contains("at least 16"),
         "{err}"
     );
+
+    // TLS is for the TCP listener; its files are read before anything starts.
+    let (code, err) = check("[admin]\ntls = { cert = \"c.pem\", key = \"k.pem\" }\n");
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("admin.tls") && err.contains("admin.listen"),
+        "{err}"
+    );
+    std::fs::write(d.join("t"), format!("{TOKEN}\n")).unwrap();
+    std::fs::write(
+        &path,
+        "[gateway]\nstate_dir = \"state\"\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"t\"\ntls = { cert = \"missing.pem\", key = \"k.pem\" }\n",
+    )
+    .unwrap();
+    let out = wasmgate().args(["up", "-f"]).arg(&path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("admin.tls.cert") && err.contains("missing.pem"),
+        "{err}"
+    );
+}
+
+/// `[admin.tls]`: the listener speaks HTTPS; `status` and `deploy` reach it
+/// with `--admin https://… --ca`; plain HTTP to it gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_speaks_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::mqtt::make_certs(dir.path());
+    let path = manifest(
+        dir.path(),
+        "[admin.tls]\ncert = \"server.pem\"\nkey = \"server.key\"\n",
+    );
+    let up = Up::spawn(wasmgate().args(["up", "-f", &path]), &path);
+    let http = logged(&up, "http listening", "address");
+    let admin = logged(&up, "admin listening", "address");
+    assert_eq!(logged(&up, "admin listening", "scheme"), "https");
+    let d = |f: &str| dir.path().join(f).to_str().unwrap().to_string();
+    let url = format!("https://{admin}");
+    let token = d("admin.token");
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--admin", &url, "--token-file", &token]);
+        let out = wasmgate().args(&all).output().unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let ca = d("ca.pem");
+    let (code, out) = run(&["status", "--ca", &ca]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("gateway edge-7"), "{out}");
+    let (code, out) = run(&["deploy", "hello", HTTP_PROBE, "--ca", &ca]);
+    assert_eq!(code, Some(0), "{out}");
+    let r = crate::http::client()
+        .get(format!("http://{http}/hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "probe GET /hi\n");
+    // Without the CA, or trusting another one: refused, exit 1.
+    let (code, out) = run(&["status"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("--ca"), "{out}");
+    let (code, out) = run(&["status", "--ca", &d("server.pem")]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("TLS with"), "{out}");
+    // Plain HTTP to the TLS listener gets no answer.
+    let plain = format!("http://{admin}");
+    let out = wasmgate()
+        .args([
+            "status",
+            "--admin",
+            &plain,
+            "--token-file",
+            &d("admin.token"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    // curl with the CA: /metrics needs no token, over TLS too.
+    let out = Command::new("curl")
+        .args(["-sf", "--cacert", &ca, &format!("https://{admin}/healthz")])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+    up.stop();
 }
 
 /// Loads `url` in headless Chromium and returns the DOM it built.

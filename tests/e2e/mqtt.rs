@@ -893,7 +893,7 @@ async fn two_hosts_on_a_shared_subscription_split_the_work_and_one_takes_over() 
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, made
 /// with the openssl command line.
-fn make_certs(dir: &Path) {
+pub(crate) fn make_certs(dir: &Path) {
     let script = r#"set -e
 ec="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
 openssl req -x509 $ec -keyout ca.key -out ca.pem -days 2 -subj /CN=wasmgate-test-ca \

@@ -17,6 +17,9 @@ pub struct AdminConfig {
     pub token_file: Option<Spanned<PathBuf>>,
     /// Environment variable holding the bearer token.
     pub token_env: Option<Spanned<String>>,
+    /// TLS for the TCP listener (the same table as `[http.tls]`: `cert`,
+    /// `key`, optional `sni` and `client_ca` for mutual TLS).
+    pub tls: Option<crate::TlsConfig>,
 }
 
 /// Fewest characters a bearer token may have.

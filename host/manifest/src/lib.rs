@@ -807,6 +807,16 @@ impl Manifest {
                 "a TCP admin listener needs a bearer token: set token_file (a file holding it) or token_env (a variable holding it); the token never goes in the manifest".into(),
             ));
         }
+        if let Some(tls) = &a.tls
+            && a.listen.is_none()
+        {
+            return Err(self.invalid(
+                tls.cert.span(),
+                "admin.tls",
+                "TLS is for the TCP listener: set admin.listen too (the local socket needs none)"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 

@@ -23,11 +23,22 @@ pub fn server_config(
     manifest: &Manifest,
     tls: &TlsConfig,
 ) -> Result<Arc<rustls::ServerConfig>, ManifestError> {
+    server_config_at(manifest, tls, "http.tls", &[b"h2", b"http/1.1"])
+}
+
+/// Builds a server configuration from the TLS table at manifest key `at`
+/// (`http.tls`, `admin.tls`), offering the `alpn` protocols.
+pub fn server_config_at(
+    manifest: &Manifest,
+    tls: &TlsConfig,
+    at: &str,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, ManifestError> {
     let provider = provider();
-    let default = certified_key(manifest, &provider, "http.tls", &tls.cert, &tls.key)?;
+    let default = certified_key(manifest, &provider, at, &tls.cert, &tls.key)?;
     let mut by_name = Vec::new();
     for (i, files) in tls.sni.iter().enumerate() {
-        let key = format!("http.tls.sni[{i}]");
+        let key = format!("{at}.sni[{i}]");
         let ck = certified_key(manifest, &provider, &key, &files.cert, &files.key)?;
         by_name.push(ck);
     }
@@ -38,13 +49,14 @@ pub fn server_config(
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let path = manifest.resolve(ca.get_ref());
-            let certs = read_certs(manifest, ca, &path, "http.tls.client_ca")?;
+            let client_ca = format!("{at}.client_ca");
+            let certs = read_certs(manifest, ca, &path, &client_ca)?;
             let mut roots = rustls::RootCertStore::empty();
             for cert in certs {
                 roots.add(cert).map_err(|e| {
                     manifest.invalid(
                         ca.span(),
-                        "http.tls.client_ca",
+                        &client_ca,
                         format!("{}: not a usable CA certificate: {e}", path.display()),
                     )
                 })?;
@@ -52,17 +64,13 @@ pub fn server_config(
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|e| {
-                    manifest.invalid(
-                        ca.span(),
-                        "http.tls.client_ca",
-                        format!("{}: {e}", path.display()),
-                    )
+                    manifest.invalid(ca.span(), &client_ca, format!("{}: {e}", path.display()))
                 })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver { default, by_name }));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 

@@ -513,8 +513,10 @@ impl Admin {
                     .map_err(|e| format!("admin.listen: cannot listen on {addr}: {e}"))?;
                 let local = listener.local_addr().map_err(|e| e.to_string())?;
                 let app = router(state, token.map(Arc::from));
-                tasks.spawn(serve(Listener::Tcp(listener), app, stop.clone()));
-                tracing::info!(address = %local, "admin listening");
+                let tls = tls_acceptor(m)?;
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                tasks.spawn(serve(Listener::Tcp(listener, tls), app, stop.clone()));
+                tracing::info!(address = %local, scheme, "admin listening");
                 Some(local)
             }
             None => None,
@@ -568,7 +570,18 @@ async fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, String> {
 
 enum Listener {
     Unix(tokio::net::UnixListener),
-    Tcp(tokio::net::TcpListener),
+    Tcp(tokio::net::TcpListener, Option<tokio_rustls::TlsAcceptor>),
+}
+
+/// The TLS acceptor of `[admin.tls]`, if set (HTTP/1.1 only). Errors name
+/// the key and the file.
+pub fn tls_acceptor(m: &Manifest) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+    let Some(tls) = &m.admin.tls else {
+        return Ok(None);
+    };
+    let config = wasmgate_trigger_http::tls::server_config_at(m, tls, "admin.tls", &[b"http/1.1"])
+        .map_err(|e| e.to_string())?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(config)))
 }
 
 /// Serves `app` on `listener` until `stop`, within the bounds above.
@@ -591,8 +604,8 @@ async fn serve(listener: Listener, app: Router, stop: CancellationToken) {
             () = stop.cancelled() => return,
             a = accept(&listener) => a,
         };
-        let io = match accepted {
-            Ok(io) => io,
+        let stream = match accepted {
+            Ok(stream) => stream,
             Err(e) => {
                 tracing::warn!(error = %e, "admin: accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -602,8 +615,22 @@ async fn serve(listener: Listener, app: Router, stop: CancellationToken) {
         let service = TowerToHyperService::new(app.clone());
         let builder = builder.clone();
         let stop = stop.clone();
+        let tls = match &listener {
+            Listener::Tcp(_, tls) => tls.clone(),
+            Listener::Unix(_) => None,
+        };
         tokio::spawn(async move {
-            let conn = builder.serve_connection(io, service);
+            // The handshake, like the request head, within HEAD_TIMEOUT.
+            let stream = match tls {
+                None => stream,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => Box::new(tls) as Box<dyn Stream>,
+                        _ => return,
+                    }
+                }
+            };
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
@@ -615,18 +642,16 @@ async fn serve(listener: Listener, app: Router, stop: CancellationToken) {
     }
 }
 
-type Io = TokioIo<Box<dyn Stream>>;
-
 trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
-async fn accept(listener: &Listener) -> std::io::Result<Io> {
+async fn accept(listener: &Listener) -> std::io::Result<Box<dyn Stream>> {
     Ok(match listener {
-        Listener::Unix(l) => TokioIo::new(Box::new(l.accept().await?.0) as Box<dyn Stream>),
-        Listener::Tcp(l) => {
+        Listener::Unix(l) => Box::new(l.accept().await?.0),
+        Listener::Tcp(l, _) => {
             let (s, _) = l.accept().await?;
             let _ = s.set_nodelay(true);
-            TokioIo::new(Box::new(s) as Box<dyn Stream>)
+            Box::new(s)
         }
     })
 }

@@ -93,13 +93,17 @@ pub struct AdminArgs {
     /// The manifest of the gateway (its `state_dir` holds the admin socket).
     #[arg(short = 'f', long = "file", default_value = "wasmgate.toml")]
     pub file: PathBuf,
-    /// Ask the TCP admin listener at this URL (`http://HOST:PORT`) instead
-    /// of the local socket.
+    /// Ask the TCP admin listener at this URL (`http://HOST:PORT`, or
+    /// `https://HOST:PORT` with `--ca`) instead of the local socket.
     #[arg(long, value_name = "URL")]
     pub admin: Option<String>,
     /// The file holding the admin token (with `--admin`).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed the admin listener's (with
+    /// `--admin https://…`).
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
 }
 
 /// `wasmgate status`.

@@ -12,6 +12,7 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// Largest answer read from the admin listener.
 const MAX_ANSWER_BYTES: usize = 16 << 20;
@@ -41,7 +42,12 @@ pub struct Unreachable(pub String);
 /// Where and how to reach the admin listener.
 enum Target {
     Socket(std::path::PathBuf),
-    Tcp { authority: String, token: String },
+    Tcp {
+        authority: String,
+        token: String,
+        /// For `https://`: the client configuration (trusting `--ca`).
+        tls: Option<Arc<rustls::ClientConfig>>,
+    },
 }
 
 fn target(args: &AdminArgs) -> Result<Target, Unreachable> {
@@ -52,17 +58,33 @@ fn target(args: &AdminArgs) -> Result<Target, Unreachable> {
             manifest.state_dir().join(crate::admin::SOCKET_NAME),
         ));
     };
-    let authority = url
-        .strip_prefix("http://")
-        .ok_or_else(|| {
-            Unreachable(format!(
-                "--admin {url}: give http://HOST:PORT (the admin listener speaks plain HTTP)"
-            ))
-        })?
-        .trim_end_matches('/');
+    let (authority, https) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(a), _) => (a, false),
+        (_, Some(a)) => (a, true),
+        _ => {
+            return Err(Unreachable(format!(
+                "--admin {url}: give http://HOST:PORT, or https://HOST:PORT with --ca"
+            )));
+        }
+    };
+    let authority = authority.trim_end_matches('/');
     if authority.is_empty() || authority.contains('/') {
-        return Err(Unreachable(format!("--admin {url}: give http://HOST:PORT")));
+        return Err(Unreachable(format!(
+            "--admin {url}: give http(s)://HOST:PORT"
+        )));
     }
+    let tls = match (https, &args.ca) {
+        (true, Some(ca)) => Some(client_config(ca)?),
+        (true, None) => {
+            return Err(Unreachable(format!(
+                "--admin {url}: https needs --ca, the CA certificate (PEM) that signed the admin listener's"
+            )));
+        }
+        (false, Some(_)) => {
+            return Err(Unreachable("--ca is for an https:// admin listener".into()));
+        }
+        (false, None) => None,
+    };
     let Some(file) = &args.token_file else {
         return Err(Unreachable(
             "--admin needs --token-file (the file holding the [admin] token)".into(),
@@ -75,7 +97,29 @@ fn target(args: &AdminArgs) -> Result<Target, Unreachable> {
     Ok(Target::Tcp {
         authority: authority.to_string(),
         token,
+        tls,
     })
+}
+
+/// A TLS client configuration that trusts the certificates in `ca`.
+fn client_config(ca: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, Unreachable> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let bad = |e: &dyn std::fmt::Display| Unreachable(format!("--ca {}: {e}", ca.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| bad(&e))? {
+        roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(&"no PEM certificate in the file"));
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(wasmgate_trigger_http::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(&e))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// GETs `path` from the admin listener; the body on 200.
@@ -111,16 +155,32 @@ async fn request(
                 p.display().to_string(),
             )
         }
-        Target::Tcp { authority, token } => {
+        Target::Tcp {
+            authority,
+            token,
+            tls,
+        } => {
             let s = tokio::net::TcpStream::connect(authority.as_str())
                 .await
                 .map_err(|e| Unreachable(format!("cannot reach {authority}: {e}")))?;
-            (
-                Box::new(s),
-                authority.clone(),
-                Some(token.clone()),
-                authority.clone(),
-            )
+            let s: Box<dyn Io> =
+                match tls {
+                    None => Box::new(s),
+                    Some(config) => {
+                        let host = authority
+                            .rsplit_once(':')
+                            .map_or(authority.as_str(), |(h, _)| h)
+                            .trim_start_matches('[')
+                            .trim_end_matches(']');
+                        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                            .map_err(|e| Unreachable(format!("--admin: {host}: {e}")))?;
+                        let connector = tokio_rustls::TlsConnector::from(config.clone());
+                        Box::new(connector.connect(name, s).await.map_err(|e| {
+                            Unreachable(format!("TLS with {authority} failed: {e}"))
+                        })?)
+                    }
+                };
+            (s, authority.clone(), Some(token.clone()), authority.clone())
         }
     };
     let failed = |e: &dyn std::fmt::Display| Unreachable(format!("{place}: {e}"));
@@ -140,13 +200,15 @@ async fn request(
     }
     let request = request.body(Full::new(body)).map_err(|e| failed(&e))?;
     // A deploy uploads and compiles: as long as the listener allows.
-    let response = tokio::time::timeout(
-        crate::admin::MAX_CONNECTION_AGE,
-        sender.send_request(request),
-    )
-    .await
-    .map_err(|_| failed(&"no answer in time"))?
-    .map_err(|e| failed(&e))?;
+    let wait = if request.method() == hyper::Method::POST {
+        crate::admin::MAX_CONNECTION_AGE
+    } else {
+        std::time::Duration::from_secs(30)
+    };
+    let response = tokio::time::timeout(wait, sender.send_request(request))
+        .await
+        .map_err(|_| failed(&"no answer in time"))?
+        .map_err(|e| failed(&e))?;
     let status = response.status();
     let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
         .collect()

@@ -33,6 +33,7 @@ pub async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
     let manifest = load_manifest(&args.file)?;
     // Before anything starts: a bad admin token stops `up` at once.
     crate::admin::read_token(&manifest).map_err(Fatal)?;
+    crate::admin::tls_acceptor(&manifest).map_err(Fatal)?;
     if args.build {
         run_builds(&manifest).await?;
     }
