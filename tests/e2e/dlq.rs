@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use wasmgate_test_artifacts::TICK_TIMER;
+use wasmgate_test_artifacts::{COUNTER, TICK_TIMER};
 
 fn manifest(dir: &Path, env: &str) -> String {
     let path = dir.join("wasmgate.toml");
@@ -506,4 +506,101 @@ allow = {{ mqtt_publish = ["dev/+/temp/reply"] }}
         String::from_utf8_lossy(&got.stdout),
         "dev/7/temp/reply 21.5\n"
     );
+}
+
+/// `curl` to the admin socket: (HTTP status, body as JSON).
+fn admin(socket: &Path, method: &str, path: &str) -> (u16, serde_json::Value) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-X", method, "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(socket)
+        .arg(format!("http://gateway{path}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (
+        code.parse().unwrap(),
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// The dead-letter routes of the admin API on a running gateway: pages,
+/// show, a replay that fails again (kept, one more attempt), a deploy of a
+/// fixed version and a replay that succeeds (removed), purge.
+#[test]
+fn the_admin_api_lists_replays_and_purges_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = queue_manifest(dir.path(), r#"TICK_REJECT = "not today""#);
+    for _ in 0..4 {
+        let out = run(&["invoke", "tick", "-f", &file, "--timer", "--async"]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    let up = crate::examples::Up::spawn(wasmgate().args(["up", "-f", &file]), &file);
+    let socket = dir.path().join("state/admin.sock");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while admin(&socket, "GET", "/v1/dead-letters").1["records"]
+        .as_array()
+        .map_or(0, Vec::len)
+        < 4
+    {
+        assert!(Instant::now() < deadline, "{}", up.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Pages of 3 and 1.
+    let (code, page) = admin(&socket, "GET", "/v1/dead-letters?limit=3");
+    assert_eq!(code, 200);
+    assert_eq!(page["records"].as_array().unwrap().len(), 3, "{page}");
+    let next = page["next"].as_str().unwrap().to_string();
+    let (_, rest) = admin(&socket, "GET", &format!("/v1/dead-letters?before={next}"));
+    assert_eq!(rest["records"].as_array().unwrap().len(), 1, "{rest}");
+    assert!(rest["next"].is_null());
+    let id = page["records"][0]["id"].as_str().unwrap().to_string();
+    let (code, record) = admin(&socket, "GET", &format!("/v1/dead-letters/{id}"));
+    assert_eq!(code, 200);
+    assert_eq!(record["last_error"]["message"], "not today");
+    assert_eq!(admin(&socket, "GET", "/v1/dead-letters/nope").0, 404);
+
+    // Still rejected: kept, with one more attempt.
+    let (code, r) = admin(&socket, "POST", &format!("/v1/dead-letters/{id}/replay"));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["removed"], false, "{r}");
+    assert_eq!(r["outcome"], "reject", "{r}");
+    let (_, record) = admin(&socket, "GET", &format!("/v1/dead-letters/{id}"));
+    assert_eq!(record["attempts"], 2, "{record}");
+
+    // The fix deployed, the replay succeeds and removes the record.
+    let out = run(&["deploy", "tick", COUNTER, "-f", &file]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let (code, r) = admin(&socket, "POST", &format!("/v1/dead-letters/{id}/replay"));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["removed"], true, "{r}");
+    assert_eq!(
+        admin(&socket, "GET", &format!("/v1/dead-letters/{id}")).0,
+        404
+    );
+    let (code, r) = admin(
+        &socket,
+        "POST",
+        "/v1/dead-letters/replay?component=tick&limit=2",
+    );
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(
+        (r["replayed"].as_u64(), r["ok"].as_u64()),
+        (Some(2), Some(2)),
+        "{r}"
+    );
+    assert_eq!(r["more"], true, "{r}");
+
+    // Purge needs to be told what.
+    assert_eq!(admin(&socket, "POST", "/v1/dead-letters/purge").0, 400);
+    assert_eq!(
+        admin(&socket, "POST", "/v1/dead-letters/purge?older_than=soon").0,
+        400
+    );
+    let (code, r) = admin(&socket, "POST", "/v1/dead-letters/purge?component=tick");
+    assert_eq!(code, 200);
+    assert_eq!(r["purged"], 1, "{r}");
+    let (_, left) = admin(&socket, "GET", "/v1/dead-letters");
+    assert_eq!(left["records"].as_array().unwrap().len(), 0, "{left}");
+    up.stop();
 }

@@ -98,6 +98,16 @@ impl AdminState {
             .collect()
     }
 
+    /// The dead-letter store, once the gateway opened it.
+    pub(crate) fn dead_letters(&self) -> Option<Arc<DeadLetterStore>> {
+        self.stores.get().map(|(d, _)| d.clone())
+    }
+
+    /// A component of the running gateway.
+    pub(crate) fn component(&self, name: &str) -> Option<&Arc<Invocable>> {
+        self.components.get(name)
+    }
+
     /// The MQTT trigger's counters.
     pub fn set_mqtt(&self, stats: Arc<MqttStats>) {
         let _ = self.mqtt.set(stats);
@@ -191,7 +201,15 @@ fn router(state: Arc<AdminState>, token: Option<Arc<str>>) -> Router {
         .route("/v1/components", get(components))
         .route("/v1/components/{name}", get(component))
         .route("/v1/components/{name}/deploy", post(deploy))
-        .route("/v1/components/{name}/rollback", post(rollback));
+        .route("/v1/components/{name}/rollback", post(rollback))
+        .route("/v1/dead-letters", get(crate::dlq_api::list))
+        .route("/v1/dead-letters/replay", post(crate::dlq_api::replay_many))
+        .route("/v1/dead-letters/purge", post(crate::dlq_api::purge))
+        .route("/v1/dead-letters/{id}", get(crate::dlq_api::show))
+        .route(
+            "/v1/dead-letters/{id}/replay",
+            post(crate::dlq_api::replay_one),
+        );
     let api = match token {
         Some(token) => api.layer(axum::middleware::from_fn(move |req, next| {
             require_token(token.clone(), req, next)
@@ -344,7 +362,8 @@ async fn components(State(state): State<Arc<AdminState>>) -> Response {
 /// file, base64.
 pub const SIGNATURE_HEADER: &str = "wasmgate-signature";
 
-fn error(status: u16, message: impl std::fmt::Display) -> Response {
+/// A JSON error answer: `{"error": message}`.
+pub(crate) fn error(status: u16, message: impl std::fmt::Display) -> Response {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (
         code,

@@ -30,6 +30,7 @@ pub mod check;
 pub mod cli;
 pub mod deploy;
 pub mod dlq;
+pub mod dlq_api;
 pub mod invoke;
 pub mod metrics;
 pub mod new;
