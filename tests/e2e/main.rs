@@ -16,6 +16,7 @@ mod layout;
 mod limits;
 mod manifest;
 mod mqtt;
+mod pause;
 mod service;
 mod signing;
 #[cfg(feature = "embedded-broker")]

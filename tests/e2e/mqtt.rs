@@ -273,6 +273,7 @@ fn spec(path: &str, publish: &[&str], topic: &str, qos: u8, max_in_flight: u32) 
             backoff: Duration::from_millis(10),
             ..RetryPolicy::default()
         },
+        pause: Default::default(),
     }
 }
 

@@ -71,6 +71,8 @@ pub struct Deployment {
     pub signers: BTreeMap<String, wasmgate_manifest::signing::PublicKey>,
     /// SHA-256 of each component file (lowercase hex), by name.
     pub digests: BTreeMap<String, String>,
+    /// The pause switch of every trigger.
+    pub pauses: crate::trigger::Pauses,
 }
 
 /// Why a deployment could not be loaded.
@@ -120,6 +122,7 @@ impl Deployment {
             components.insert(name, Arc::new(invocable));
         }
         Ok(Self {
+            pauses: crate::trigger::Pauses::of(&manifest),
             manifest,
             runtime,
             components,

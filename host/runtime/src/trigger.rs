@@ -24,3 +24,86 @@ pub trait Trigger: Send + 'static {
         shutdown: CancellationToken,
     ) -> impl Future<Output = ()> + Send;
 }
+
+/// The switch that pauses one trigger: while paused it takes no new events
+/// (what that means per kind is the trigger's: an HTTP rule answers 503,
+/// a timer skips its ticks, an MQTT trigger leaves its messages
+/// unacknowledged until it resumes). Clones share the switch.
+#[derive(Clone, Debug)]
+pub struct Pause(std::sync::Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Default for Pause {
+    fn default() -> Self {
+        Self(std::sync::Arc::new(tokio::sync::watch::Sender::new(false)))
+    }
+}
+
+impl Pause {
+    /// Pauses (`true`) or resumes (`false`); returns whether that changed
+    /// anything.
+    pub fn set(&self, paused: bool) -> bool {
+        self.0
+            .send_if_modified(|p| std::mem::replace(p, paused) != paused)
+    }
+
+    /// Whether the trigger is paused now.
+    pub fn is_paused(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Returns once the trigger is not paused.
+    pub async fn resumed(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|paused| !*paused).await;
+    }
+}
+
+/// The pause switch of every trigger of a manifest, by its label
+/// (`http[0]`, `mqtt[1]`, `timer[2]`: kind and index in the manifest).
+#[derive(Clone, Debug, Default)]
+pub struct Pauses(std::collections::BTreeMap<String, Pause>);
+
+impl Pauses {
+    /// One switch per trigger of `m`, all running.
+    pub fn of(m: &wasmgate_manifest::Manifest) -> Self {
+        let t = &m.triggers;
+        let labels = (0..t.http.len())
+            .map(|i| format!("http[{i}]"))
+            .chain((0..t.mqtt.len()).map(|i| format!("mqtt[{i}]")))
+            .chain((0..t.timer.len()).map(|i| format!("timer[{i}]")));
+        Self(labels.map(|l| (l, Pause::default())).collect())
+    }
+
+    /// The switch of trigger `label`.
+    pub fn get(&self, label: &str) -> Option<&Pause> {
+        self.0.get(label)
+    }
+
+    /// The switch of trigger `label`; a trigger the manifest does not have
+    /// gets one of its own that is never paused.
+    pub fn of_trigger(&self, label: &str) -> Pause {
+        self.0.get(label).cloned().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn resumed_returns_once_the_switch_is_off() {
+        let p = Pause::default();
+        assert!(!p.is_paused());
+        p.resumed().await;
+        assert!(p.set(true));
+        assert!(!p.set(true), "no change");
+        let waiting = tokio::spawn({
+            let p = p.clone();
+            async move { p.resumed().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        assert!(p.set(false));
+        waiting.await.unwrap();
+    }
+}

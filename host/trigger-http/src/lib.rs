@@ -62,6 +62,8 @@ struct App {
     limits: HttpLimits,
     https: bool,
     port: u16,
+    /// Each rule's pause switch, by rule index (none: never paused).
+    pauses: Vec<wasmgate_runtime::trigger::Pause>,
 }
 
 impl HttpServer {
@@ -103,6 +105,9 @@ impl HttpServer {
                 limits: config.limits(),
                 https: acceptor.is_some(),
                 port,
+                pauses: (0..m.triggers.http.len())
+                    .map(|i| deployment.pauses.of_trigger(&format!("http[{i}]")))
+                    .collect(),
             }),
             acceptor,
         }))
@@ -502,6 +507,16 @@ impl App {
             .collect();
         let rule_index = matched.rule.index;
         let _ = rule.set(rule_index);
+        if self.pauses.get(rule_index).is_some_and(|p| p.is_paused()) {
+            let mut r = simple(
+                StatusCode::SERVICE_UNAVAILABLE,
+                id,
+                "503 Service Unavailable: this rule is paused",
+            );
+            r.headers_mut()
+                .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return r;
+        }
         match &matched.rule.action {
             Action::Fixed {
                 status,

@@ -239,6 +239,9 @@ pub struct MqttSpec {
     pub max_in_flight: u32,
     /// Retries of a failed delivery.
     pub retry: RetryPolicy,
+    /// While paused the trigger starts no delivery: its messages wait,
+    /// unacknowledged.
+    pub pause: wasmgate_runtime::trigger::Pause,
 }
 
 /// The MQTT triggers of a manifest, bound to their components.
@@ -263,6 +266,7 @@ pub fn specs(m: &Manifest, components: &BTreeMap<String, Arc<Invocable>>) -> Vec
                 .retry
                 .as_ref()
                 .map_or_else(RetryPolicy::default, RetryPolicy::from),
+            pause: wasmgate_runtime::trigger::Pause::default(),
         })
         .collect()
 }
@@ -1207,6 +1211,14 @@ async fn trigger_worker(mut queue: mpsc::Receiver<Job>, spec: MqttSpec, w: Worke
                 None => break,
             },
         };
+        if spec.pause.is_paused() {
+            tracing::info!(trigger = %spec.label, "the trigger is paused: its messages wait unacknowledged");
+            tokio::select! {
+                biased;
+                _ = w.shutdown.cancelled() => break,
+                () = spec.pause.resumed() => {}
+            }
+        }
         let permit = tokio::select! {
             biased;
             _ = w.shutdown.cancelled() => break,

@@ -172,6 +172,8 @@ pub struct TimerTrigger {
     dead_letters: Option<Arc<DeadLetterStore>>,
     /// Cancelled on shutdown: an unsettled tick stops being delivered again.
     shutdown: CancellationToken,
+    /// While paused, due ticks are skipped (counted as missed).
+    pause: wasmgate_runtime::trigger::Pause,
 }
 
 /// How long a tick whose dead letter could not be written waits before it
@@ -195,7 +197,14 @@ impl TimerTrigger {
             deliveries: None,
             dead_letters: None,
             shutdown: CancellationToken::new(),
+            pause: wasmgate_runtime::trigger::Pause::default(),
         }
+    }
+
+    /// Skips the ticks that are due while `pause` is on.
+    pub fn with_pause(mut self, pause: wasmgate_runtime::trigger::Pause) -> Self {
+        self.pause = pause;
+        self
     }
 
     /// Dead-letters ticks that fail for good in `store`.
@@ -236,34 +245,7 @@ impl TimerTrigger {
         let mut running: Vec<JoinHandle<()>> = Vec::new();
         let mut missed: u64 = 0;
         let now = self.clock.now();
-        let mut cursor = now - offset;
-
-        if let Some(last) = self.state.last(&spec.key) {
-            let plan = plan_catch_up(
-                &spec.schedule,
-                last,
-                cursor,
-                spec.catch_up,
-                spec.starting_deadline,
-            );
-            if plan.skipped > 0 || !plan.run.is_empty() {
-                tracing::info!(
-                    trigger = %spec.label,
-                    component = %self.component.name,
-                    last_fired = %last,
-                    catching_up = plan.run.len(),
-                    skipped = plan.skipped,
-                    "ticks were due while the host was down"
-                );
-            }
-            missed += plan.skipped;
-            self.stats.missed.fetch_add(plan.skipped, Ordering::Relaxed);
-            if let Some(newest) = plan.run.last() {
-                cursor = cursor.max(*newest);
-                let ticks = plan.run.iter().map(|t| *t + offset).collect();
-                self.fire(ticks, &mut missed, &mut running, &tasks, now);
-            }
-        }
+        let mut cursor = self.catch_up(now, &mut missed, &mut running, &tasks);
 
         loop {
             let Some(next) = spec.schedule.next_after(cursor) else {
@@ -310,9 +292,63 @@ impl TimerTrigger {
             self.stats
                 .late_by((fired - on_time).num_microseconds().unwrap_or(0).max(0) as u64);
             cursor = current;
+            if self.skipped_while_paused(due_times.len()) {
+                continue;
+            }
             let ticks = due_times.iter().map(|t| *t + offset).collect();
             self.fire(ticks, &mut missed, &mut running, &tasks, fired);
         }
+    }
+
+    /// Runs (or skips, by the catch-up policy) the ticks that were due
+    /// while the host was down; returns the schedule's cursor.
+    fn catch_up(
+        &self,
+        now: DateTime<Utc>,
+        missed: &mut u64,
+        running: &mut Vec<JoinHandle<()>>,
+        tasks: &TaskTracker,
+    ) -> DateTime<Utc> {
+        let spec = &self.spec;
+        let offset = chrono::Duration::from_std(spec.offset).unwrap_or_default();
+        let mut cursor = now - offset;
+        if let Some(last) = self.state.last(&spec.key) {
+            let plan = plan_catch_up(
+                &spec.schedule,
+                last,
+                cursor,
+                spec.catch_up,
+                spec.starting_deadline,
+            );
+            if plan.skipped > 0 || !plan.run.is_empty() {
+                tracing::info!(
+                    trigger = %spec.label,
+                    component = %self.component.name,
+                    last_fired = %last,
+                    catching_up = plan.run.len(),
+                    skipped = plan.skipped,
+                    "ticks were due while the host was down"
+                );
+            }
+            *missed += plan.skipped;
+            self.stats.missed.fetch_add(plan.skipped, Ordering::Relaxed);
+            if let Some(newest) = plan.run.last() {
+                cursor = cursor.max(*newest);
+                let ticks = plan.run.iter().map(|t| *t + offset).collect();
+                self.fire(ticks, missed, running, tasks, now);
+            }
+        }
+        cursor
+    }
+
+    /// While paused: counts `n` due ticks as missed, without running them.
+    fn skipped_while_paused(&self, n: usize) -> bool {
+        if !self.pause.is_paused() {
+            return false;
+        }
+        tracing::debug!(trigger = %self.spec.label, skipped = n, "the trigger is paused: tick skipped");
+        self.stats.missed.fetch_add(n as u64, Ordering::Relaxed);
+        true
     }
 
     /// Starts one delivery task for `ticks` (oldest first, run in order),

@@ -80,6 +80,7 @@ async fn start_host(port: u16, id: &str, component: Arc<Invocable>, topic: &str)
         qos: 1,
         max_in_flight: 16,
         retry: RetryPolicy::default(),
+        pause: Default::default(),
     };
     let t = MqttTriggers::new(o, receive_maximum, vec![spec]);
     let stats = t.stats();

@@ -57,6 +57,7 @@ pub struct AdminState {
     started: Instant,
     components: BTreeMap<String, Arc<Invocable>>,
     deployer: Arc<Deployer>,
+    pauses: wasmgate_runtime::trigger::Pauses,
     triggers: Vec<TriggerStatus>,
     mqtt: std::sync::OnceLock<Arc<MqttStats>>,
     stores: std::sync::OnceLock<(Arc<DeadLetterStore>, Arc<EventQueue>)>,
@@ -82,6 +83,7 @@ impl AdminState {
             started,
             components: deployment.components.clone(),
             deployer,
+            pauses: deployment.pauses.clone(),
             triggers: triggers(m),
             mqtt: std::sync::OnceLock::new(),
             stores: std::sync::OnceLock::new(),
@@ -125,6 +127,60 @@ struct TriggerStatus {
     trigger: String,
     component: String,
     source: String,
+    paused: bool,
+}
+
+/// The triggers, each with whether it is paused now.
+fn trigger_statuses(state: &AdminState) -> Vec<TriggerStatus> {
+    state
+        .triggers
+        .iter()
+        .map(|t| TriggerStatus {
+            paused: state.pauses.get(&t.trigger).is_some_and(|p| p.is_paused()),
+            ..t.clone()
+        })
+        .collect()
+}
+
+/// `POST /v1/triggers/LABEL/pause` and `/resume`.
+async fn set_paused(state: &AdminState, label: &str, paused: bool) -> Response {
+    let Some(pause) = state.pauses.get(label) else {
+        return error(
+            404,
+            format!(
+                "no trigger {label:?}: name one as status lists them (http[0], mqtt[1], timer[2])"
+            ),
+        );
+    };
+    let changed = pause.set(paused);
+    if changed {
+        tracing::warn!(
+            trigger = label,
+            paused,
+            "{}",
+            if paused {
+                "trigger paused"
+            } else {
+                "trigger resumed"
+            }
+        );
+    }
+    axum::Json(serde_json::json!({ "trigger": label, "paused": paused, "changed": changed }))
+        .into_response()
+}
+
+async fn pause(
+    State(state): State<Arc<AdminState>>,
+    axum::extract::Path(label): axum::extract::Path<String>,
+) -> Response {
+    set_paused(&state, &label, true).await
+}
+
+async fn resume(
+    State(state): State<Arc<AdminState>>,
+    axum::extract::Path(label): axum::extract::Path<String>,
+) -> Response {
+    set_paused(&state, &label, false).await
 }
 
 fn triggers(m: &Manifest) -> Vec<TriggerStatus> {
@@ -135,6 +191,7 @@ fn triggers(m: &Manifest) -> Vec<TriggerStatus> {
                 trigger: format!("http[{i}]"),
                 component: c.get_ref().clone(),
                 source: format!("priority {}", t.priority.get_ref()),
+                paused: false,
             });
         }
     }
@@ -143,6 +200,7 @@ fn triggers(m: &Manifest) -> Vec<TriggerStatus> {
             trigger: format!("mqtt[{i}]"),
             component: t.component.get_ref().clone(),
             source: t.topic.get_ref().clone(),
+            paused: false,
         });
     }
     for (spec, t) in wasmgate_trigger_timer::specs(m)
@@ -153,6 +211,7 @@ fn triggers(m: &Manifest) -> Vec<TriggerStatus> {
             trigger: spec.label.trim_start_matches("trigger.").to_string(),
             component: t.component.get_ref().clone(),
             source: spec.schedule_text,
+            paused: false,
         });
     }
     out
@@ -202,6 +261,8 @@ fn router(state: Arc<AdminState>, token: Option<Arc<str>>) -> Router {
         .route("/v1/components/{name}", get(component))
         .route("/v1/components/{name}/deploy", post(deploy))
         .route("/v1/components/{name}/rollback", post(rollback))
+        .route("/v1/triggers/{label}/pause", post(pause))
+        .route("/v1/triggers/{label}/resume", post(resume))
         .route("/v1/dead-letters", get(crate::dlq_api::list))
         .route("/v1/dead-letters/replay", post(crate::dlq_api::replay_many))
         .route("/v1/dead-letters/purge", post(crate::dlq_api::purge))
@@ -473,7 +534,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
             "state_dir": state.state_dir.display().to_string(),
         },
         "components": component_statuses(&state),
-        "triggers": state.triggers,
+        "triggers": trigger_statuses(&state),
         "mqtt": mqtt,
         "queue_depth": queue_depth,
         "dead_letters": dead_letters,

@@ -58,6 +58,12 @@ pub enum Command {
     Deploy(DeployArgs),
     /// Bring back a component's previous version on a running gateway.
     Rollback(RollbackArgs),
+    /// Pause a trigger of a running gateway (`http[0]`, `mqtt[1]`,
+    /// `timer[2]`): an HTTP rule answers 503, a timer skips its ticks, an
+    /// MQTT trigger leaves its messages unacknowledged until resumed.
+    Pause(TriggerArgs),
+    /// Resume a paused trigger.
+    Resume(TriggerArgs),
     /// Create a guest project: the handler, its build, a manifest, a sample
     /// event, a README and a CI workflow (`new mqtt thermostat --lang python`).
     New(NewArgs),
@@ -132,6 +138,16 @@ pub struct DeployArgs {
     /// 1 if it was rolled back.
     #[arg(long)]
     pub wait: bool,
+}
+
+/// `wasmgate pause` and `wasmgate resume`.
+#[derive(Debug, Args)]
+pub struct TriggerArgs {
+    /// The trigger, as `status` lists it: `http[0]`, `mqtt[1]`, `timer[2]`.
+    pub trigger: String,
+    /// Where the gateway is.
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 /// `wasmgate rollback`.
@@ -462,6 +478,8 @@ pub fn main() -> ExitCode {
             Command::Status(args) => crate::status::status(args).await,
             Command::Deploy(args) => crate::status::deploy(args).await,
             Command::Rollback(args) => crate::status::rollback(args).await,
+            Command::Pause(args) => crate::status::set_paused(args, true).await,
+            Command::Resume(args) => crate::status::set_paused(args, false).await,
             Command::HashPassword => hash_password(),
             Command::Wit(args) => crate::wit::write(&args.dir, args.force),
             Command::Keygen { out } => crate::sign::keygen(&out),

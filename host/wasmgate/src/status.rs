@@ -5,7 +5,7 @@
 //! Exit codes: 0 shown, 1 the gateway could not be reached or refused the
 //! request, 2 bad input.
 
-use crate::cli::{AdminArgs, DeployArgs, Fatal, RollbackArgs, StatusArgs};
+use crate::cli::{AdminArgs, DeployArgs, Fatal, RollbackArgs, StatusArgs, TriggerArgs};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::Request;
@@ -351,6 +351,45 @@ pub async fn rollback(args: RollbackArgs) -> Result<ExitCode, Fatal> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Runs `wasmgate pause TRIGGER` (`paused`) or `wasmgate resume TRIGGER`.
+pub async fn set_paused(args: TriggerArgs, paused: bool) -> Result<ExitCode, Fatal> {
+    let verb = if paused { "pause" } else { "resume" };
+    let t = &args.trigger;
+    let well_formed = t
+        .split_once('[')
+        .and_then(|(kind, rest)| Some((kind, rest.strip_suffix(']')?)))
+        .is_some_and(|(kind, index)| {
+            !kind.is_empty()
+                && kind.bytes().all(|b| b.is_ascii_lowercase())
+                && !index.is_empty()
+                && index.bytes().all(|b| b.is_ascii_digit())
+        });
+    if !well_formed {
+        return Err(Fatal(format!(
+            "{t:?} is not a trigger: name one as `wasmgate status` lists them (http[0], mqtt[1], timer[2])"
+        )));
+    }
+    // The label goes in the path: its brackets percent-encoded.
+    let label = t.replace('[', "%5B").replace(']', "%5D");
+    let path = format!("/v1/triggers/{label}/{verb}");
+    let answer = request(&args.admin, hyper::Method::POST, &path, Bytes::new(), None).await;
+    let v = match answered(answer) {
+        Ok(v) => v,
+        Err(code) => return Ok(code),
+    };
+    println!(
+        "{} {}{}",
+        args.trigger,
+        if paused { "paused" } else { "resumed" },
+        if v["changed"] == true {
+            ""
+        } else {
+            " (it already was)"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The JSON of a successful answer; otherwise the error printed and exit
 /// code 1.
 fn answered(answer: Result<(hyper::StatusCode, String), Unreachable>) -> Result<Value, ExitCode> {
@@ -495,10 +534,15 @@ pub fn render(v: &Value) -> String {
     for t in v["triggers"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,
-            "{:<12} {:<20} {}",
+            "{:<12} {:<20} {}{}",
             s(&t["trigger"]),
             s(&t["component"]),
-            s(&t["source"])
+            s(&t["source"]),
+            if t["paused"] == true {
+                "  (paused)"
+            } else {
+                ""
+            }
         );
     }
     out

@@ -301,8 +301,11 @@ fn mqtt_trigger(
     late: &TaskTracker,
 ) -> Result<MqttTriggers, Fatal> {
     let m = &deployment.manifest;
-    let specs = wasmgate_trigger_mqtt::specs(m, &deployment.components);
-    for s in &specs {
+    let mut specs = wasmgate_trigger_mqtt::specs(m, &deployment.components);
+    for s in &mut specs {
+        s.pause = deployment
+            .pauses
+            .of_trigger(s.label.trim_start_matches("trigger."));
         tracing::info!(trigger = %s.label, component = %s.component.name, topic = %s.filter.raw, qos = s.qos, max_in_flight = s.max_in_flight, "MQTT trigger armed");
     }
     let spool_bounds = SpoolBounds::from(&m.mqtt.clone().unwrap_or_default().spool);
@@ -486,7 +489,11 @@ fn start_timers(
         let component = gateway.components[t.component.get_ref()].clone();
         tracing::info!(trigger = %spec.label, component = %component.name, schedule = %spec.schedule_text, "timer armed");
         let lateness = metrics.timer_histogram(spec.label.trim_start_matches("trigger."));
+        let pause = gateway
+            .pauses
+            .of_trigger(spec.label.trim_start_matches("trigger."));
         let trigger = TimerTrigger::new(spec, component, state.clone(), clock.clone())
+            .with_pause(pause)
             .with_lateness_histogram(lateness)
             .with_delivery_runtime(deliveries.clone())
             .with_dead_letters(dead_letters.clone());
