@@ -302,6 +302,17 @@ async fn a_client_that_hangs_up_is_not_a_component_failure() {
     assert_eq!(probe["failures"], 0, "{probe}");
     assert!(probe["last_error"].is_null(), "{probe}");
 
+    // A HEAD request: no body goes out, and the guest's writes still
+    // succeed (the host drains them): ok, not client_closed, not a trap.
+    let r = crate::http::client()
+        .head(format!("http://{http}/probe/big?kb=1024"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ok = r#"wasmgate_invocations_total{component="probe",trigger="http[0]",outcome="ok"}"#;
+    scrape_until(&admin, |t| sample(t, ok) == Some(1.0)).await;
+
     // A trap with the client still there is a trap.
     let r = crate::http::client()
         .get(format!("http://{http}/probe/trap"))

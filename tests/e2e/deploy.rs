@@ -35,7 +35,7 @@ listen = "127.0.0.1:0"
 
 [component.app]
 source = "{source}"
-limits = {{ concurrency = 64 }}
+limits = {{ concurrency = 64, timeout = "20s" }}
 
 [component.app.deploy]
 {deploy}
@@ -164,7 +164,7 @@ async fn deploy_and_rollback_swap_versions_without_failing_a_request() {
     // the old version.
     let slow = {
         let http = http.clone();
-        tokio::spawn(async move { get(&http, "/sleep?ms=1500").await })
+        tokio::spawn(async move { get(&http, "/sleep?ms=6000").await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let out = cli(&["deploy", "app", HELLO_HTTP, "-f", &m]).await;
@@ -174,7 +174,15 @@ async fn deploy_and_rollback_swap_versions_without_failing_a_request() {
         "{}",
         text(&out)
     );
-    assert_eq!(slow.await.unwrap(), (200, "slept 1500\n".into()));
+    // It was still running on the old version after the swap.
+    assert!(!slow.is_finished());
+    let out = cli(&["status", "-f", &m, "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["components"][0]["in_flight"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
+    assert_eq!(slow.await.unwrap(), (200, "slept 6000\n".into()));
     let (status, body) = get(&http, "/hi").await;
     assert_eq!(status, 200);
     assert!(body.starts_with("Hello from wasmgate: GET /hi"), "{body}");
@@ -386,11 +394,18 @@ async fn bad_versions_are_refused_and_the_running_one_stays() {
         let (_, body) = get(&http, "/hi").await;
         assert!(body.starts_with("Hello from wasmgate"), "{body}");
     }
-    // Refused versions leave no file behind.
+    // Refused versions leave no file behind, nor a precompiled artifact.
     let stored: Vec<_> = std::fs::read_dir(dir.path().join("state/components/app"))
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(stored.is_empty(), "{stored:?}");
+    let artifacts: Vec<_> = std::fs::read_dir(dir.path().join("state/precompiled"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".cwasm"))
+        .collect();
+    assert_eq!(artifacts.len(), 1, "only the source's: {artifacts:?}");
     let out = cli(&["deploy", "app", "/no/such.wasm", "-f", &m]).await;
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     up.stop();
@@ -459,11 +474,34 @@ async fn with_require_signature_only_a_trusted_signed_version_deploys() {
     let out = cli(&["status", "-f", &m, "--json"]).await;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["components"][0]["signer"], trusted.trim(), "{v}");
-    assert!(
-        std::fs::read_dir(dir.path().join("state/components/app"))
-            .unwrap()
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().ends_with(".wasm.sig"))
+    let probe_sig = dir.path().join(format!(
+        "state/components/app/{}.wasm.sig",
+        digest(HTTP_PROBE)
+    ));
+    assert!(probe_sig.exists());
+
+    // Another signed version; the probe is the previous one now. The
+    // probe's bytes again, unsigned, are refused and leave its kept
+    // signature alone: a rollback and a restart still load it.
+    let v2 = d("hello-v2.wasm");
+    let mut bytes = std::fs::read(HELLO_HTTP).unwrap();
+    bytes.extend_from_slice(&[0, 3, 2, b'v', b'2']);
+    std::fs::write(&v2, bytes).unwrap();
+    ok(&["sign", &v2, "--key", &d("dev.key")]);
+    let out = cli(&["deploy", "app", &v2, "-f", &m]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    std::fs::remove_file(format!("{probe}.sig")).unwrap();
+    deploy("no signature").await;
+    assert!(probe_sig.exists(), "the kept signature was removed");
+    let out = cli(&["rollback", "app", "-f", &m]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    up.stop();
+    let (up, http) = start(&m);
+    assert_eq!(
+        get(&http, "/hi").await.1,
+        "probe GET /hi\n",
+        "{}",
+        up.logs()
     );
     up.stop();
 }

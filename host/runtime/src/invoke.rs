@@ -706,7 +706,8 @@ impl Version {
         )
     }
 
-    /// Invocations this version ran (throttled ones never reach a version).
+    /// Invocations this version ran and answered for (throttled ones never
+    /// reach a version; client-closed ones are not counted).
     pub fn invocations(&self) -> u64 {
         self.invocations.load(Ordering::Relaxed)
     }
@@ -853,13 +854,16 @@ impl Invocable {
     /// Makes `next` the version new invocations run and returns the one it
     /// replaces; invocations running on that one finish on it.
     pub fn swap(&self, next: Arc<Version>) -> Arc<Version> {
-        std::mem::replace(
+        let old = std::mem::replace(
             &mut *self
                 .version
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
             next,
-        )
+        );
+        // Its warm instances go: were it swapped back in, it starts fresh.
+        old.warm.lock().expect("warm pool").clear();
+        old
     }
 
     /// Instances kept for reuse (`reuse` > 1), waiting for an invocation.
@@ -936,7 +940,11 @@ impl Invocable {
         if let Some(metrics) = self.metrics.get() {
             metrics.record(&outcome);
         }
-        if let Some(v) = &version {
+        // A deploy's watch judges the invocations the component answered
+        // for: not those whose client went away.
+        if let Some(v) = &version
+            && !matches!(outcome.status, Status::ClientClosed { .. })
+        {
             v.invocations.fetch_add(1, Ordering::Relaxed);
             if outcome.status.is_failure() {
                 v.failures.fetch_add(1, Ordering::Relaxed);
@@ -1373,6 +1381,7 @@ impl Invocable {
         let guest = loaded.http.as_ref().expect("looked up above");
         let answer = Arc::new(std::sync::Mutex::new(Answer::None));
         let seen = answer.clone();
+        let head = request.method() == hyper::Method::HEAD;
         let gone = Arc::new(AtomicBool::new(false));
         store.data_mut().client_gone = Some(gone.clone());
         let (req, out) = {
@@ -1383,10 +1392,15 @@ impl Invocable {
                     Ok(_) => Answer::Response,
                     Err(code) => Answer::Error(format!("{code:?}")),
                 };
+                let r = r.map(|r| {
+                    if head || matches!(r.status().as_u16(), 204 | 304) {
+                        crate::watched_body::without_body(r)
+                    } else {
+                        r.map(|body| crate::watched_body::WatchedBody::wrap(body, gone))
+                    }
+                });
                 // The client may have gone; the guest goes on regardless.
-                let _ = response.send(
-                    r.map(|r| r.map(|body| crate::watched_body::WatchedBody::wrap(body, gone))),
-                );
+                let _ = response.send(r);
             })?;
             (req, out)
         };

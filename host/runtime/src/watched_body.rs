@@ -7,7 +7,10 @@
 //! That trap is the client's doing, not a fault of the component: the
 //! invocation is then classified `client_closed`, not `trap`, so a client
 //! that hangs up early can neither fill a component's failure counts nor
-//! trigger a deploy's automatic rollback.
+//! weigh in a deploy's watch. (The body is also dropped when the gateway
+//! stops waiting for the response: `request_timeout`, or a request body
+//! past `max_body`.) Responses that carry no body on the wire (`HEAD`,
+//! 204, 304) are not watched: [`without_body`] drains them.
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
@@ -36,6 +39,23 @@ impl WatchedBody {
         }
         .boxed_unsync()
     }
+}
+
+/// A response that carries no body on the wire (to a `HEAD` request, or a
+/// 204 or 304): hyper would drop the guest's body unread and the guest's
+/// next write would fail. Its body is read and discarded instead (as long
+/// as the guest writes: its limits bound that), so the guest runs as it
+/// would for a `GET`; the client gets the head.
+pub(crate) fn without_body(
+    response: hyper::Response<HyperOutgoingBody>,
+) -> hyper::Response<HyperOutgoingBody> {
+    use http_body_util::BodyExt;
+    let (parts, mut body) = response.into_parts();
+    tokio::spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
+    let empty = http_body_util::Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    hyper::Response::from_parts(parts, empty)
 }
 
 impl Body for WatchedBody {

@@ -64,7 +64,7 @@ pub struct AdminState {
     rates: crate::page::Rates,
     /// One deploy's upload is read at a time: each may be as large as a
     /// component file may be.
-    uploads: Semaphore,
+    uploads: Arc<Semaphore>,
 }
 
 impl AdminState {
@@ -88,7 +88,7 @@ impl AdminState {
             mqtt: std::sync::OnceLock::new(),
             stores: std::sync::OnceLock::new(),
             rates: crate::page::Rates::default(),
-            uploads: Semaphore::new(1),
+            uploads: Arc::new(Semaphore::new(1)),
         }
     }
 
@@ -474,16 +474,22 @@ async fn deploy(
             }
         },
     };
-    let _upload = state.uploads.acquire().await.expect("never closed");
+    // Held until the deploy ends, even if this client goes away.
+    let upload = state
+        .uploads
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("never closed");
     let max = wasmgate_runtime::component::MAX_COMPONENT_BYTES as usize;
     let bytes = match http_body_util::Limited::new(body, max).collect().await {
-        Ok(b) => b.to_bytes().to_vec(),
+        Ok(b) => b.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return error(413, format!("the component is larger than {max} bytes"));
         }
         Err(e) => return error(400, format!("cannot read the component: {e}")),
     };
-    match state.deployer.deploy(&name, bytes, signature).await {
+    match state.deployer.deploy(&name, bytes, signature, upload).await {
         Ok(d) => axum::Json(d).into_response(),
         Err(e) => e.into_response(),
     }

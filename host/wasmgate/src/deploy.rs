@@ -85,6 +85,8 @@ struct Persisted {
 
 /// A watch over a freshly deployed version.
 struct Watch {
+    /// Which watch this is: a task whose id is no longer the slot's ends.
+    id: u64,
     version: Arc<Version>,
     until_ms: u64,
     min_invocations: u32,
@@ -97,6 +99,7 @@ struct Slot {
     source: String,
     previous: Option<Arc<Version>>,
     watch: Option<Watch>,
+    next_watch: u64,
     history: VecDeque<HistoryEntry>,
     deploys: u64,
     refused: u64,
@@ -153,8 +156,8 @@ pub struct Deployed {
     pub unchanged: bool,
     /// The smoke test's outcome (`ok`), when there is one.
     pub smoke_test: Option<String>,
-    /// Seconds the new version is watched (0: not watched).
-    pub watch_s: u64,
+    /// Milliseconds the new version is watched (0: not watched).
+    pub watch_ms: u64,
 }
 
 /// The answer to a rollback.
@@ -256,6 +259,7 @@ impl Deployer {
                     source: c.version().digest.clone(),
                     previous: None,
                     watch: None,
+                    next_watch: 0,
                     history: VecDeque::new(),
                     deploys: 0,
                     refused: 0,
@@ -318,7 +322,11 @@ impl Deployer {
         let file = self.dir.join(name).join(STATE_FILE);
         let persisted: Persisted = match read_state(&file) {
             Ok(Some(p)) => p,
-            Ok(None) => return,
+            Ok(None) => {
+                // What a crash during a first deploy may have left.
+                self.prune_files(name, &self.kept(name));
+                return;
+            }
             Err(e) => {
                 tracing::warn!(component = name, file = %file.display(), error = %e, "ignoring an unreadable deploy state; running the manifest's source");
                 return;
@@ -361,25 +369,32 @@ impl Deployer {
             None => None,
         };
         invocable.swap(active.clone());
-        let mut slot = self.slot(name);
-        slot.previous = previous;
-        slot.history = persisted.history.into_iter().collect();
+        {
+            let mut slot = self.slot(name);
+            slot.previous = previous;
+            slot.history = persisted.history.into_iter().collect();
+        }
+        self.prune_files(name, &self.kept(name));
         tracing::info!(component = name, version = %sha(&active.digest), "running the deployed version");
     }
 
     /// Deploys `bytes` (and its detached signature, if sent) as the new
     /// version of `name`. One deploy or rollback runs at a time; the work
-    /// runs to its end even when the caller goes away.
-    pub async fn deploy(
+    /// runs to its end even when the caller goes away, and `hold` (the
+    /// upload's permit) is kept until then, so at most one upload's bytes
+    /// wait in memory.
+    pub async fn deploy<H: Send + 'static>(
         self: &Arc<Self>,
         name: &str,
-        bytes: Vec<u8>,
+        bytes: bytes::Bytes,
         signature: Option<Vec<u8>>,
+        hold: H,
     ) -> Result<Deployed, DeployError> {
         self.component(name)?;
         let this = self.clone();
         let name = name.to_string();
         tokio::spawn(async move {
+            let _hold = hold;
             let _busy = this.busy.lock().await;
             this.deploy_now(&name, bytes, signature).await
         })
@@ -390,49 +405,34 @@ impl Deployer {
     async fn deploy_now(
         self: &Arc<Self>,
         name: &str,
-        bytes: Vec<u8>,
+        bytes: bytes::Bytes,
         signature: Option<Vec<u8>>,
     ) -> Result<Deployed, DeployError> {
         let invocable = self.component(name)?.clone();
         let digest = hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes));
-        let current = invocable.version();
-        if current.digest == digest {
+        if invocable.version().digest == digest {
             return Ok(Deployed {
                 component: name.to_string(),
                 digest: sha(&digest),
                 previous: sha(&digest),
                 unchanged: true,
                 smoke_test: None,
-                watch_s: 0,
+                watch_ms: 0,
             });
         }
-        let compiled = match self.store_and_check(name, &digest, bytes, signature).await {
-            Ok(c) => c,
-            Err(e) => {
-                self.slot(name).refused += 1;
-                self.prune_files(name, &self.kept(name));
-                tracing::warn!(component = name, version = %sha(&digest), error = %e, "deploy refused");
-                return Err(e);
-            }
-        };
-        let smoke_test = match self.smoke_test(name, &compiled).await {
-            Ok(outcome) => outcome,
-            Err(e) => {
-                self.slot(name).refused += 1;
-                self.prune_files(name, &self.kept(name));
-                tracing::warn!(component = name, version = %sha(&digest), error = %e, "deploy refused");
-                return Err(e);
-            }
-        };
+        let (compiled, smoke_test) = self.admit(name, &digest, bytes, signature).await?;
         let version = Arc::new(Version::of(compiled));
         let config = &self.deployment.manifest.components[name].deploy;
         let watch = config.watch();
-        let old = invocable.swap(version.clone());
-        {
+        let (old, before, watch_id) = {
             let mut slot = self.slot(name);
+            let old = invocable.swap(version.clone());
             slot.deploys += 1;
-            slot.previous = Some(old.clone());
+            let before = slot.previous.replace(old.clone());
+            slot.next_watch += 1;
+            let id = slot.next_watch;
             slot.watch = (!watch.is_zero()).then(|| Watch {
+                id,
                 version: version.clone(),
                 until_ms: now_ms() + watch.as_millis() as u64,
                 min_invocations: config.min_invocations(),
@@ -448,20 +448,31 @@ impl Deployer {
                     reason: None,
                 },
             );
+            (old, before, id)
+        };
+        if let Err(e) = self.persist(name) {
+            // Not recorded, not done: the old version comes back.
+            let mut slot = self.slot(name);
+            invocable.swap(old);
+            slot.previous = before;
+            slot.watch = None;
+            slot.history.pop_back();
+            slot.deploys -= 1;
+            slot.refused += 1;
+            return Err(e);
         }
-        self.persist(name);
         tracing::info!(
             component = name,
             from = %sha(&old.digest),
             to = %sha(&digest),
-            watch_s = watch.as_secs(),
+            watch_ms = watch.as_millis() as u64,
             "deployed"
         );
         if !watch.is_zero() {
             let this = self.clone();
             let name = name.to_string();
             self.tasks
-                .spawn(async move { this.watch(&name, version, watch).await });
+                .spawn(async move { this.watch(&name, watch_id, version, watch).await });
         }
         Ok(Deployed {
             component: name.to_string(),
@@ -469,42 +480,91 @@ impl Deployer {
             previous: sha(&old.digest),
             unchanged: false,
             smoke_test,
-            watch_s: watch.as_secs(),
+            watch_ms: watch.as_millis() as u64,
         })
     }
 
-    /// Writes the version's files, then checks and compiles it (off the
-    /// async workers).
-    async fn store_and_check(
+    /// Checks an upload and runs its smoke test under a staging name (the
+    /// files of a kept version, the previous one deployed again, say,
+    /// change only once it passed), then installs it under its digest. A
+    /// refusal leaves no file or artifact behind.
+    async fn admit(
         &self,
         name: &str,
         digest: &str,
-        bytes: Vec<u8>,
+        bytes: bytes::Bytes,
+        signature: Option<Vec<u8>>,
+    ) -> Result<(wasmgate_runtime::component::Compiled, Option<String>), DeployError> {
+        let staged = self
+            .dir
+            .join(name)
+            .join(format!(".incoming-{}.wasm", uuid::Uuid::now_v7()));
+        let checked = match self.store_and_check(name, &staged, bytes, signature).await {
+            Ok(compiled) => match self.smoke_test(name, &compiled).await {
+                Ok(outcome) => self
+                    .install(name, &staged, digest)
+                    .map(|()| (compiled, outcome)),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &checked {
+            self.slot(name).refused += 1;
+            self.prune_files(name, &self.kept(name));
+            self.prune_cache();
+            tracing::warn!(component = name, version = %sha(digest), error = %e, "deploy refused");
+        }
+        checked
+    }
+
+    /// Writes the upload's files under the staging name `staged`, then
+    /// checks and compiles it (off the async workers).
+    async fn store_and_check(
+        &self,
+        name: &str,
+        staged: &Path,
+        bytes: bytes::Bytes,
         signature: Option<Vec<u8>>,
     ) -> Result<wasmgate_runtime::component::Compiled, DeployError> {
         let dir = self.dir.join(name);
-        let path = self.version_path(name, digest);
+        let staged = staged.to_path_buf();
         let d = self.deployment.clone();
         let name = name.to_string();
         tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&dir)
+            create_dir_durably(&dir)
                 .map_err(|e| DeployError::Io(format!("{}: {e}", dir.display())))?;
-            let sig_path = signature_path(&path);
-            match &signature {
-                Some(sig) => write_durably(&dir, &sig_path, sig),
-                None => match std::fs::remove_file(&sig_path) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                    _ => Ok(()),
-                },
+            if let Some(sig) = &signature {
+                let sig_path = signature_path(&staged);
+                write_durably(&dir, &sig_path, sig)
+                    .map_err(|e| DeployError::Io(format!("{}: {e}", sig_path.display())))?;
             }
-            .map_err(|e| DeployError::Io(format!("{}: {e}", sig_path.display())))?;
-            write_durably(&dir, &path, &bytes)
-                .map_err(|e| DeployError::Io(format!("{}: {e}", path.display())))?;
-            deployment::load_version(&d.manifest, &d.runtime, &name, &path, &bytes)
+            write_durably(&dir, &staged, &bytes)
+                .map_err(|e| DeployError::Io(format!("{}: {e}", staged.display())))?;
+            deployment::load_version(&d.manifest, &d.runtime, &name, &staged, &bytes)
                 .map_err(DeployError::Refused)
         })
         .await
         .map_err(|e| DeployError::Io(format!("the check failed: {e}")))?
+    }
+
+    /// Renames a checked upload to its version's names (`<digest>.wasm`,
+    /// and its `.sig`, or none).
+    fn install(&self, name: &str, staged: &Path, digest: &str) -> Result<(), DeployError> {
+        let path = self.version_path(name, digest);
+        let io = |p: &Path, e: std::io::Error| DeployError::Io(format!("{}: {e}", p.display()));
+        let (staged_sig, sig) = (signature_path(staged), signature_path(&path));
+        if staged_sig.exists() {
+            std::fs::rename(&staged_sig, &sig).map_err(|e| io(&sig, e))?;
+        } else if let Err(e) = std::fs::remove_file(&sig)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(io(&sig, e));
+        }
+        std::fs::rename(staged, &path).map_err(|e| io(&path, e))?;
+        let dir = self.dir.join(name);
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(&dir, e))
     }
 
     /// Runs the smoke test, if the component has one, on a version not yet
@@ -581,7 +641,9 @@ impl Deployer {
             );
             (old.digest.clone(), to)
         };
-        self.persist(name);
+        // A rollback stands even when it cannot be recorded (a full disk,
+        // say): `persist` then removes the stale record.
+        let _ = self.persist(name);
         tracing::warn!(
             component = name,
             from = %sha(&from),
@@ -600,7 +662,7 @@ impl Deployer {
     /// Watches `version` for `length`: rolls it back once it has run
     /// enough invocations and too many failed; ends early when another
     /// deploy or a rollback replaced it, or the gateway stops.
-    async fn watch(self: Arc<Self>, name: &str, version: Arc<Version>, length: Duration) {
+    async fn watch(self: Arc<Self>, name: &str, id: u64, version: Arc<Version>, length: Duration) {
         let config = &self.deployment.manifest.components[name].deploy;
         let (min, ratio) = (config.min_invocations(), config.max_failure_ratio());
         let until = tokio::time::Instant::now() + length;
@@ -610,8 +672,13 @@ impl Deployer {
                 () = self.stop.cancelled() => return,
                 _ = every.tick() => {}
             }
-            let _busy = self.busy.lock().await;
-            if !Arc::ptr_eq(&self.deployment.components[name].version(), &version) {
+            let _busy = tokio::select! {
+                () = self.stop.cancelled() => return,
+                busy = self.busy.lock() => busy,
+            };
+            // Ended when a deploy or rollback replaced this watch (even if
+            // two rollbacks made its version active again).
+            if self.slot(name).watch.as_ref().is_none_or(|w| w.id != id) {
                 return;
             }
             let (n, failed) = (version.invocations(), version.failures());
@@ -635,7 +702,7 @@ impl Deployer {
                     };
                     push(&mut slot.history, entry);
                 }
-                self.persist(name);
+                let _ = self.persist(name);
                 tracing::info!(component = name, version = %sha(&version.digest), invocations = n, failures = failed, "deploy watch passed: the version stays");
                 return;
             }
@@ -652,27 +719,30 @@ impl Deployer {
     }
 
     /// Writes `active.json`, then removes the files and precompiled
-    /// artifacts of versions no longer kept.
-    fn persist(&self, name: &str) {
-        let active = self.deployment.components[name].version().digest.clone();
+    /// artifacts of versions no longer kept. When it cannot be written the
+    /// old record is removed (it names what no longer runs), nothing is
+    /// pruned, and the next start runs the manifest's source.
+    fn persist(&self, name: &str) -> Result<(), DeployError> {
         let persisted = {
             let slot = self.slot(name);
             Persisted {
                 source: slot.source.clone(),
-                active,
+                active: self.deployment.components[name].version().digest.clone(),
                 previous: slot.previous.as_ref().map(|p| p.digest.clone()),
                 history: slot.history.iter().cloned().collect(),
             }
         };
         let dir = self.dir.join(name);
+        let file = dir.join(STATE_FILE);
         let json = serde_json::to_vec_pretty(&persisted).expect("serializes");
-        if let Err(e) = std::fs::create_dir_all(&dir)
-            .and_then(|()| write_durably(&dir, &dir.join(STATE_FILE), &json))
-        {
-            tracing::error!(component = name, dir = %dir.display(), error = %e, "cannot record the active version: the next start runs the manifest's source");
+        if let Err(e) = create_dir_durably(&dir).and_then(|()| write_durably(&dir, &file, &json)) {
+            let _ = std::fs::remove_file(&file);
+            tracing::error!(component = name, file = %file.display(), error = %e, "cannot record the active version: the next start runs the manifest's source");
+            return Err(DeployError::Io(format!("{}: {e}", file.display())));
         }
         self.prune_files(name, &self.kept(name));
         self.prune_cache();
+        Ok(())
     }
 
     /// Removes `name`'s version files but those of `keep`.
@@ -686,9 +756,8 @@ impl Deployer {
             let digest = file
                 .strip_suffix(".wasm.sig")
                 .or_else(|| file.strip_suffix(".wasm"));
-            if let Some(digest) = digest
-                && !keep.contains(digest)
-            {
+            // Staged uploads and temporary files a crash left behind go too.
+            if file.starts_with(".tmp-") || digest.is_some_and(|d| !keep.contains(d)) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -707,8 +776,10 @@ impl Deployer {
     /// `name`'s versions, watch and history.
     pub fn versions(&self, name: &str) -> Option<Versions> {
         let invocable = self.deployment.components.get(name)?;
-        let active = invocable.version();
+        // Swaps happen under this lock: the active version and the slot
+        // are read as one.
         let slot = self.slot(name);
+        let active = invocable.version();
         Some(Versions {
             active: sha(&active.digest),
             signer: active.signer.clone(),
@@ -768,8 +839,21 @@ impl Deployer {
     pub async fn stop(&self) {
         self.stop.cancel();
         self.tasks.close();
-        self.tasks.wait().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
     }
+}
+
+/// Creates `dir` (and its parents) and fsyncs its parent, so the entry
+/// survives a power cut.
+fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn push(history: &mut VecDeque<HistoryEntry>, entry: HistoryEntry) {

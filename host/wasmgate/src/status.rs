@@ -276,12 +276,13 @@ pub async fn deploy(args: DeployArgs) -> Result<ExitCode, Fatal> {
             None => String::new(),
         }
     );
-    let watch_s = v["watch_s"].as_u64().unwrap_or(0);
-    if watch_s == 0 {
+    let watch_ms = v["watch_ms"].as_u64().unwrap_or(0);
+    if watch_ms == 0 {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "watching it for {watch_s} s; `wasmgate rollback {}` brings the previous version back",
+        "watching it for {}; `wasmgate rollback {}` brings the previous version back",
+        humantime::format_duration(std::time::Duration::from_millis(watch_ms)),
         args.name
     );
     if !args.wait {
