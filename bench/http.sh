@@ -41,7 +41,7 @@
 # throttled), WASMGATE_LOG (default `info,wasmgate::invocation=warn`: the
 # per-request `invocation` info line is off, the `http listening` line stays;
 # set WASMGATE_LOG=info to measure with per-request logging),
-# SKIP_BUILD=1 (use what is built), OUT (results directory, default
+# SKIP_BUILD=1 (use what is built; WASMGATE=path picks the binary), OUT (results directory, default
 # target/bench-results/http-<UTC time>), BASE (path to another `wasmgate`
 # binary, e.g. a release build of an earlier commit: adds the servers
 # `base-fresh` and `base-reuse`, run like wasmgate-fresh/-reuse with that
@@ -89,7 +89,7 @@ trap 'exit 130' INT TERM
 log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 # ---------------------------------------------------------------- build ----
-WASMGATE="$ROOT/target/release/wasmgate"
+WASMGATE=${WASMGATE:-"$ROOT/target/release/wasmgate"}
 AXUM="$ROOT/target/bench-axum/release/axum-hello"
 GUEST="$ROOT/target/guests/wasm32-wasip2/release/hello_http.wasm"
 
@@ -101,9 +101,13 @@ if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
     log "building the guests (wasm32-wasip2, release)"
     cargo build --release --target wasm32-wasip2 --manifest-path guests/Cargo.toml --target-dir target/guests
 fi
-for f in "$WASMGATE" "$AXUM" "$GUEST"; do
+for f in "$WASMGATE" "$GUEST"; do
     [[ -f "$f" ]] || { echo "missing $f (run without SKIP_BUILD=1)" >&2; exit 2; }
 done
+if [[ " $SERVERS " == *" axum-native "* && ! -f "$AXUM" ]]; then
+    echo "missing $AXUM (run without SKIP_BUILD=1)" >&2
+    exit 2
+fi
 
 is_wasmtime_48() { [[ -x "$1" ]] && "$1" --version 2>/dev/null | grep -q "wasmtime $WASMTIME_VERSION"; }
 
