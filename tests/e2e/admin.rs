@@ -683,5 +683,22 @@ async fn the_status_page_in_a_browser_shows_invocations_go_up() {
         probe.contains("class=\"n failures bad\">1<") && probe.contains("trap ("),
         "{probe}"
     );
+    // The triggers, and a paused one shown as paused.
+    let r = c
+        .post(format!("http://{admin}/v1/triggers/http%5B0%5D/pause"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let paused = chromium_dom(&url, &profile);
+    let row = |dom: &str, label: &str| {
+        dom.split("<tr ")
+            .find(|r| r.contains(&format!("data-trigger=\"{label}\"")))
+            .map(String::from)
+            .unwrap_or_else(|| panic!("no {label} row:\n{dom}"))
+    };
+    assert!(row(&paused, "http[0]").contains(">paused<"), "{paused}");
+    assert!(row(&paused, "http[1]").contains(">running<"), "{paused}");
     up.stop();
 }

@@ -352,6 +352,10 @@ async fn page(State(state): State<Arc<AdminState>>) -> Response {
         queue_depth,
         spool_messages: mqtt.map(|m| m.spool_waiting.load(Ordering::Relaxed)),
         deploys: state.deployer.recent(10),
+        triggers: trigger_statuses(&state)
+            .into_iter()
+            .map(|t| (t.trigger, t.component, t.source, t.paused))
+            .collect(),
     };
     let rows: Vec<crate::page::Row> = component_statuses(&state)
         .into_iter()

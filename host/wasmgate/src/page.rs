@@ -113,6 +113,8 @@ pub struct Summary {
     pub spool_messages: Option<u64>,
     /// The last deploys and rollbacks, by component, newest last.
     pub deploys: Vec<(String, crate::deploy::HistoryEntry)>,
+    /// Each trigger: label (`http[0]`), component, source, paused.
+    pub triggers: Vec<(String, String, String, bool)>,
 }
 
 fn or_dash(v: Option<u64>) -> String {
@@ -178,29 +180,52 @@ code {{ font-size: 12px; }}
         );
     }
     h.push_str("</table>\n");
-    if !summary.deploys.is_empty() {
-        h.push_str("<h2>Deploys and rollbacks</h2>\n<table id=\"deploys\">\n<tr><th>UTC</th><th>component</th><th>what</th><th>from</th><th>to</th><th>why</th></tr>\n");
-        for (component, e) in &summary.deploys {
-            let when = chrono::DateTime::from_timestamp_millis(e.at_ms as i64)
-                .map_or_else(String::new, |t| t.format("%Y-%m-%d %H:%M:%S").to_string());
-            let action = serde_json::to_value(e.action)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default();
-            let short = |d: &str| escape(&d.chars().take(12).collect::<String>());
-            let _ = writeln!(
-                h,
-                r#"<tr><td>{when}</td><td>{component}</td><td class="{action}">{action}</td><td><code>{from}</code></td><td><code>{to}</code></td><td>{why}</td></tr>"#,
-                component = escape(component),
-                from = short(&e.from),
-                to = short(&e.to),
-                why = escape(e.reason.as_deref().unwrap_or("")),
-            );
-        }
-        h.push_str("</table>\n");
-    }
+    render_triggers(&mut h, &summary.triggers);
+    render_deploys(&mut h, &summary.deploys);
     h.push_str("<p><a href=\"/metrics\">/metrics</a></p>\n</body></html>\n");
     h
+}
+
+/// The triggers table.
+fn render_triggers(h: &mut String, triggers: &[(String, String, String, bool)]) {
+    h.push_str("<h2>Triggers</h2>\n<table id=\"triggers\">\n<tr><th>trigger</th><th>component</th><th>source</th><th>state</th></tr>\n");
+    for (label, component, source, paused) in triggers {
+        let _ = writeln!(
+            h,
+            r#"<tr data-trigger="{label}"><td>{label}</td><td>{component}</td><td>{source}</td><td class="{state}">{state}</td></tr>"#,
+            label = escape(label),
+            component = escape(component),
+            source = escape(source),
+            state = if *paused { "paused" } else { "running" },
+        );
+    }
+    h.push_str("</table>\n");
+}
+
+/// The last deploys and rollbacks, if any.
+fn render_deploys(h: &mut String, deploys: &[(String, crate::deploy::HistoryEntry)]) {
+    if deploys.is_empty() {
+        return;
+    }
+    h.push_str("<h2>Deploys and rollbacks</h2>\n<table id=\"deploys\">\n<tr><th>UTC</th><th>component</th><th>what</th><th>from</th><th>to</th><th>why</th></tr>\n");
+    for (component, e) in deploys {
+        let when = chrono::DateTime::from_timestamp_millis(e.at_ms as i64)
+            .map_or_else(String::new, |t| t.format("%Y-%m-%d %H:%M:%S").to_string());
+        let action = serde_json::to_value(e.action)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        let short = |d: &str| escape(&d.chars().take(12).collect::<String>());
+        let _ = writeln!(
+            h,
+            r#"<tr><td>{when}</td><td>{component}</td><td class="{action}">{action}</td><td><code>{from}</code></td><td><code>{to}</code></td><td>{why}</td></tr>"#,
+            component = escape(component),
+            from = short(&e.from),
+            to = short(&e.to),
+            why = escape(e.reason.as_deref().unwrap_or("")),
+        );
+    }
+    h.push_str("</table>\n");
 }
 
 #[cfg(test)]
@@ -217,12 +242,17 @@ mod tests {
                 queue_depth: Some(0),
                 spool_messages: None,
                 deploys: Vec::new(),
+                triggers: vec![("mqtt[0]".into(), "<b>".into(), "a/<script>".into(), true)],
             },
             &[],
             &BTreeMap::new(),
         );
-        assert!(!page.contains("<script>"), "{page}");
+        assert!(
+            !page.contains("<script>") && !page.contains("<b>"),
+            "{page}"
+        );
         assert!(page.contains("&lt;script&gt;"));
+        assert!(page.contains(r#"<td class="paused">paused</td>"#), "{page}");
     }
 
     #[test]
