@@ -52,23 +52,11 @@ component = "hello"
     path.to_str().unwrap().to_string()
 }
 
-/// The `field` of the first log line whose message is `message`.
-fn logged(up: &Up, message: &str, field: &str) -> String {
-    for line in up.logs().lines() {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
-            && v["message"] == message
-        {
-            return v[field].as_str().unwrap().to_string();
-        }
-    }
-    panic!("no {message:?} line:\n{}", up.logs());
-}
-
 fn start(dir: &Path) -> (Up, String, String) {
     let path = manifest(dir, "");
     let up = Up::spawn(wasmgate().args(["up", "-f", &path]), &path);
-    let http = logged(&up, "http listening", "address");
-    let admin = logged(&up, "admin listening", "address");
+    let http = up.logged("http listening", "address");
+    let admin = up.logged("admin listening", "address");
     (up, http, admin)
 }
 
@@ -556,9 +544,9 @@ async fn the_admin_listener_speaks_tls() {
         "[admin.tls]\ncert = \"server.pem\"\nkey = \"server.key\"\n",
     );
     let up = Up::spawn(wasmgate().args(["up", "-f", &path]), &path);
-    let http = logged(&up, "http listening", "address");
-    let admin = logged(&up, "admin listening", "address");
-    assert_eq!(logged(&up, "admin listening", "scheme"), "https");
+    let http = up.logged("http listening", "address");
+    let admin = up.logged("admin listening", "address");
+    assert_eq!(up.logged("admin listening", "scheme"), "https");
     let d = |f: &str| dir.path().join(f).to_str().unwrap().to_string();
     let url = format!("https://{admin}");
     let token = d("admin.token");

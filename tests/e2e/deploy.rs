@@ -52,20 +52,8 @@ component = "app"
 
 fn start(manifest: &str) -> (Up, String) {
     let up = Up::spawn(wasmgate().args(["up", "-f", manifest]), manifest);
-    let http = logged(&up, "http listening", "address");
+    let http = up.logged("http listening", "address");
     (up, http)
-}
-
-/// The `field` of the first log line whose message is `message`.
-fn logged(up: &Up, message: &str, field: &str) -> String {
-    for line in up.logs().lines() {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
-            && v["message"] == message
-        {
-            return v[field].as_str().unwrap().to_string();
-        }
-    }
-    panic!("no {message:?} line:\n{}", up.logs());
 }
 
 /// Runs the CLI off the async workers.

@@ -58,6 +58,18 @@ impl Up {
         up
     }
 
+    /// The `field` of the first log line whose message is `message`.
+    pub(crate) fn logged(&self, message: &str, field: &str) -> String {
+        for line in self.logs().lines() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
+                && v["message"] == message
+            {
+                return v[field].as_str().unwrap().to_string();
+            }
+        }
+        panic!("no {message:?} line:\n{}", self.logs());
+    }
+
     pub(crate) fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }

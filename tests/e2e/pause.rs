@@ -94,15 +94,7 @@ every = "500ms"
     .unwrap();
     let m = m.to_str().unwrap().to_string();
     let up = Up::spawn(wasmgate().args(["up", "-f", &m]), &m);
-    let http = up
-        .logs()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["message"] == "http listening")
-        .unwrap()["address"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let http = up.logged("http listening", "address");
     let cli = |args: &[&str]| {
         let mut all = args.to_vec();
         all.extend(["-f", &m]);
