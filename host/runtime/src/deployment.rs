@@ -69,8 +69,6 @@ pub struct Deployment {
     pub ungranted: BTreeMap<String, Vec<Capability>>,
     /// The verified signer of each signed component, by name.
     pub signers: BTreeMap<String, wasmgate_manifest::signing::PublicKey>,
-    /// SHA-256 of each component file (lowercase hex), by name.
-    pub digests: BTreeMap<String, String>,
     /// The pause switch of every trigger.
     pub pauses: crate::trigger::Pauses,
 }
@@ -107,9 +105,7 @@ impl Deployment {
         }
         let mut ungranted = BTreeMap::new();
         let mut signers = BTreeMap::new();
-        let mut digests = BTreeMap::new();
         for (name, c) in compiled {
-            digests.insert(name.clone(), c.digest.clone());
             if let Some(signer) = c.signer {
                 signers.insert(name.clone(), signer);
             }
@@ -129,7 +125,6 @@ impl Deployment {
             compiled: compiled_info,
             ungranted,
             signers,
-            digests,
         })
     }
 }
