@@ -335,14 +335,18 @@ async fn the_api_needs_the_token_and_the_local_socket_is_private() {
         let r = req.send().await.unwrap();
         assert_eq!(r.status(), 401, "{auth:?}");
     }
-    // Deploy and rollback too, before the body is read.
-    for path in [
-        "/v1/components/hello/deploy",
-        "/v1/components/hello/rollback",
+    // Deploy (before its body is read), rollback and reload too.
+    for (path, body) in [
+        (
+            "/v1/components/hello/deploy",
+            std::fs::read(HTTP_PROBE).unwrap(),
+        ),
+        ("/v1/components/hello/rollback", Vec::new()),
+        ("/v1/reload", Vec::new()),
     ] {
         let r = c
             .post(format!("http://{admin}{path}"))
-            .body(std::fs::read(HTTP_PROBE).unwrap())
+            .body(body)
             .send()
             .await
             .unwrap();

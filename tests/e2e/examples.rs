@@ -93,6 +93,29 @@ impl Up {
         }
     }
 
+    /// Waits (at most 20 s) until `done`; else fails, saying `what` and
+    /// showing the log.
+    pub(crate) fn wait_until(&self, what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `signal` (`HUP`, `TERM`, …) to the host.
+    pub(crate) fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// SIGTERM; the host must exit 0.
     pub(crate) fn stop(mut self) {
         let status = Command::new("kill")

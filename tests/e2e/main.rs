@@ -17,6 +17,7 @@ mod limits;
 mod manifest;
 mod mqtt;
 mod pause;
+mod reload;
 mod service;
 mod signing;
 #[cfg(feature = "embedded-broker")]

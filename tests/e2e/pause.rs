@@ -3,19 +3,10 @@
 //! holds its messages (unacknowledged, not lost) until it resumes.
 
 use crate::examples::Up;
-use crate::util::wasmgate;
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use crate::util::{text, wasmgate};
+use std::process::Command;
+use std::time::Duration;
 use wasmgate_test_artifacts::{ECHO_MQTT, HTTP_PROBE, TICK_TIMER};
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\n{}{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// Invocation log lines of `component` so far.
 fn invocations(up: &Up, component: &str) -> usize {
@@ -24,14 +15,6 @@ fn invocations(up: &Up, component: &str) -> usize {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["message"] == "invocation" && v["component"] == component)
         .count()
-}
-
-fn wait_until(up: &Up, what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}:\n{}", up.logs());
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn http_status(http: &str) -> (u16, Option<String>) {
@@ -122,7 +105,7 @@ every = "500ms"
     assert_eq!(http_status(&http).0, 200);
 
     // Timer: no tick runs while paused; ticks again once resumed.
-    wait_until(&up, "a first tick", || invocations(&up, "tick") > 0);
+    up.wait_until("a first tick", || invocations(&up, "tick") > 0);
     let out = cli(&["pause", "timer[0]"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     std::thread::sleep(Duration::from_millis(300));
@@ -130,9 +113,7 @@ every = "500ms"
     std::thread::sleep(Duration::from_millis(2000));
     assert_eq!(invocations(&up, "tick"), before, "ticked while paused");
     cli(&["resume", "timer[0]"]);
-    wait_until(&up, "a tick after resume", || {
-        invocations(&up, "tick") > before
-    });
+    up.wait_until("a tick after resume", || invocations(&up, "tick") > before);
 
     // MQTT: a message published while paused waits, then is handled.
     let out = cli(&["pause", "mqtt[0]"]);
@@ -154,9 +135,7 @@ every = "500ms"
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(invocations(&up, "echo"), 0, "handled while paused");
     cli(&["resume", "mqtt[0]"]);
-    wait_until(&up, "the held message handled", || {
-        invocations(&up, "echo") == 1
-    });
+    up.wait_until("the held message handled", || invocations(&up, "echo") == 1);
 
     // Bad names.
     let out = cli(&["pause", "timer[9]"]);

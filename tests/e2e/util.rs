@@ -41,6 +41,16 @@ pub(crate) fn run(args: &[&str]) -> Output {
 }
 
 /// Parses `invoke`'s stdout.
+/// A finished command's exit code and output, for assertion messages.
+pub(crate) fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\n{}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 pub(crate) fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(

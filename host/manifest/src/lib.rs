@@ -691,6 +691,25 @@ impl Manifest {
         Self::parse(path, source)
     }
 
+    /// The value at a dotted path of the manifest as written (`http`,
+    /// `component.NAME`, `trigger.timer` then an index), without positions:
+    /// two manifests that write a section alike have equal values (a reload
+    /// compares them).
+    pub fn raw(&self, path: &[&str]) -> Option<toml::Value> {
+        let mut v = toml::Value::Table(toml::from_str(&self.source).ok()?);
+        for key in path {
+            v = match v {
+                toml::Value::Table(mut t) => t.remove(*key)?,
+                toml::Value::Array(mut a) => {
+                    let i: usize = key.parse().ok()?;
+                    (i < a.len()).then(|| a.swap_remove(i))?
+                }
+                _ => return None,
+            };
+        }
+        Some(v)
+    }
+
     /// Parses and validates manifest text that was read from `path`.
     pub fn parse(path: &Path, source: String) -> Result<Self, ManifestError> {
         let raw: RawManifest = toml::from_str(&source).map_err(|e| ManifestError::Syntax {

@@ -56,19 +56,27 @@ impl Runtime {
 
 /// A manifest with all its components loaded.
 pub struct Deployment {
-    /// The manifest.
-    pub manifest: Manifest,
     /// The runtime.
     pub runtime: Runtime,
-    /// Components by name.
-    pub components: BTreeMap<String, Arc<Invocable>>,
-    /// What each component exports and imports, by name.
+    /// What each component exports and imports, by name (as loaded).
     pub compiled: BTreeMap<String, (Vec<String>, Vec<String>)>,
     /// The capabilities each component imports without a grant (each call
-    /// is denied), by name; only components that have some.
+    /// is denied), by name; only components that have some (as loaded).
     pub ungranted: BTreeMap<String, Vec<Capability>>,
-    /// The verified signer of each signed component, by name.
+    /// The verified signer of each signed component, by name (as loaded).
     pub signers: BTreeMap<String, wasmgate_manifest::signing::PublicKey>,
+    /// The manifest and components running now: the loaded ones until a
+    /// reload replaces them.
+    current: std::sync::RwLock<Arc<Current>>,
+}
+
+/// The manifest a gateway runs and its components: replaced as a whole by
+/// a reload, so a reader never sees one manifest with another's components.
+pub struct Current {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Components by name.
+    pub components: BTreeMap<String, Arc<Invocable>>,
     /// The pause switch of every trigger.
     pub pauses: crate::trigger::Pauses,
 }
@@ -118,20 +126,43 @@ impl Deployment {
             components.insert(name, Arc::new(invocable));
         }
         Ok(Self {
-            pauses: crate::trigger::Pauses::of(&manifest),
-            manifest,
             runtime,
-            components,
             compiled: compiled_info,
             ungranted,
             signers,
+            current: std::sync::RwLock::new(Arc::new(Current {
+                pauses: crate::trigger::Pauses::of(&manifest),
+                manifest,
+                components,
+            })),
         })
+    }
+
+    /// The manifest and components running now.
+    pub fn current(&self) -> Arc<Current> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A running component.
+    pub fn component(&self, name: &str) -> Option<Arc<Invocable>> {
+        self.current().components.get(name).cloned()
+    }
+
+    /// Makes `next` the running manifest and components (a reload).
+    pub fn replace(&self, next: Current) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
     }
 }
 
 /// Every trigger's use of a component: the trigger's manifest key, the
 /// component, and the handler it calls.
-fn uses(manifest: &Manifest) -> Vec<(String, &wasmgate_manifest::Spanned<String>, Handler)> {
+pub fn uses(manifest: &Manifest) -> Vec<(String, &wasmgate_manifest::Spanned<String>, Handler)> {
     let t = &manifest.triggers;
     t.http
         .iter()

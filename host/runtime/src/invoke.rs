@@ -546,9 +546,8 @@ struct StoreRun {
 impl StoreRun {
     /// Gives the store a full fuel budget and a deadline `limits.timeout`
     /// after `started`, enforced through epoch interruption.
-    fn arm(&mut self, invocable: &Invocable, started: Instant) {
-        let limits = invocable.limits;
-        if invocable.fuel {
+    fn arm(&mut self, fuel: bool, limits: Limits, started: Instant) {
+        if fuel {
             self.store
                 .set_fuel(limits.fuel)
                 .expect("fuel is enabled on this engine");
@@ -640,37 +639,48 @@ impl From<HttpExchange> for Input {
 pub struct Invocable {
     /// Component name.
     pub name: String,
-    /// Its limits.
-    pub limits: Limits,
-    /// The code new invocations run; swapped by a deploy or a rollback.
+    /// The code and settings new invocations run; swapped by a deploy, a
+    /// rollback or a reload.
     version: std::sync::RwLock<Arc<Version>>,
-    publish_acl: Arc<Vec<TopicFilter>>,
-    response_acl: Arc<Vec<TopicFilter>>,
-    outbound_http: Arc<Vec<String>>,
     /// Calls denied to capabilities it was not granted (see [`Denials`]).
     pub denials: Arc<Denials>,
-    env: Arc<Vec<(String, String)>>,
-    slots: Arc<Semaphore>,
     fuel: bool,
     ticker: crate::engine::EpochTicker,
     invocations: AtomicU64,
     failures: AtomicU64,
     sink: std::sync::OnceLock<Arc<dyn PublishSink>>,
-    /// Invocations per instance (`reuse`; 1: fresh each time).
-    reuse: u32,
     metrics: std::sync::OnceLock<Arc<crate::metrics::InvocationMetrics>>,
     last_error: std::sync::Mutex<Option<LastError>>,
 }
 
-/// One version of a component's code: what an invocation instantiates.
-/// An invocation keeps the version it started on to its end, so a deploy
-/// that swaps in another one never changes the code under a running
-/// invocation.
+/// What the manifest sets for a component besides its code: limits,
+/// grants, environment, instance reuse, and the concurrency slots.
+#[derive(Clone)]
+pub struct Settings {
+    /// Its limits.
+    pub limits: Limits,
+    publish_acl: Arc<Vec<TopicFilter>>,
+    response_acl: Arc<Vec<TopicFilter>>,
+    outbound_http: Arc<Vec<String>>,
+    env: Arc<Vec<(String, String)>>,
+    /// Shared by every version with these settings: a deploy keeps the
+    /// running invocations' slots; a reload that changes the concurrency
+    /// starts new ones (invocations running then finish on the old).
+    slots: Arc<Semaphore>,
+    /// Invocations per instance (`reuse`; 1: fresh each time).
+    reuse: u32,
+}
+
+/// One version of a component's code with the settings it runs under: what
+/// an invocation instantiates. An invocation keeps the version it started
+/// on to its end, so a deploy or a reload that swaps in another one never
+/// changes the code or the limits under a running invocation.
 pub struct Version {
     /// SHA-256 of the component file, lowercase hex.
     pub digest: String,
     /// Who signed it, when its signature was verified.
     pub signer: Option<String>,
+    settings: Settings,
     pre: InstancePre<State>,
     mqtt: Option<MqttHandlerIndices>,
     timer: Option<TimerHandlerIndices>,
@@ -682,11 +692,16 @@ pub struct Version {
 }
 
 impl Version {
-    /// A version of pre-instantiated code.
-    pub fn new(pre: InstancePre<State>, digest: String, signer: Option<String>) -> Self {
+    fn new(
+        pre: InstancePre<State>,
+        digest: String,
+        signer: Option<String>,
+        settings: Settings,
+    ) -> Self {
         Self {
             digest,
             signer,
+            settings,
             mqtt: MqttHandlerIndices::new(&pre).ok(),
             timer: TimerHandlerIndices::new(&pre).ok(),
             http: HttpHandlerIndices::new(&pre).ok(),
@@ -697,13 +712,25 @@ impl Version {
         }
     }
 
-    /// A compiled component as a version.
-    pub fn of(compiled: crate::component::Compiled) -> Self {
+    /// The same code under other settings (a fresh warm pool).
+    fn with_settings(&self, settings: Settings) -> Self {
         Self::new(
-            compiled.pre,
-            compiled.digest,
-            compiled.signer.map(|s| s.to_string()),
+            self.pre.clone(),
+            self.digest.clone(),
+            self.signer.clone(),
+            settings,
         )
+    }
+
+    /// Whether it exports the handler `h` (a deployed version checked
+    /// against the triggers of a reloaded manifest).
+    pub fn exports(&self, h: crate::component::Handler) -> bool {
+        use crate::component::Handler;
+        match h {
+            Handler::Mqtt => self.mqtt.is_some(),
+            Handler::Timer => self.timer.is_some(),
+            Handler::Http => self.http.is_some(),
+        }
     }
 
     /// Invocations this version ran and answered for (throttled ones never
@@ -760,7 +787,7 @@ impl std::fmt::Debug for Invocable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Invocable")
             .field("name", &self.name)
-            .field("limits", &self.limits)
+            .field("limits", &self.limits())
             .finish_non_exhaustive()
     }
 }
@@ -775,22 +802,29 @@ impl Invocable {
         outbound_http: Vec<String>,
         engine: &crate::engine::HostEngine,
     ) -> Self {
-        Self {
-            name,
-            version: std::sync::RwLock::new(Arc::new(Version::new(pre, String::new(), None))),
+        let settings = Settings {
             limits,
             publish_acl: Arc::new(publish_acl),
             response_acl: Arc::new(Vec::new()),
             outbound_http: Arc::new(outbound_http),
-            denials: Arc::default(),
             env: Arc::default(),
             slots: Arc::new(Semaphore::new(limits.concurrency as usize)),
+            reuse: 1,
+        };
+        Self {
+            name,
+            version: std::sync::RwLock::new(Arc::new(Version::new(
+                pre,
+                String::new(),
+                None,
+                settings,
+            ))),
+            denials: Arc::default(),
             fuel: engine.fuel(),
             ticker: engine.ticker().clone(),
             invocations: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             sink: std::sync::OnceLock::new(),
-            reuse: 1,
             metrics: std::sync::OnceLock::new(),
             last_error: std::sync::Mutex::default(),
         }
@@ -803,20 +837,41 @@ impl Invocable {
     /// way — a trap, a limit, a `handler-error`, an HTTP guest that answers
     /// with an error code or not at all — drops its instance.
     pub fn with_reuse(mut self, reuse: u32) -> Self {
-        self.reuse = reuse.max(1);
+        self.settings_mut().reuse = reuse.max(1);
         self
+    }
+
+    /// Runs it under `limits` (before the component is shared).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        let s = self.settings_mut();
+        if s.limits.concurrency != limits.concurrency {
+            s.slots = Arc::new(Semaphore::new(limits.concurrency as usize));
+        }
+        s.limits = limits;
+        self
+    }
+
+    /// The first version's settings, before the component is shared.
+    fn settings_mut(&mut self) -> &mut Settings {
+        let v = self
+            .version
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        &mut Arc::get_mut(v)
+            .expect("settings are set before the component is shared")
+            .settings
     }
 
     /// Lets the guest reply on a handled message's response topic when the
     /// topic matches one of `acl` (`allow.mqtt_response`).
     pub fn with_response_acl(mut self, acl: Vec<TopicFilter>) -> Self {
-        self.response_acl = Arc::new(acl);
+        self.settings_mut().response_acl = Arc::new(acl);
         self
     }
 
     /// Sets the environment variables the guest sees.
     pub fn with_env(mut self, env: Vec<(String, String)>) -> Self {
-        self.env = Arc::new(env);
+        self.settings_mut().env = Arc::new(env);
         self
     }
 
@@ -838,9 +893,52 @@ impl Invocable {
         {
             let mut v = self.version.write().expect("version lock");
             let pre = v.pre.clone();
-            *v = Arc::new(Version::new(pre, digest, signer));
+            let settings = v.settings.clone();
+            *v = Arc::new(Version::new(pre, digest, signer, settings));
         }
         self
+    }
+
+    /// Its limits (the current version's).
+    pub fn limits(&self) -> Limits {
+        self.version().settings.limits
+    }
+
+    /// A compiled component as a version of this one, under its current
+    /// settings (a deploy).
+    pub fn version_of(&self, compiled: crate::component::Compiled) -> Version {
+        Version::new(
+            compiled.pre,
+            compiled.digest,
+            compiled.signer.map(|s| s.to_string()),
+            self.version().settings.clone(),
+        )
+    }
+
+    /// `v`'s code under this component's current settings (a rollback
+    /// to a version kept from before a reload).
+    pub fn rebase(&self, v: &Version) -> Arc<Version> {
+        Arc::new(v.with_settings(self.version().settings.clone()))
+    }
+
+    /// Takes the settings of `next` (the same component built from a
+    /// reloaded manifest) and, unless `keep_code`, its code too; returns the
+    /// version it replaces. Invocations running on that one finish on it,
+    /// under its settings.
+    pub fn reconfigure(&self, next: &Invocable, keep_code: bool) -> Arc<Version> {
+        let incoming = next.version();
+        let mut settings = incoming.settings.clone();
+        let current = self.version();
+        if current.settings.limits.concurrency == settings.limits.concurrency {
+            // The same number of slots: the running invocations keep theirs.
+            settings.slots = current.settings.slots.clone();
+        }
+        let version = if keep_code {
+            current.with_settings(settings)
+        } else {
+            incoming.with_settings(settings)
+        };
+        self.swap(Arc::new(version))
     }
 
     /// The version new invocations run.
@@ -884,8 +982,9 @@ impl Invocable {
 
     /// Invocations running now.
     pub fn in_flight(&self) -> u32 {
-        let free = u32::try_from(self.slots.available_permits()).unwrap_or(u32::MAX);
-        self.limits.concurrency.saturating_sub(free)
+        let s = &self.version().settings;
+        let free = u32::try_from(s.slots.available_permits()).unwrap_or(u32::MAX);
+        s.limits.concurrency.saturating_sub(free)
     }
 
     /// Records every invocation's outcome in `metrics` from now on (the
@@ -988,22 +1087,18 @@ impl Invocable {
         admission: Admission,
     ) -> (Outcome, Option<Arc<Version>>) {
         let started = Instant::now();
+        let slots = self.version().settings.slots.clone();
         let permit: OwnedSemaphorePermit = match admission {
-            Admission::Reject => match self.slots.clone().try_acquire_owned() {
+            Admission::Reject => match slots.try_acquire_owned() {
                 Ok(p) => p,
                 Err(_) => {
                     let status = Status::Throttled {
-                        concurrency: self.limits.concurrency,
+                        concurrency: self.limits().concurrency,
                     };
                     return (self.bare_outcome(&ctx, status, started), None);
                 }
             },
-            Admission::Wait => self
-                .slots
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore never closes"),
+            Admission::Wait => slots.acquire_owned().await.expect("semaphore never closes"),
         };
         self.invocations.fetch_add(1, Ordering::Relaxed);
         // The limits (and the reported duration) start once the invocation
@@ -1050,7 +1145,8 @@ impl Invocable {
             Input::Event(Event::Mqtt(m)) => m.response_topic.clone(),
             _ => None,
         };
-        let warm = if self.reuse > 1 {
+        let reuse = v.settings.reuse;
+        let warm = if reuse > 1 {
             v.warm.lock().expect("warm pool").pop()
         } else {
             None
@@ -1062,7 +1158,7 @@ impl Invocable {
             }
             None => (self.new_store(v, response_topic), None, 0),
         };
-        run.arm(self, started);
+        run.arm(self.fuel, v.settings.limits, started);
         let mut http_response = None;
         let remaining = run.deadline.saturating_duration_since(Instant::now());
         let result = tokio::time::timeout(
@@ -1077,11 +1173,11 @@ impl Invocable {
             ),
         )
         .await;
-        let mut outcome = self.finish(&mut run, ctx, started, result);
+        let mut outcome = self.finish(&mut run, v.settings.limits, ctx, started, result);
         outcome.http_response = http_response;
-        if self.reuse > 1
+        if reuse > 1
             && outcome.is_ok()
-            && served + 1 < self.reuse
+            && served + 1 < reuse
             && let Some(instance) = instance
         {
             v.warm.lock().expect("warm pool").push(WarmInstance {
@@ -1094,14 +1190,14 @@ impl Invocable {
     }
 
     /// The `invocation` record the guest sees.
-    fn wit_invocation(&self, ctx: &InvocationContext, started: Instant) -> Invocation {
+    fn wit_invocation(&self, v: &Version, ctx: &InvocationContext, started: Instant) -> Invocation {
         Invocation {
             id: ctx.id.clone(),
             component: self.name.clone(),
             trigger: ctx.trigger.clone(),
             attempt: ctx.attempt,
             deadline_ms: unix_ms(
-                SystemTime::now() + self.limits.timeout.saturating_sub(started.elapsed()),
+                SystemTime::now() + v.settings.limits.timeout.saturating_sub(started.elapsed()),
             ),
         }
     }
@@ -1109,13 +1205,14 @@ impl Invocable {
     /// A new store with its own WASI context, output capture, memory
     /// limiter and publish state. [`StoreRun::arm`] sets fuel and deadline.
     fn new_store(&self, v: &Version, response_topic: Option<String>) -> StoreRun {
+        let s = &v.settings;
         let stdout = CapturedOutput::new(OUTPUT_CAPTURE_BYTES);
         let stderr = CapturedOutput::new(OUTPUT_CAPTURE_BYTES);
         let wasi = WasiCtx::builder()
             .stdout(stdout.clone())
             .stderr(stderr.clone())
             .args(&[self.name.as_str()])
-            .envs(&self.env)
+            .envs(&s.env)
             // No preopened directories, no network: a guest gets neither files
             // nor sockets unless a future capability grants them.
             .allow_tcp(false)
@@ -1127,12 +1224,12 @@ impl Invocable {
             table: ResourceTable::new(),
             http: WasiHttpCtx::new(),
             hooks: OutboundPolicy {
-                allowed: self.outbound_http.clone(),
+                allowed: s.outbound_http.clone(),
                 component: self.name.clone(),
                 denials: self.denials.clone(),
             },
             limiter: MemoryLimiter {
-                limit: self.limits.memory,
+                limit: s.limits.memory,
                 current: 0,
                 held: 0,
                 peak: 0,
@@ -1141,11 +1238,11 @@ impl Invocable {
             publish: PublishState {
                 component: self.name.clone(),
                 denials: self.denials.clone(),
-                acl: self.publish_acl.clone(),
-                response_acl: self.response_acl.clone(),
+                acl: s.publish_acl.clone(),
+                response_acl: s.response_acl.clone(),
                 response_topic,
-                max_count: self.limits.publishes,
-                max_bytes: self.limits.publish_bytes,
+                max_count: s.limits.publishes,
+                max_bytes: s.limits.publish_bytes,
                 ..PublishState::default()
             },
             client_gone: None,
@@ -1165,11 +1262,11 @@ impl Invocable {
     fn finish(
         &self,
         run: &mut StoreRun,
+        limits: Limits,
         ctx: &InvocationContext,
         started: Instant,
         result: Result<wasmtime::Result<Result<(), HandlerError>>, tokio::time::error::Elapsed>,
     ) -> Outcome {
-        let limits = self.limits;
         let fuel_consumed = if self.fuel {
             limits
                 .fuel
@@ -1264,7 +1361,7 @@ impl Invocable {
                     loaded.mqtt = Some(indices.load(&mut *store, &loaded.instance)?);
                 }
                 let guest = loaded.mqtt.as_ref().expect("looked up above");
-                let ctx = self.wit_invocation(ctx, started);
+                let ctx = self.wit_invocation(v, ctx, started);
                 guest
                     .call_handle_message(&mut *store, &ctx, &Message::from(&msg))
                     .await
@@ -1278,7 +1375,7 @@ impl Invocable {
                     loaded.timer = Some(indices.load(&mut *store, &loaded.instance)?);
                 }
                 let guest = loaded.timer.as_ref().expect("looked up above");
-                let ctx = self.wit_invocation(ctx, started);
+                let ctx = self.wit_invocation(v, ctx, started);
                 let tick = Tick {
                     schedule: tick.schedule,
                     scheduled_at_ms: tick.scheduled_at_ms,

@@ -59,7 +59,7 @@ pub struct InvocationMetrics {
     memory_peak: HistogramFamily,
     throttled: Family<ComponentLabel, Counter>,
     /// (component, the invocation context's trigger) → the trigger label.
-    triggers: HashMap<(String, String), String>,
+    triggers: std::sync::RwLock<HashMap<(String, String), String>>,
 }
 
 impl InvocationMetrics {
@@ -73,7 +73,7 @@ impl InvocationMetrics {
             fuel: Family::default(),
             memory_peak: Family::new_with_constructor(memory_histogram),
             throttled: Family::default(),
-            triggers,
+            triggers: std::sync::RwLock::new(triggers),
         }
     }
 
@@ -120,10 +120,20 @@ impl InvocationMetrics {
         drop(self.throttled.get_or_create(&c));
     }
 
+    /// Looks the `trigger` label up in `triggers` from now on (a reload).
+    pub fn set_triggers(&self, triggers: HashMap<(String, String), String>) {
+        *self
+            .triggers
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = triggers;
+    }
+
     /// The `trigger` label of an invocation of `component` by `trigger`.
     pub fn trigger_label(&self, component: &str, trigger: &str) -> String {
         if let Some(label) = self
             .triggers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&(component.to_string(), trigger.to_string()))
         {
             return label.clone();

@@ -74,6 +74,18 @@ impl Pauses {
         Self(labels.map(|l| (l, Pause::default())).collect())
     }
 
+    /// One switch per trigger of `m`; a trigger `previous` has too (the
+    /// same kind and index) keeps its switch, paused or not (a reload).
+    pub fn carried(m: &wasmgate_manifest::Manifest, previous: &Pauses) -> Self {
+        let mut next = Self::of(m);
+        for (label, pause) in &mut next.0 {
+            if let Some(p) = previous.0.get(label) {
+                *pause = p.clone();
+            }
+        }
+        next
+    }
+
     /// The switch of trigger `label`.
     pub fn get(&self, label: &str) -> Option<&Pause> {
         self.0.get(label)

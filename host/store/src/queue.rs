@@ -180,10 +180,7 @@ pub const MAX_IN_FLIGHT: usize = 16;
 /// Delivers queued events until `shutdown`, then waits for those in flight.
 pub async fn consume(
     queue: std::sync::Arc<EventQueue>,
-    components: std::collections::BTreeMap<
-        String,
-        std::sync::Arc<wasmgate_runtime::invoke::Invocable>,
-    >,
+    deployment: std::sync::Arc<wasmgate_runtime::deployment::Deployment>,
     dead_letters: std::sync::Arc<crate::deadletter::DeadLetterStore>,
     policy: crate::delivery::RetryPolicy,
     shutdown: tokio_util::sync::CancellationToken,
@@ -225,7 +222,7 @@ pub async fn consume(
         }
         for item in batch {
             busy.lock().expect("busy lock").push(item.id.clone());
-            let Some(invocable) = components.get(&item.component).cloned() else {
+            let Some(invocable) = deployment.component(&item.component) else {
                 tracing::error!(
                     id = %item.id,
                     component = %item.component,

@@ -57,41 +57,105 @@ pub struct HttpServer {
 
 struct App {
     stats: Arc<HttpStats>,
-    router: Router,
-    components: BTreeMap<String, Arc<Invocable>>,
+    routes: Arc<HttpRoutes>,
     limits: HttpLimits,
     https: bool,
     port: u16,
+}
+
+/// The rules a listener serves, replaceable while it runs (a reload): a
+/// request is routed by the rules it found when it arrived.
+pub struct HttpRoutes {
+    current: std::sync::RwLock<Arc<Routes>>,
+    stats: Arc<HttpStats>,
+}
+
+/// `[[trigger.http]]` of one manifest, bound to its components.
+struct Routes {
+    router: Router,
+    components: BTreeMap<String, Arc<Invocable>>,
     /// Each rule's pause switch, by rule index (none: never paused).
     pauses: Vec<wasmgate_runtime::trigger::Pause>,
+}
+
+impl Routes {
+    fn of(
+        m: &wasmgate_manifest::Manifest,
+        components: &BTreeMap<String, Arc<Invocable>>,
+        pauses: &wasmgate_runtime::trigger::Pauses,
+    ) -> Result<Self, String> {
+        let router = Router::build(m).map_err(|e| e.to_string())?;
+        let mut bound = BTreeMap::new();
+        for rule in router.rules() {
+            if let Action::Forward { targets } = &rule.action {
+                for (name, _) in targets {
+                    let c = components
+                        .get(name)
+                        .ok_or_else(|| format!("no component {name:?} for an HTTP rule"))?;
+                    bound.entry(name.clone()).or_insert_with(|| c.clone());
+                }
+            }
+        }
+        Ok(Self {
+            router,
+            components: bound,
+            pauses: (0..m.triggers.http.len())
+                .map(|i| pauses.of_trigger(&format!("http[{i}]")))
+                .collect(),
+        })
+    }
+}
+
+impl HttpRoutes {
+    fn get(&self) -> Arc<Routes> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Serves the rules of `current` from now on; requests already routed
+    /// finish on the rules they matched. Errors (a manifest whose rules do
+    /// not build) leave the running rules.
+    pub fn replace(&self, current: &wasmgate_runtime::deployment::Current) -> Result<(), String> {
+        let next = Routes::of(&current.manifest, &current.components, &current.pauses)?;
+        self.stats.grow(current.manifest.triggers.http.len());
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
+        Ok(())
+    }
+
+    /// How many rules it serves.
+    pub fn len(&self) -> usize {
+        self.get().router.rules().len()
+    }
+
+    /// Whether it serves no rule.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl HttpServer {
     /// Binds the listener of `[http]` when the deployment has HTTP rules or
     /// an `[http]` section; `None` when it has neither. Errors name the key.
     pub async fn bind(deployment: &Deployment) -> Result<Option<Self>, String> {
-        let m = &deployment.manifest;
+        let current = deployment.current();
+        let m = &current.manifest;
         if m.http.is_none() && m.triggers.http.is_empty() {
             return Ok(None);
         }
         let config = m.http.clone().unwrap_or_default();
-        let router = Router::build(m).map_err(|e| e.to_string())?;
+        let routes = Routes::of(m, &current.components, &current.pauses)?;
         let acceptor = match &config.tls {
             Some(tls) => Some(tokio_rustls::TlsAcceptor::from(
                 tls::server_config(m, tls).map_err(|e| e.to_string())?,
             )),
             None => None,
         };
-        let mut components = BTreeMap::new();
-        for rule in router.rules() {
-            if let Action::Forward { targets } = &rule.action {
-                for (name, _) in targets {
-                    components
-                        .entry(name.clone())
-                        .or_insert_with(|| deployment.components[name].clone());
-                }
-            }
-        }
+        let stats = Arc::new(HttpStats::new(m.triggers.http.len()));
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| format!("http.listen: cannot listen on {}: {e}", config.listen))?;
@@ -99,15 +163,14 @@ impl HttpServer {
         Ok(Some(Self {
             listener,
             app: Arc::new(App {
-                stats: Arc::new(HttpStats::new(m.triggers.http.len())),
-                router,
-                components,
+                routes: Arc::new(HttpRoutes {
+                    current: std::sync::RwLock::new(Arc::new(routes)),
+                    stats: stats.clone(),
+                }),
+                stats,
                 limits: config.limits(),
                 https: acceptor.is_some(),
                 port,
-                pauses: (0..m.triggers.http.len())
-                    .map(|i| deployment.pauses.of_trigger(&format!("http[{i}]")))
-                    .collect(),
             }),
             acceptor,
         }))
@@ -126,6 +189,11 @@ impl HttpServer {
     /// Its responses, counted by rule and status class.
     pub fn stats(&self) -> Arc<HttpStats> {
         self.app.stats.clone()
+    }
+
+    /// Its rules, to replace them while it runs.
+    pub fn routes(&self) -> Arc<HttpRoutes> {
+        self.app.routes.clone()
     }
 
     /// Serves until `shutdown`; then stops accepting and gives open
@@ -354,9 +422,11 @@ impl Activity {
 /// Responses by rule and status class (1xx to 5xx), for metrics.
 #[derive(Debug)]
 pub struct HttpStats {
-    /// `[[trigger.http]]` rules in manifest order, then requests no rule
-    /// took (bad Host, no match).
-    counts: Vec<[std::sync::atomic::AtomicU64; 5]>,
+    /// `[[trigger.http]]` rules in manifest order (as many as the most
+    /// rules a manifest of this listener had).
+    rules: std::sync::RwLock<Vec<[std::sync::atomic::AtomicU64; 5]>>,
+    /// Requests no rule took (bad Host, no match).
+    unmatched: [std::sync::atomic::AtomicU64; 5],
 }
 
 /// The status classes, in [`HttpStats::snapshot`]'s order.
@@ -364,27 +434,53 @@ pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl HttpStats {
     fn new(rules: usize) -> Self {
-        Self {
-            counts: (0..=rules).map(|_| Default::default()).collect(),
+        let s = Self {
+            rules: std::sync::RwLock::default(),
+            unmatched: Default::default(),
+        };
+        s.grow(rules);
+        s
+    }
+
+    /// Makes room for `rules` rules (a reload); rows are never removed.
+    fn grow(&self, rules: usize) {
+        let mut rows = self
+            .rules
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while rows.len() < rules {
+            rows.push(Default::default());
         }
     }
 
     fn count(&self, rule: Option<usize>, status: StatusCode) {
-        let row = rule
-            .filter(|r| *r + 1 < self.counts.len())
-            .unwrap_or(self.counts.len() - 1);
         let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
-        self.counts[row][class].fetch_add(1, Ordering::Relaxed);
+        let rows = self
+            .rules
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match rule.and_then(|r| rows.get(r)) {
+            Some(row) => row[class].fetch_add(1, Ordering::Relaxed),
+            None => self.unmatched[class].fetch_add(1, Ordering::Relaxed),
+        };
     }
 
     /// `(rule, class, responses)` for every rule and class: the rule is
     /// its index in `[[trigger.http]]`, `None` for requests no rule took.
     pub fn snapshot(&self) -> Vec<(Option<usize>, &'static str, u64)> {
-        let last = self.counts.len() - 1;
+        let rows = self
+            .rules
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut out = Vec::new();
-        for (i, row) in self.counts.iter().enumerate() {
+        let all = rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| (Some(i), row))
+            .chain(std::iter::once((None, &self.unmatched)));
+        for (rule, row) in all {
             for (class, n) in STATUS_CLASSES.iter().zip(row) {
-                out.push(((i < last).then_some(i), *class, n.load(Ordering::Relaxed)));
+                out.push((rule, *class, n.load(Ordering::Relaxed)));
             }
         }
         out
@@ -493,7 +589,8 @@ impl App {
             headers: req.headers(),
             source: peer.ip(),
         };
-        let Some(matched) = self.router.route(&info) else {
+        let routes = self.routes.get();
+        let Some(matched) = routes.router.route(&info) else {
             return simple(
                 StatusCode::NOT_FOUND,
                 id,
@@ -507,7 +604,7 @@ impl App {
             .collect();
         let rule_index = matched.rule.index;
         let _ = rule.set(rule_index);
-        if self.pauses.get(rule_index).is_some_and(|p| p.is_paused()) {
+        if routes.pauses.get(rule_index).is_some_and(|p| p.is_paused()) {
             let mut r = simple(
                 StatusCode::SERVICE_UNAVAILABLE,
                 id,
@@ -560,7 +657,7 @@ impl App {
                     .pick(roll)
                     .expect("forward actions have targets")
                     .to_string();
-                let component = self.components[&name].clone();
+                let component = routes.components[&name].clone();
                 self.forward(req, peer, id, &host_header, params, rule_index, component)
                     .await
             }

@@ -55,10 +55,9 @@ pub struct AdminState {
     gateway: String,
     state_dir: PathBuf,
     started: Instant,
-    components: BTreeMap<String, Arc<Invocable>>,
+    deployment: Arc<Deployment>,
     deployer: Arc<Deployer>,
-    pauses: wasmgate_runtime::trigger::Pauses,
-    triggers: Vec<TriggerStatus>,
+    reloader: std::sync::OnceLock<Arc<crate::reload::Reloader>>,
     mqtt: std::sync::OnceLock<Arc<MqttStats>>,
     stores: std::sync::OnceLock<(Arc<DeadLetterStore>, Arc<EventQueue>)>,
     rates: crate::page::Rates,
@@ -70,21 +69,20 @@ pub struct AdminState {
 impl AdminState {
     /// The state of `deployment`, with its metrics.
     pub fn new(
-        deployment: &Deployment,
+        deployment: &Arc<Deployment>,
         deployer: Arc<Deployer>,
         metrics: Arc<GatewayMetrics>,
         started: Instant,
     ) -> Self {
-        let m = &deployment.manifest;
+        let m = &deployment.current().manifest;
         Self {
             metrics,
             gateway: m.gateway.name.clone(),
             state_dir: m.state_dir(),
             started,
-            components: deployment.components.clone(),
+            deployment: deployment.clone(),
             deployer,
-            pauses: deployment.pauses.clone(),
-            triggers: triggers(m),
+            reloader: std::sync::OnceLock::new(),
             mqtt: std::sync::OnceLock::new(),
             stores: std::sync::OnceLock::new(),
             rates: crate::page::Rates::default(),
@@ -94,7 +92,9 @@ impl AdminState {
 
     /// Per component: invocations started and failures.
     fn counts(&self) -> crate::page::Counts {
-        self.components
+        self.deployment
+            .current()
+            .components
             .iter()
             .map(|(name, c)| (name.clone(), (c.invocations(), c.failures())))
             .collect()
@@ -106,8 +106,13 @@ impl AdminState {
     }
 
     /// A component of the running gateway.
-    pub(crate) fn component(&self, name: &str) -> Option<&Arc<Invocable>> {
-        self.components.get(name)
+    pub(crate) fn component(&self, name: &str) -> Option<Arc<Invocable>> {
+        self.deployment.current().components.get(name).cloned()
+    }
+
+    /// What `POST /v1/reload` runs, once the gateway is up.
+    pub fn set_reloader(&self, reloader: Arc<crate::reload::Reloader>) {
+        let _ = self.reloader.set(reloader);
     }
 
     /// The MQTT trigger's counters.
@@ -132,19 +137,23 @@ struct TriggerStatus {
 
 /// The triggers, each with whether it is paused now.
 fn trigger_statuses(state: &AdminState) -> Vec<TriggerStatus> {
-    state
-        .triggers
-        .iter()
+    let current = state.deployment.current();
+    triggers(&current.manifest)
+        .into_iter()
         .map(|t| TriggerStatus {
-            paused: state.pauses.get(&t.trigger).is_some_and(|p| p.is_paused()),
-            ..t.clone()
+            paused: current
+                .pauses
+                .get(&t.trigger)
+                .is_some_and(|p| p.is_paused()),
+            ..t
         })
         .collect()
 }
 
 /// `POST /v1/triggers/LABEL/pause` and `/resume`.
 async fn set_paused(state: &AdminState, label: &str, paused: bool) -> Response {
-    let Some(pause) = state.pauses.get(label) else {
+    let current = state.deployment.current();
+    let Some(pause) = current.pauses.get(label) else {
         return error(
             404,
             format!(
@@ -261,6 +270,7 @@ fn router(state: Arc<AdminState>, token: Option<Arc<str>>) -> Router {
         .route("/v1/components/{name}", get(component))
         .route("/v1/components/{name}/deploy", post(deploy))
         .route("/v1/components/{name}/rollback", post(rollback))
+        .route("/v1/reload", post(reload))
         .route("/v1/triggers/{label}/pause", post(pause))
         .route("/v1/triggers/{label}/resume", post(resume))
         .route("/v1/dead-letters", get(crate::dlq_api::list))
@@ -363,7 +373,7 @@ async fn page(State(state): State<Arc<AdminState>>) -> Response {
             dead_letters: dead_letters
                 .as_ref()
                 .map(|d| d.get(&c.name).copied().unwrap_or(0)),
-            failures: state.components[&c.name].failures(),
+            failures: c.failures,
             digest: c.digest,
             invocations: c.invocations,
             in_flight: (c.in_flight, c.concurrency),
@@ -400,17 +410,20 @@ struct ComponentStatus {
 
 fn component_statuses(state: &AdminState) -> Vec<ComponentStatus> {
     state
+        .deployment
+        .current()
         .components
         .iter()
-        .map(|(name, c)| ComponentStatus {
+        .map(|(name, c)| (name, c, c.limits()))
+        .map(|(name, c, limits)| ComponentStatus {
             name: name.clone(),
             digest: format!("sha256:{}", c.version().digest),
             signer: c.version().signer.clone(),
             versions: state.deployer.versions(name),
-            fuel: c.limits.fuel,
-            memory_bytes: c.limits.memory,
-            timeout_ms: c.limits.timeout.as_millis() as u64,
-            concurrency: c.limits.concurrency,
+            fuel: limits.fuel,
+            memory_bytes: limits.memory,
+            timeout_ms: limits.timeout.as_millis() as u64,
+            concurrency: limits.concurrency,
             in_flight: c.in_flight(),
             invocations: c.invocations(),
             failures: c.failures(),
@@ -466,7 +479,7 @@ async fn deploy(
 ) -> Response {
     use base64::Engine as _;
     use http_body_util::BodyExt;
-    if !state.components.contains_key(&name) {
+    if state.component(&name).is_none() {
         return DeployError::Unknown(name).into_response();
     }
     let signature = match headers.get(SIGNATURE_HEADER) {
@@ -506,6 +519,20 @@ async fn rollback(
     match state.deployer.rollback(&name).await {
         Ok(r) => axum::Json(r).into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/reload`: 200 with what changed, or 422 with why the new
+/// manifest was refused (then nothing changed).
+async fn reload(State(state): State<Arc<AdminState>>) -> Response {
+    let Some(reloader) = state.reloader.get() else {
+        return error(503, "the gateway is still starting");
+    };
+    let result = reloader.reload().await;
+    crate::reload::log(&result);
+    match result {
+        Ok(r) => axum::Json(r).into_response(),
+        Err(e) => error(422, e),
     }
 }
 

@@ -16,7 +16,8 @@ pub fn check(args: CheckArgs) -> Result<ExitCode, Fatal> {
             ..EngineOptions::default()
         },
     )?;
-    let m = &gateway.manifest;
+    let current = gateway.current();
+    let m = &current.manifest;
     println!(
         "manifest {} (gateway {:?})",
         m.path.display(),
@@ -38,7 +39,7 @@ pub fn check(args: CheckArgs) -> Result<ExitCode, Fatal> {
         );
     }
     for (name, config) in &m.components {
-        let limits = gateway.components[name].limits;
+        let limits = current.components[name].limits();
         let (exports, imports) = &gateway.compiled[name];
         println!(
             "component {name}: {} [fuel {}, memory {}, timeout {}, concurrency {}, publishes {} / {}]",

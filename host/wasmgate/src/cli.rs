@@ -58,6 +58,11 @@ pub enum Command {
     Deploy(DeployArgs),
     /// Bring back a component's previous version on a running gateway.
     Rollback(RollbackArgs),
+    /// Make a running gateway read its manifest again and apply the
+    /// difference (components, HTTP rules, timers); a manifest `check`
+    /// would refuse is refused and the running configuration stays. SIGHUP
+    /// does the same.
+    Reload(ReloadArgs),
     /// Pause a trigger of a running gateway (`http[0]`, `mqtt[1]`,
     /// `timer[2]`): an HTTP rule answers 503, a timer skips its ticks, an
     /// MQTT trigger leaves its messages unacknowledged until resumed.
@@ -138,6 +143,14 @@ pub struct DeployArgs {
     /// 1 if it was rolled back.
     #[arg(long)]
     pub wait: bool,
+}
+
+/// `wasmgate reload`.
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// Where the gateway is (it reads the manifest it was started with).
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 /// `wasmgate pause` and `wasmgate resume`.
@@ -478,6 +491,7 @@ pub fn main() -> ExitCode {
             Command::Status(args) => crate::status::status(args).await,
             Command::Deploy(args) => crate::status::deploy(args).await,
             Command::Rollback(args) => crate::status::rollback(args).await,
+            Command::Reload(args) => crate::status::reload(args).await,
             Command::Pause(args) => crate::status::set_paused(args, true).await,
             Command::Resume(args) => crate::status::set_paused(args, false).await,
             Command::HashPassword => hash_password(),

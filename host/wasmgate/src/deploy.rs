@@ -220,7 +220,8 @@ pub struct Counts {
 pub struct Deployer {
     deployment: Arc<Deployment>,
     dir: PathBuf,
-    slots: BTreeMap<String, Mutex<Slot>>,
+    /// By component; a reload adds and removes them.
+    slots: std::sync::RwLock<BTreeMap<String, Arc<Mutex<Slot>>>>,
     /// One deploy or rollback at a time: each reads and writes the
     /// component's files, and compiling takes the CPU.
     busy: tokio::sync::Mutex<()>,
@@ -242,6 +243,33 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+fn lock(slot: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Slot {
+    /// A component's deploy state before any deploy.
+    fn of(c: &Invocable) -> Self {
+        Self::empty(c.version().digest.clone())
+    }
+
+    /// No deploy yet of a component whose manifest source has `source`.
+    fn empty(source: String) -> Self {
+        Self {
+            source,
+            previous: None,
+            watch: None,
+            next_watch: 0,
+            history: VecDeque::new(),
+            deploys: 0,
+            refused: 0,
+            rollbacks: 0,
+            automatic_rollbacks: 0,
+        }
+    }
+}
+
 fn sha(digest: &str) -> String {
     format!("sha256:{digest}")
 }
@@ -250,51 +278,103 @@ impl Deployer {
     /// The deploy state of `deployment`'s components; brings back each
     /// component's deployed version from `state_dir` (see the module).
     pub fn new(deployment: Arc<Deployment>) -> Arc<Self> {
-        let dir = deployment.manifest.state_dir().join(DIR_NAME);
-        let slots = deployment
+        let current = deployment.current();
+        let dir = current.manifest.state_dir().join(DIR_NAME);
+        let slots = current
             .components
             .iter()
-            .map(|(name, c)| {
-                let slot = Slot {
-                    source: c.version().digest.clone(),
-                    previous: None,
-                    watch: None,
-                    next_watch: 0,
-                    history: VecDeque::new(),
-                    deploys: 0,
-                    refused: 0,
-                    rollbacks: 0,
-                    automatic_rollbacks: 0,
-                };
-                (name.clone(), Mutex::new(slot))
-            })
+            .map(|(name, c)| (name.clone(), Arc::new(Mutex::new(Slot::of(c)))))
             .collect();
         let deployer = Arc::new(Self {
             deployment,
             dir,
-            slots,
+            slots: std::sync::RwLock::new(slots),
             busy: tokio::sync::Mutex::new(()),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
         });
-        for name in deployer.deployment.components.keys() {
+        for name in current.components.keys() {
             deployer.restore(name);
         }
         deployer.prune_cache();
         deployer
     }
 
-    fn slot(&self, name: &str) -> std::sync::MutexGuard<'_, Slot> {
-        self.slots[name]
-            .lock()
+    /// `name`'s deploy state; one that has none yet (a component a reload
+    /// is adding) gets an empty one.
+    fn slot(&self, name: &str) -> Arc<Mutex<Slot>> {
+        if let Some(slot) = self
+            .slots
+            .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+        {
+            return slot.clone();
+        }
+        let source = self
+            .component(name)
+            .map(|c| c.version().digest.clone())
+            .unwrap_or_default();
+        self.slots
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(Mutex::new(Slot::empty(source))))
+            .clone()
     }
 
-    fn component(&self, name: &str) -> Result<&Arc<Invocable>, DeployError> {
+    fn component(&self, name: &str) -> Result<Arc<Invocable>, DeployError> {
         self.deployment
+            .current()
             .components
             .get(name)
+            .cloned()
             .ok_or_else(|| DeployError::Unknown(name.to_string()))
+    }
+
+    /// The digest of each component's manifest source, as last loaded.
+    pub(crate) fn sources(&self) -> BTreeMap<String, String> {
+        self.slots()
+            .into_iter()
+            .map(|(name, slot)| {
+                let source = lock(&slot).source.clone();
+                (name, source)
+            })
+            .collect()
+    }
+
+    /// Holds off deploys and rollbacks while a reload runs.
+    pub(crate) async fn exclusive(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.busy.lock().await
+    }
+
+    /// Takes in the components of a reloaded manifest (call it once the
+    /// deployment has them, holding [`Self::exclusive`]). `fresh` are those
+    /// added and those whose source file changed: they get a new deploy
+    /// state, and a deployed version comes back as at a start (a component
+    /// whose source changed runs it, and its deploy record is cleared). A
+    /// removed component's watch ends; its history stays listed.
+    pub(crate) fn reloaded(&self, fresh: &BTreeSet<String>) {
+        let current = self.deployment.current();
+        {
+            let mut slots = self
+                .slots
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (name, slot) in slots.iter() {
+                if !current.components.contains_key(name) {
+                    lock(slot).watch = None;
+                }
+            }
+            for name in fresh {
+                if let Some(c) = current.components.get(name) {
+                    slots.insert(name.clone(), Arc::new(Mutex::new(Slot::of(c))));
+                }
+            }
+        }
+        for name in fresh {
+            self.restore(name);
+        }
     }
 
     fn version_path(&self, name: &str, digest: &str) -> PathBuf {
@@ -306,7 +386,8 @@ impl Deployer {
         let path = self.version_path(name, digest);
         let bytes = wasmgate_runtime::component::read(&path).map_err(|e| e.to_string())?;
         let d = &self.deployment;
-        let compiled = deployment::load_version(&d.manifest, &d.runtime, name, &path, &bytes)?;
+        let compiled =
+            deployment::load_version(&d.current().manifest, &d.runtime, name, &path, &bytes)?;
         if compiled.digest != digest {
             return Err(format!(
                 "{} holds sha256:{}, not the version its name says",
@@ -314,7 +395,10 @@ impl Deployer {
                 compiled.digest
             ));
         }
-        Ok(Version::of(compiled))
+        Ok(self
+            .component(name)
+            .map_err(|e| e.to_string())?
+            .version_of(compiled))
     }
 
     /// Brings back the version `active.json` names, at start.
@@ -332,7 +416,9 @@ impl Deployer {
                 return;
             }
         };
-        let invocable = &self.deployment.components[name];
+        let Ok(invocable) = self.component(name) else {
+            return;
+        };
         let source = invocable.version();
         if persisted.source != source.digest {
             tracing::info!(
@@ -370,7 +456,8 @@ impl Deployer {
         };
         invocable.swap(active.clone());
         {
-            let mut slot = self.slot(name);
+            let cell = self.slot(name);
+            let mut slot = lock(&cell);
             slot.previous = previous;
             slot.history = persisted.history.into_iter().collect();
         }
@@ -421,11 +508,13 @@ impl Deployer {
             });
         }
         let (compiled, smoke_test) = self.admit(name, &digest, bytes, signature).await?;
-        let version = Arc::new(Version::of(compiled));
-        let config = &self.deployment.manifest.components[name].deploy;
+        let version = Arc::new(invocable.version_of(compiled));
+        let current = self.deployment.current();
+        let config = &current.manifest.components[name].deploy;
         let watch = config.watch();
         let (old, before, watch_id) = {
-            let mut slot = self.slot(name);
+            let cell = self.slot(name);
+            let mut slot = lock(&cell);
             let old = invocable.swap(version.clone());
             slot.deploys += 1;
             let before = slot.previous.replace(old.clone());
@@ -452,7 +541,8 @@ impl Deployer {
         };
         if let Err(e) = self.persist(name) {
             // Not recorded, not done: the old version comes back.
-            let mut slot = self.slot(name);
+            let cell = self.slot(name);
+            let mut slot = lock(&cell);
             invocable.swap(old);
             slot.previous = before;
             slot.watch = None;
@@ -509,7 +599,7 @@ impl Deployer {
             Err(e) => Err(e),
         };
         if let Err(e) = &checked {
-            self.slot(name).refused += 1;
+            lock(&self.slot(name)).refused += 1;
             self.prune_files(name, &self.kept(name));
             self.prune_cache();
             tracing::warn!(component = name, version = %sha(digest), error = %e, "deploy refused");
@@ -540,7 +630,7 @@ impl Deployer {
             }
             write_durably(&dir, &staged, &bytes)
                 .map_err(|e| DeployError::Io(format!("{}: {e}", staged.display())))?;
-            deployment::load_version(&d.manifest, &d.runtime, &name, &staged, &bytes)
+            deployment::load_version(&d.current().manifest, &d.runtime, &name, &staged, &bytes)
                 .map_err(DeployError::Refused)
         })
         .await
@@ -574,7 +664,8 @@ impl Deployer {
         name: &str,
         compiled: &wasmgate_runtime::component::Compiled,
     ) -> Result<Option<String>, DeployError> {
-        let m = &self.deployment.manifest;
+        let current = self.deployment.current();
+        let m = &current.manifest;
         let Some(test) = &m.components[name].deploy.smoke_test else {
             return Ok(None);
         };
@@ -617,12 +708,13 @@ impl Deployer {
     ) -> Result<RolledBack, DeployError> {
         let invocable = self.component(name)?;
         let (from, to) = {
-            let mut slot = self.slot(name);
+            let cell = self.slot(name);
+            let mut slot = lock(&cell);
             let Some(previous) = slot.previous.take() else {
                 return Err(DeployError::NoPrevious(name.to_string()));
             };
             let to = previous.digest.clone();
-            let old = invocable.swap(previous);
+            let old = invocable.swap(invocable.rebase(&previous));
             slot.previous = Some(old.clone());
             slot.watch = None;
             match action {
@@ -663,8 +755,10 @@ impl Deployer {
     /// enough invocations and too many failed; ends early when another
     /// deploy or a rollback replaced it, or the gateway stops.
     async fn watch(self: Arc<Self>, name: &str, id: u64, version: Arc<Version>, length: Duration) {
-        let config = &self.deployment.manifest.components[name].deploy;
-        let (min, ratio) = (config.min_invocations(), config.max_failure_ratio());
+        let (min, ratio) = match self.deployment.current().manifest.components.get(name) {
+            Some(c) => (c.deploy.min_invocations(), c.deploy.max_failure_ratio()),
+            None => return,
+        };
         let until = tokio::time::Instant::now() + length;
         let mut every = tokio::time::interval(WATCH_EVERY);
         loop {
@@ -678,7 +772,11 @@ impl Deployer {
             };
             // Ended when a deploy or rollback replaced this watch (even if
             // two rollbacks made its version active again).
-            if self.slot(name).watch.as_ref().is_none_or(|w| w.id != id) {
+            if lock(&self.slot(name))
+                .watch
+                .as_ref()
+                .is_none_or(|w| w.id != id)
+            {
                 return;
             }
             let (n, failed) = (version.invocations(), version.failures());
@@ -691,7 +789,8 @@ impl Deployer {
             }
             if tokio::time::Instant::now() >= until {
                 {
-                    let mut slot = self.slot(name);
+                    let cell = self.slot(name);
+                    let mut slot = lock(&cell);
                     slot.watch = None;
                     let entry = HistoryEntry {
                         at_ms: now_ms(),
@@ -711,8 +810,12 @@ impl Deployer {
 
     /// The digests whose files `name` keeps: active and previous.
     fn kept(&self, name: &str) -> BTreeSet<String> {
-        let active = self.deployment.components[name].version().digest.clone();
-        let slot = self.slot(name);
+        let active = self
+            .component(name)
+            .map(|c| c.version().digest.clone())
+            .unwrap_or_default();
+        let cell = self.slot(name);
+        let slot = lock(&cell);
         std::iter::once(active)
             .chain(slot.previous.as_ref().map(|p| p.digest.clone()))
             .collect()
@@ -724,10 +827,14 @@ impl Deployer {
     /// pruned, and the next start runs the manifest's source.
     fn persist(&self, name: &str) -> Result<(), DeployError> {
         let persisted = {
-            let slot = self.slot(name);
+            let cell = self.slot(name);
+            let slot = lock(&cell);
             Persisted {
                 source: slot.source.clone(),
-                active: self.deployment.components[name].version().digest.clone(),
+                active: self
+                    .component(name)
+                    .map(|c| c.version().digest.clone())
+                    .unwrap_or_default(),
                 previous: slot.previous.as_ref().map(|p| p.digest.clone()),
                 history: slot.history.iter().cloned().collect(),
             }
@@ -766,19 +873,21 @@ impl Deployer {
     /// Removes precompiled artifacts of versions no component keeps.
     fn prune_cache(&self) {
         let mut keep = BTreeSet::new();
-        for name in self.deployment.components.keys() {
+        for (name, _) in self.slots() {
+            let name = &name;
             keep.extend(self.kept(name));
-            keep.insert(self.slot(name).source.clone());
+            keep.insert(lock(&self.slot(name)).source.clone());
         }
         self.deployment.runtime.cache().retain(&keep);
     }
 
     /// `name`'s versions, watch and history.
     pub fn versions(&self, name: &str) -> Option<Versions> {
-        let invocable = self.deployment.components.get(name)?;
+        let invocable = self.component(name).ok()?;
         // Swaps happen under this lock: the active version and the slot
         // are read as one.
-        let slot = self.slot(name);
+        let cell = self.slot(name);
+        let slot = lock(&cell);
         let active = invocable.version();
         Some(Versions {
             active: sha(&active.digest),
@@ -796,10 +905,19 @@ impl Deployer {
         })
     }
 
+    fn slots(&self) -> Vec<(String, Arc<Mutex<Slot>>)> {
+        self.slots
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect()
+    }
+
     /// The last `n` deploys and rollbacks of every component, newest last.
     pub fn recent(&self, n: usize) -> Vec<(String, HistoryEntry)> {
-        let mut all: Vec<(String, HistoryEntry)> = self
-            .slots
+        let slots = self.slots();
+        let mut all: Vec<(String, HistoryEntry)> = slots
             .iter()
             .flat_map(|(name, slot)| {
                 let s = slot
@@ -818,7 +936,7 @@ impl Deployer {
 
     /// Deploy and rollback counts per component, for the metrics.
     pub fn counts(&self) -> Vec<(String, Counts)> {
-        self.slots
+        self.slots()
             .iter()
             .map(|(name, slot)| {
                 let s = slot

@@ -70,10 +70,10 @@ pub async fn invoke(args: InvokeArgs) -> Result<ExitCode, Fatal> {
         )
     } else {
         let (manifest, runtime, compiled) = load_target(&args, &event, options)?;
-        let mut invocable = deployment::invocable(&manifest, &runtime, &args.target, compiled);
-        let mut limits = invocable.limits;
+        let invocable = deployment::invocable(&manifest, &runtime, &args.target, compiled);
+        let mut limits = invocable.limits();
         apply_limit_flags(&args, &mut limits)?;
-        invocable.limits = limits;
+        let invocable = invocable.with_limits(limits);
         (invocable, runtime)
     };
     let (invocable, _runtime) = invocable;

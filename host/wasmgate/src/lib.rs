@@ -35,6 +35,7 @@ pub mod invoke;
 pub mod metrics;
 pub mod new;
 pub mod page;
+pub mod reload;
 pub mod sign;
 pub mod status;
 pub mod up;

@@ -46,13 +46,19 @@ pub struct GatewayMetrics {
 }
 
 /// What the collector reads at each scrape; set as the gateway starts.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Sources {
     http: std::sync::OnceLock<Arc<HttpStats>>,
     mqtt: std::sync::OnceLock<Arc<MqttStats>>,
     stores: std::sync::OnceLock<(Arc<DeadLetterStore>, Arc<EventQueue>)>,
-    components: BTreeMap<String, Arc<Invocable>>,
+    deployment: std::sync::OnceLock<Arc<Deployment>>,
     deployer: std::sync::OnceLock<Arc<crate::deploy::Deployer>>,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sources").finish_non_exhaustive()
+    }
 }
 
 fn lateness_histogram() -> Histogram {
@@ -101,15 +107,16 @@ pub fn trigger_labels(m: &Manifest) -> HashMap<(String, String), String> {
 
 impl GatewayMetrics {
     /// The metrics of `deployment`; its components record into them.
-    pub fn new(deployment: &Deployment, started: SystemTime) -> Self {
-        let invocations = Arc::new(InvocationMetrics::new(trigger_labels(&deployment.manifest)));
-        for c in deployment.components.values() {
+    pub fn new(deployment: &Arc<Deployment>, started: SystemTime) -> Self {
+        let current = deployment.current();
+        let invocations = Arc::new(InvocationMetrics::new(trigger_labels(&current.manifest)));
+        for c in current.components.values() {
             c.set_metrics(invocations.clone());
         }
         let timer_lateness: Family<TriggerLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(lateness_histogram);
         let sources = Arc::new(Sources {
-            components: deployment.components.clone(),
+            deployment: deployment.clone().into(),
             ..Sources::default()
         });
         let mut registry = Registry::default();
@@ -212,8 +219,12 @@ fn load(c: &AtomicU64) -> u64 {
 impl Collector for GatewayCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let s = &self.0;
-        let info: Vec<_> = s
-            .components
+        let components = s
+            .deployment
+            .get()
+            .map(|d| d.current().components.clone())
+            .unwrap_or_default();
+        let info: Vec<_> = components
             .iter()
             .map(|(name, c)| {
                 (
@@ -260,7 +271,7 @@ impl Collector for GatewayCollector {
             encode_mqtt(&mut encoder, m)?;
         }
         if let Some((dead_letters, queue)) = s.stores.get() {
-            encode_stores(&mut encoder, &s.components, dead_letters, queue)?;
+            encode_stores(&mut encoder, &components, dead_letters, queue)?;
         }
         Ok(())
     }

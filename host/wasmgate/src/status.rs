@@ -352,6 +352,48 @@ pub async fn rollback(args: RollbackArgs) -> Result<ExitCode, Fatal> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Runs `wasmgate reload`: exit 0 applied, 1 refused or unreachable.
+pub async fn reload(args: crate::cli::ReloadArgs) -> Result<ExitCode, Fatal> {
+    let answer = request(
+        &args.admin,
+        hyper::Method::POST,
+        "/v1/reload",
+        Bytes::new(),
+        None,
+    )
+    .await;
+    let v = match answered(answer) {
+        Ok(v) => v,
+        Err(code) => return Ok(code),
+    };
+    let list = |key: &str| -> Vec<String> {
+        v[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect()
+    };
+    let mut lines = Vec::new();
+    for (key, what) in [
+        ("added", "components added"),
+        ("removed", "components removed"),
+        ("changed", "components changed"),
+        ("triggers", "triggers changed"),
+    ] {
+        let names = list(key);
+        if !names.is_empty() {
+            lines.push(format!("  {what}: {}", names.join(", ")));
+        }
+    }
+    if lines.is_empty() {
+        println!("reloaded: nothing changed");
+    } else {
+        println!("reloaded:\n{}", lines.join("\n"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Runs `wasmgate pause TRIGGER` (`paused`) or `wasmgate resume TRIGGER`.
 pub async fn set_paused(args: TriggerArgs, paused: bool) -> Result<ExitCode, Fatal> {
     let verb = if paused { "pause" } else { "resume" };

@@ -6,13 +6,14 @@
 use crate::admin::AdminState;
 use crate::cli::{Fatal, UpArgs, load_manifest};
 use crate::metrics::GatewayMetrics;
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wasmgate_manifest::Manifest;
-use wasmgate_runtime::deployment::Deployment;
+use wasmgate_runtime::deployment::{Current, Deployment};
 use wasmgate_runtime::engine::EngineOptions;
 use wasmgate_runtime::sink::{NoConnection, PublishSink};
 use wasmgate_runtime::trigger::Trigger;
@@ -47,16 +48,19 @@ pub async fn up(args: UpArgs, started: Instant) -> Result<ExitCode, Fatal> {
         tracing::info!(%component, imports = %imports.join(", "), "the component imports capabilities it is not granted: each call is denied");
     }
     let gateway = Gateway::start(Arc::new(deployment), started).await?;
-    let m = &gateway.deployment.manifest;
-    tracing::info!(
-        gateway = %m.gateway.name,
-        timers = m.triggers.timer.len(),
-        mqtt_triggers = m.triggers.mqtt.len(),
-        components = gateway.deployment.components.len(),
-        startup_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1000.0),
-        "ready"
-    );
-    signals.shutdown_requested().await;
+    {
+        let current = gateway.deployment.current();
+        let m = &current.manifest;
+        tracing::info!(
+            gateway = %m.gateway.name,
+            timers = m.triggers.timer.len(),
+            mqtt_triggers = m.triggers.mqtt.len(),
+            components = current.components.len(),
+            startup_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1000.0),
+            "ready"
+        );
+    }
+    signals.run_until_shutdown(&gateway.reloader).await;
     gateway.shutdown().await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
@@ -70,6 +74,7 @@ type Connection = (Option<EmbeddedBroker>, Option<(ClientOptions, u16)>);
 pub struct Gateway {
     deployment: Arc<Deployment>,
     deployer: Arc<crate::deploy::Deployer>,
+    reloader: Arc<crate::reload::Reloader>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
     /// The publish sink stays open until every invocation has finished;
@@ -77,7 +82,6 @@ pub struct Gateway {
     sink_closed: CancellationToken,
     late: TaskTracker,
     http_drain: Duration,
-    scheduler: Option<SchedulerThread>,
     timer_state: Arc<TimerState>,
     admin: crate::admin::Admin,
     _embedded_broker: Option<EmbeddedBroker>,
@@ -125,7 +129,8 @@ impl Gateway {
     pub async fn start(deployment: Arc<Deployment>, started: Instant) -> Result<Self, Fatal> {
         // The deployed versions come back before any trigger starts.
         let deployer = crate::deploy::Deployer::new(deployment.clone());
-        let m = &deployment.manifest;
+        let current = deployment.current();
+        let m = &current.manifest;
         let (embedded_broker, connection) = mqtt_connection(m).await?;
         let stores = Stores::open(m, connection.is_some())?;
         let (metrics, admin_state) = observe(&deployment, &deployer, &stores, started);
@@ -151,20 +156,20 @@ impl Gateway {
                 Arc::new(NoConnection::default())
             }
         };
-        for c in deployment.components.values() {
+        for c in current.components.values() {
             c.set_publish_sink(sink.clone());
         }
         if let Some(t) = &mqtt {
             metrics.set_mqtt(t.stats());
             admin_state.set_mqtt(t.stats());
         }
-        let (http_drain, http_stats) = start_http(&deployment, &tasks, &shutdown).await?;
-        if let Some(stats) = http_stats {
-            metrics.set_http(stats);
+        let (http_drain, http) = start_http(&deployment, &tasks, &shutdown).await?;
+        if let Some((stats, _)) = &http {
+            metrics.set_http(stats.clone());
         }
         tasks.spawn(wasmgate_store::queue::consume(
             stores.queue.clone(),
-            deployment.components.clone(),
+            deployment.clone(),
             stores.dead_letters.clone(),
             wasmgate_store::delivery::RetryPolicy::default(),
             shutdown.clone(),
@@ -172,26 +177,30 @@ impl Gateway {
         if let Some(trigger) = mqtt {
             tasks.spawn(Trigger::run(trigger, tasks.clone(), shutdown.clone()));
         }
-        let scheduler = start_timers(
-            &deployment,
-            stores.timer_state.clone(),
-            stores.dead_letters.clone(),
-            &metrics,
-            &tasks,
-            &shutdown,
-        )?;
+        let timers = Timers::start(&current, &stores, &metrics, &tasks, &shutdown)?;
+        let reloader = Arc::new(crate::reload::Reloader::new(
+            m.path.clone(),
+            deployment.clone(),
+            deployer.clone(),
+            metrics,
+            sink,
+            http.map(|(_, routes)| routes),
+            timers,
+        ));
+        admin_state.set_reloader(reloader.clone());
         let admin = crate::admin::Admin::start(m, admin_state)
             .await
             .map_err(Fatal)?;
+        drop(current);
         Ok(Self {
             deployment,
             deployer,
+            reloader,
             tasks,
             shutdown,
             sink_closed,
             late,
             http_drain,
-            scheduler,
             timer_state: stores.timer_state,
             admin,
             _embedded_broker: embedded_broker,
@@ -216,7 +225,7 @@ impl Gateway {
                 "in-flight invocations did not finish within the drain timeout; abandoning them"
             );
         }
-        drop(self.scheduler);
+        self.reloader.stop_timers().await;
         self.sink_closed.cancel();
         self.late.close();
         if tokio::time::timeout(LATE_PUBLISH_TIMEOUT, self.late.wait())
@@ -300,10 +309,11 @@ fn mqtt_trigger(
     sink_closed: &CancellationToken,
     late: &TaskTracker,
 ) -> Result<MqttTriggers, Fatal> {
-    let m = &deployment.manifest;
-    let mut specs = wasmgate_trigger_mqtt::specs(m, &deployment.components);
+    let current = deployment.current();
+    let m = &current.manifest;
+    let mut specs = wasmgate_trigger_mqtt::specs(m, &current.components);
     for s in &mut specs {
-        s.pause = deployment
+        s.pause = current
             .pauses
             .of_trigger(s.label.trim_start_matches("trigger."));
         tracing::info!(trigger = %s.label, component = %s.component.name, topic = %s.filter.raw, qos = s.qos, max_in_flight = s.max_in_flight, "MQTT trigger armed");
@@ -320,13 +330,16 @@ fn mqtt_trigger(
         .outbox_open_until(sink_closed.clone(), late.clone()))
 }
 
+/// The HTTP listener's response counts and its rules.
+type Http = (Arc<HttpStats>, Arc<wasmgate_trigger_http::HttpRoutes>);
+
 /// Binds and starts the HTTP listener, if the manifest has one; returns how
-/// long its connections may take to drain, and its response counts.
+/// long its connections may take to drain, its response counts and rules.
 async fn start_http(
     deployment: &Deployment,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
-) -> Result<(Duration, Option<Arc<HttpStats>>), Fatal> {
+) -> Result<(Duration, Option<Http>), Fatal> {
     let Some(server) = wasmgate_trigger_http::HttpServer::bind(deployment)
         .await
         .map_err(Fatal)?
@@ -334,7 +347,9 @@ async fn start_http(
         return Ok((Duration::ZERO, None));
     };
     let stats = server.stats();
-    let m = &deployment.manifest;
+    let routes = server.routes();
+    let current = deployment.current();
+    let m = &current.manifest;
     let addr = server
         .local_addr()
         .map_err(|e| Fatal(format!("http.listen: {e}")))?;
@@ -347,7 +362,7 @@ async fn start_http(
     tasks.spawn(Trigger::run(server, tasks.clone(), shutdown.clone()));
     Ok((
         m.http.clone().unwrap_or_default().limits().drain_timeout,
-        Some(stats),
+        Some((stats, routes)),
     ))
 }
 
@@ -464,44 +479,119 @@ pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30
 /// MQTT publishes to be written to the spool.
 pub const LATE_PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Starts every timer of the gateway and the task that persists their state.
-fn start_timers(
-    gateway: &Deployment,
+/// The running timers, each with its own stop switch, so that a reload
+/// re-arms only those that changed.
+pub(crate) struct Timers {
     state: Arc<TimerState>,
     dead_letters: Arc<DeadLetterStore>,
-    metrics: &GatewayMetrics,
+    metrics: Arc<GatewayMetrics>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    /// Started with the first timer.
+    scheduler: Option<SchedulerThread>,
+    /// By index in `[[trigger.timer]]`.
+    running: BTreeMap<usize, CancellationToken>,
+}
+
+impl Timers {
+    /// Arms every timer of `current` and starts the task that writes their
+    /// state.
+    fn start(
+        current: &Current,
+        stores: &Stores,
+        metrics: &Arc<GatewayMetrics>,
+        tasks: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, Fatal> {
+        let mut timers = Timers {
+            state: stores.timer_state.clone(),
+            dead_letters: stores.dead_letters.clone(),
+            metrics: metrics.clone(),
+            tasks: tasks.clone(),
+            shutdown: shutdown.clone(),
+            scheduler: None,
+            running: BTreeMap::new(),
+        };
+        timers.apply(current, None).map_err(Fatal)?;
+        spawn_timer_state_writer(stores.timer_state.clone(), tasks, shutdown);
+        Ok(timers)
+    }
+
+    /// Arms the timers of `current` that are not running as written
+    /// (`old`: the manifest they run from; none at start), and stops those
+    /// `current` no longer has. A re-armed timer catches up from its
+    /// persisted state like at a start.
+    pub(crate) fn apply(
+        &mut self,
+        current: &Current,
+        old: Option<&Manifest>,
+    ) -> Result<(), String> {
+        let m = &current.manifest;
+        let specs = wasmgate_trigger_timer::specs(m);
+        let stale: Vec<usize> = self
+            .running
+            .keys()
+            .copied()
+            .filter(|i| *i >= specs.len())
+            .collect();
+        for i in stale {
+            if let Some(stop) = self.running.remove(&i) {
+                tracing::info!(trigger = %format!("trigger.timer[{i}]"), "timer stopped (reload)");
+                stop.cancel();
+            }
+        }
+        for (i, (spec, t)) in specs.into_iter().zip(&m.triggers.timer).enumerate() {
+            let index = i.to_string();
+            let path = ["trigger", "timer", index.as_str()];
+            let unchanged = old.is_some_and(|o| o.raw(&path) == m.raw(&path));
+            if unchanged && self.running.contains_key(&i) {
+                continue;
+            }
+            if let Some(stop) = self.running.remove(&i) {
+                stop.cancel();
+            }
+            if self.scheduler.is_none() {
+                self.scheduler = Some(
+                    SchedulerThread::start()
+                        .map_err(|e| format!("cannot start the timer thread: {e}"))?,
+                );
+            }
+            let clock =
+                Clock::system().map_err(|e| format!("cannot start the timer thread: {e}"))?;
+            let component = current.components[t.component.get_ref()].clone();
+            tracing::info!(trigger = %spec.label, component = %component.name, schedule = %spec.schedule_text, "timer armed");
+            let label = spec.label.trim_start_matches("trigger.").to_string();
+            let trigger = TimerTrigger::new(spec, component, self.state.clone(), clock)
+                .with_pause(current.pauses.of_trigger(&label))
+                .with_lateness_histogram(self.metrics.timer_histogram(&label))
+                .with_delivery_runtime(tokio::runtime::Handle::current())
+                .with_dead_letters(self.dead_letters.clone());
+            let stop = self.shutdown.child_token();
+            let scheduler = self.scheduler.as_ref().expect("started above");
+            self.tasks.spawn_on(
+                Trigger::run(trigger, self.tasks.clone(), stop.clone()),
+                scheduler.handle(),
+            );
+            self.running.insert(i, stop);
+        }
+        Ok(())
+    }
+
+    /// Stops the timer thread (its timers have stopped: at shutdown).
+    pub(crate) fn stop(&mut self) {
+        for (_, stop) in std::mem::take(&mut self.running) {
+            stop.cancel();
+        }
+        self.scheduler = None;
+    }
+}
+
+/// Writes the timers' state every second until `shutdown`.
+fn spawn_timer_state_writer(
+    state: Arc<TimerState>,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
-) -> Result<Option<SchedulerThread>, Fatal> {
-    let m = &gateway.manifest;
-    if m.triggers.timer.is_empty() {
-        return Ok(None);
-    }
-    let scheduler = SchedulerThread::start()
-        .map_err(|e| Fatal(format!("cannot start the timer thread: {e}")))?;
-    let deliveries = tokio::runtime::Handle::current();
-    let clock =
-        Clock::system().map_err(|e| Fatal(format!("cannot start the timer thread: {e}")))?;
-    for (spec, t) in wasmgate_trigger_timer::specs(m)
-        .into_iter()
-        .zip(&m.triggers.timer)
-    {
-        let component = gateway.components[t.component.get_ref()].clone();
-        tracing::info!(trigger = %spec.label, component = %component.name, schedule = %spec.schedule_text, "timer armed");
-        let lateness = metrics.timer_histogram(spec.label.trim_start_matches("trigger."));
-        let pause = gateway
-            .pauses
-            .of_trigger(spec.label.trim_start_matches("trigger."));
-        let trigger = TimerTrigger::new(spec, component, state.clone(), clock.clone())
-            .with_pause(pause)
-            .with_lateness_histogram(lateness)
-            .with_delivery_runtime(deliveries.clone())
-            .with_dead_letters(dead_letters.clone());
-        tasks.spawn_on(
-            Trigger::run(trigger, tasks.clone(), shutdown.clone()),
-            scheduler.handle(),
-        );
-    }
+) {
     let shutdown = shutdown.clone();
     tasks.spawn(async move {
         let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -520,7 +610,6 @@ fn start_timers(
             }
         }
     });
-    Ok(Some(scheduler))
 }
 
 /// Runs each distinct `build` command once, in the manifest's directory.
@@ -596,10 +685,11 @@ async fn ensure_wasm_target(dir: &std::path::Path, component: &str) -> Result<()
     Ok(())
 }
 
-/// SIGINT and SIGTERM, caught from the start of `up`.
+/// SIGINT, SIGTERM and SIGHUP, caught from the start of `up`.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -608,12 +698,22 @@ impl Signals {
         Self {
             term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
             int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+            hup: signal(SignalKind::hangup()).expect("SIGHUP handler"),
         }
     }
 
-    /// Waits for SIGINT or SIGTERM. A second signal while shutting down exits at once.
-    async fn shutdown_requested(mut self) {
-        self.next().await;
+    /// Reloads the manifest at each SIGHUP until SIGINT or SIGTERM.
+    async fn run_until_shutdown(mut self, reloader: &crate::reload::Reloader) {
+        loop {
+            tokio::select! {
+                _ = self.int.recv() => break,
+                _ = self.term.recv() => break,
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the manifest");
+                    crate::reload::log(&reloader.reload().await);
+                }
+            }
+        }
         tokio::spawn(async move {
             self.next().await;
             eprintln!("second signal: exiting now");

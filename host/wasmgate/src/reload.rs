@@ -1,0 +1,312 @@
+//! `wasmgate reload` and SIGHUP: the manifest is read again and the
+//! difference applied to the running gateway, or the new manifest is refused
+//! and nothing changes.
+//!
+//! - Components added, removed or changed (source, limits, grants, env,
+//!   reuse, concurrency). A changed component keeps its identity: every
+//!   trigger that calls it runs the new settings (and code, when its source
+//!   file changed) from its next invocation on; running invocations finish
+//!   on what they started with. A component whose source file did not change
+//!   keeps a version deployed with `wasmgate deploy`.
+//! - HTTP rules are swapped on the open listener.
+//! - Timers that changed (or were added) are re-armed, with their persisted
+//!   state; removed ones stop; unchanged ones keep running.
+//!
+//! Checked first, like `check` and `up`: the manifest, every component it
+//! names, the handler of every trigger, grants and signatures. What a
+//! reload cannot change on a running gateway — `[gateway]`, `[http]` (the
+//! listener), `[mqtt]` (the connection), `[[trigger.mqtt]]` (its
+//! subscriptions), `[dead_letters]`, `[admin]`, and HTTP rules for a gateway
+//! that has no listener — is refused, naming the key: restart for those.
+
+use crate::deploy::Deployer;
+use crate::metrics::GatewayMetrics;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use wasmgate_manifest::Manifest;
+use wasmgate_runtime::deployment::{self, Current, Deployment};
+use wasmgate_runtime::invoke::Invocable;
+use wasmgate_runtime::sink::PublishSink;
+use wasmgate_trigger_http::HttpRoutes;
+
+/// Sections a reload refuses to change, with why.
+const FIXED: &[(&str, &str)] = &[
+    (
+        "gateway",
+        "the gateway's identity, state directory and keys",
+    ),
+    ("http", "the HTTP listener"),
+    ("mqtt", "the MQTT connection"),
+    ("dead_letters", "the dead-letter store"),
+    ("admin", "the admin listener"),
+    (
+        "trigger.mqtt",
+        "the MQTT triggers' subscriptions on the live session",
+    ),
+];
+
+/// What a reload changed.
+#[derive(Debug, Default, Serialize)]
+pub struct Reloaded {
+    /// Components added.
+    pub added: Vec<String>,
+    /// Components removed.
+    pub removed: Vec<String>,
+    /// Components whose settings or source changed.
+    pub changed: Vec<String>,
+    /// Triggers added, removed or changed (`http[0]`, `timer[1]`).
+    pub triggers: Vec<String>,
+}
+
+impl Reloaded {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.changed.is_empty()
+            && self.triggers.is_empty()
+    }
+}
+
+/// Runs a gateway's reloads, one at a time (and never with a deploy or a
+/// rollback).
+pub struct Reloader {
+    path: PathBuf,
+    deployment: Arc<Deployment>,
+    deployer: Arc<Deployer>,
+    metrics: Arc<GatewayMetrics>,
+    sink: Arc<dyn PublishSink>,
+    http: Option<Arc<HttpRoutes>>,
+    timers: tokio::sync::Mutex<crate::up::Timers>,
+}
+
+/// A component of the new manifest, checked, not yet applied.
+struct Staged {
+    invocable: Invocable,
+    /// Its source file changed: the new code runs (else the running one).
+    source_changed: bool,
+}
+
+impl Reloader {
+    /// The reloads of a started gateway, reading `path`.
+    pub(crate) fn new(
+        path: PathBuf,
+        deployment: Arc<Deployment>,
+        deployer: Arc<Deployer>,
+        metrics: Arc<GatewayMetrics>,
+        sink: Arc<dyn PublishSink>,
+        http: Option<Arc<HttpRoutes>>,
+        timers: crate::up::Timers,
+    ) -> Self {
+        Self {
+            path,
+            deployment,
+            deployer,
+            metrics,
+            sink,
+            http,
+            timers: tokio::sync::Mutex::new(timers),
+        }
+    }
+
+    /// Stops the timers (at shutdown).
+    pub(crate) async fn stop_timers(&self) {
+        self.timers.lock().await.stop();
+    }
+
+    /// Reads the manifest again and applies it; an error says why it was
+    /// refused, and then nothing changed.
+    pub async fn reload(&self) -> Result<Reloaded, String> {
+        let _busy = self.deployer.exclusive().await;
+        let mut timers = self.timers.lock().await;
+        let path = self.path.clone();
+        let next = tokio::task::spawn_blocking(move || crate::cli::load_manifest(&path))
+            .await
+            .map_err(|e| format!("the reload failed: {e}"))?
+            .map_err(|e| e.to_string())?;
+        let current = self.deployment.current();
+        let old = &current.manifest;
+        refuse_fixed(old, &next, self.http.is_some())?;
+        let staged = {
+            let d = self.deployment.clone();
+            let running = current.components.clone();
+            let next = next.clone();
+            let sources = self.deployer.sources();
+            tokio::task::spawn_blocking(move || stage(&d, &running, &sources, &next))
+                .await
+                .map_err(|e| format!("the reload failed: {e}"))??
+        };
+        let mut done = Reloaded::default();
+        let mut components = BTreeMap::new();
+        // Added, or their source file changed: a new deploy state.
+        let mut sources_changed = BTreeSet::new();
+        for (name, s) in staged {
+            match current.components.get(&name) {
+                Some(c) => {
+                    if let Some(s) = s {
+                        c.reconfigure(&s.invocable, !s.source_changed);
+                        if s.source_changed {
+                            sources_changed.insert(name.clone());
+                        }
+                        done.changed.push(name.clone());
+                    }
+                    components.insert(name, c.clone());
+                }
+                None => {
+                    let s = s.expect("a new component is staged");
+                    s.invocable.set_publish_sink(self.sink.clone());
+                    s.invocable.set_metrics(self.metrics.invocations.clone());
+                    sources_changed.insert(name.clone());
+                    done.added.push(name.clone());
+                    components.insert(name, Arc::new(s.invocable));
+                }
+            }
+        }
+        done.removed = current
+            .components
+            .keys()
+            .filter(|n| !components.contains_key(*n))
+            .cloned()
+            .collect();
+        done.triggers = changed_triggers(old, &next);
+        let next = Current {
+            pauses: wasmgate_runtime::trigger::Pauses::carried(&next, &current.pauses),
+            manifest: next,
+            components,
+        };
+        if let Some(http) = &self.http {
+            // Built from the manifest `load_manifest` checked: cannot fail.
+            http.replace(&next)?;
+        }
+        self.metrics
+            .invocations
+            .set_triggers(crate::metrics::trigger_labels(&next.manifest));
+        self.deployment.replace(next);
+        self.deployer.reloaded(&sources_changed);
+        timers
+            .apply(&self.deployment.current(), Some(old))
+            .map_err(|e| format!("the new manifest is running, but its timers are not: {e}"))?;
+        Ok(done)
+    }
+}
+
+/// Refuses a change to what only a restart can change.
+fn refuse_fixed(old: &Manifest, next: &Manifest, has_listener: bool) -> Result<(), String> {
+    for (key, what) in FIXED {
+        let path: Vec<&str> = key.split('.').collect();
+        if old.raw(&path) != next.raw(&path) {
+            return Err(format!(
+                "{}: [{key}] changed: a reload cannot change {what}; restart the gateway to apply it (nothing was changed)",
+                next.path.display()
+            ));
+        }
+    }
+    if !has_listener && !next.triggers.http.is_empty() {
+        return Err(format!(
+            "{}: trigger.http: the running gateway has no HTTP listener; restart the gateway to start one (nothing was changed)",
+            next.path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Each component of `next`: `None` when it is running and unchanged (the
+/// same manifest entry and source file), else checked and built. Errors
+/// are `check`'s.
+fn stage(
+    d: &Deployment,
+    running: &BTreeMap<String, Arc<Invocable>>,
+    sources: &BTreeMap<String, String>,
+    next: &Manifest,
+) -> Result<BTreeMap<String, Option<Staged>>, String> {
+    let old = &d.current().manifest;
+    let mut out = BTreeMap::new();
+    for name in next.components.keys() {
+        let key = ["component", name.as_str()];
+        let source_digest = file_digest(next, name);
+        let source_changed = sources.get(name) != source_digest.as_ref();
+        if running.contains_key(name) && old.raw(&key) == next.raw(&key) && !source_changed {
+            out.insert(name.clone(), None);
+            continue;
+        }
+        let compiled =
+            deployment::load_component(next, &d.runtime, name).map_err(|e| e.to_string())?;
+        let invocable = deployment::invocable(next, &d.runtime, name, compiled);
+        out.insert(
+            name.clone(),
+            Some(Staged {
+                invocable,
+                source_changed: source_changed || !running.contains_key(name),
+            }),
+        );
+    }
+    // Every trigger's handler, in the code each component will run.
+    for (key, component, handler) in deployment::uses(next) {
+        let name = component.get_ref();
+        let version = match (&out[name], running.get(name)) {
+            (Some(s), Some(r)) if !s.source_changed => r.version(),
+            (Some(s), _) => s.invocable.version(),
+            (None, Some(r)) => r.version(),
+            (None, None) => unreachable!("an unchanged component is running"),
+        };
+        if !version.exports(handler) {
+            return Err(next
+                .invalid(
+                    component.span(),
+                    &format!("{key}.component"),
+                    format!(
+                        "component {name:?} (sha256:{}, the version it runs) does not export the {} handler this trigger calls",
+                        version.digest,
+                        handler.interface()
+                    ),
+                )
+                .to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// The SHA-256 of a component's source file, if it can be read.
+fn file_digest(m: &Manifest, name: &str) -> Option<String> {
+    let path = m.resolve(m.components[name].source.get_ref());
+    let bytes = std::fs::read(path).ok()?;
+    Some(hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        &bytes,
+    )))
+}
+
+/// The HTTP rules and timers that differ between `old` and `next`, by label.
+fn changed_triggers(old: &Manifest, next: &Manifest) -> Vec<String> {
+    let mut out = Vec::new();
+    for (kind, n_old, n_next) in [
+        ("http", old.triggers.http.len(), next.triggers.http.len()),
+        ("timer", old.triggers.timer.len(), next.triggers.timer.len()),
+    ] {
+        for i in 0..n_old.max(n_next) {
+            let index = i.to_string();
+            let path = ["trigger", kind, index.as_str()];
+            if old.raw(&path) != next.raw(&path) {
+                out.push(format!("{kind}[{i}]"));
+            }
+        }
+    }
+    out
+}
+
+/// Logs a reload's result.
+pub fn log(result: &Result<Reloaded, String>) {
+    match result {
+        Ok(r) if r.is_empty() => tracing::info!("reloaded: nothing changed"),
+        Ok(r) => tracing::info!(
+            added = ?r.added,
+            removed = ?r.removed,
+            changed = ?r.changed,
+            triggers = ?r.triggers,
+            "reloaded"
+        ),
+        Err(e) => tracing::error!(error = %e, "reload refused; the running configuration stays"),
+    }
+}

@@ -1,0 +1,230 @@
+//! `wasmgate reload` and SIGHUP on a running gateway: components, HTTP rules
+//! and timers added, changed and removed without a restart; a manifest that
+//! `check` would refuse, or one that changes what only a restart can, is
+//! refused and the running configuration stays.
+
+use crate::examples::Up;
+use crate::util::{text, wasmgate};
+use std::io::{Read, Write};
+use std::time::Duration;
+use wasmgate_test_artifacts::{HTTP_PROBE, TICK_TIMER};
+
+/// `GET path` → (status, body without its trailing newline); HTTP/1.0,
+/// so the body is not chunked.
+fn get(http: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(http).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: edge\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let code = answer[9..12].parse().unwrap();
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim_end().to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// Log lines with `message` so far, as JSON.
+fn logged(up: &Up, message: &str) -> Vec<serde_json::Value> {
+    up.logs()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == message)
+        .collect()
+}
+
+const HEAD: &str = r#"
+[gateway]
+state_dir = "state"
+[http]
+listen = "127.0.0.1:0"
+"#;
+
+fn first() -> String {
+    format!(
+        r#"{HEAD}
+[component.probe]
+source = "{HTTP_PROBE}"
+[component.tick]
+source = "{TICK_TIMER}"
+
+[[trigger.http]]
+priority = 1
+path = "/a/*"
+component = "probe"
+[[trigger.timer]]
+component = "tick"
+every = "1h"
+"#
+    )
+}
+
+/// The first manifest, changed: `probe` reuses instances and has a 2 s
+/// timeout, a new component `second` serves a new rule, the timer runs every
+/// 200 ms, and a second timer is added.
+fn second() -> String {
+    format!(
+        r#"{HEAD}
+[component.probe]
+source = "{HTTP_PROBE}"
+reuse = 5
+limits = {{ timeout = "2s" }}
+[component.second]
+source = "{HTTP_PROBE}"
+[component.tick]
+source = "{TICK_TIMER}"
+
+[[trigger.http]]
+priority = 1
+path = "/a/*"
+component = "probe"
+[[trigger.http]]
+priority = 2
+path = "/b/*"
+component = "second"
+[[trigger.timer]]
+component = "tick"
+every = "200ms"
+[[trigger.timer]]
+component = "tick"
+every = "1h"
+"#
+    )
+}
+
+#[test]
+fn reload_applies_a_changed_manifest_and_refuses_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("wasmgate.toml");
+    std::fs::write(&m, first()).unwrap();
+    let m = m.to_str().unwrap().to_string();
+    let up = Up::spawn(wasmgate().args(["up", "-f", &m]), &m);
+    let http = up.logged("http listening", "address");
+    let cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["-f", &m]);
+        wasmgate().args(&all).output().unwrap()
+    };
+    assert_eq!(get(&http, "/a/count"), (200, "count=1".into()));
+    assert_eq!(get(&http, "/a/count"), (200, "count=1".into()));
+    assert_eq!(get(&http, "/b/x").0, 404);
+    assert_eq!(logged(&up, "timer armed").len(), 1);
+
+    // A request in flight across the reload finishes on what it started on.
+    let slow = {
+        let http = http.clone();
+        std::thread::spawn(move || get(&http, "/a/sleep?ms=1500"))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(&m, second()).unwrap();
+    let out = cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains("components added: second"), "{said}");
+    assert!(said.contains("components changed: probe"), "{said}");
+    assert!(
+        said.contains("triggers changed: http[1], timer[0], timer[1]"),
+        "{said}"
+    );
+    assert_eq!(slow.join().unwrap(), (200, "slept 1500".into()));
+
+    // The new rule and component answer; the changed one reuses instances.
+    let (code, body) = get(&http, "/b/x");
+    assert_eq!((code, body.as_str()), (200, "probe GET /b/x"));
+    assert_eq!(get(&http, "/a/count"), (200, "count=1".into()));
+    assert_eq!(get(&http, "/a/count"), (200, "count=2".into()));
+    // The changed timer is re-armed (every 200 ms) and the new one armed;
+    // the listener was never closed.
+    up.wait_until("ticks of the re-armed timer", || {
+        logged(&up, "invocation")
+            .iter()
+            .filter(|v| v["component"] == "tick")
+            .count()
+            >= 2
+    });
+    assert_eq!(logged(&up, "timer armed").len(), 3, "{}", up.logs());
+    assert_eq!(logged(&up, "http listening").len(), 1);
+    let status = cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let probe = v["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "probe")
+        .unwrap()
+        .clone();
+    assert_eq!(probe["timeout_ms"], 2000, "{v}");
+    let triggers: Vec<&str> = v["triggers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["trigger"].as_str())
+        .collect();
+    assert_eq!(triggers, ["http[0]", "http[1]", "timer[0]", "timer[1]"]);
+    // Refused, with `check`'s errors, and nothing changes.
+    let refused = |manifest: String, wants: &[&str]| {
+        std::fs::write(&m, manifest).unwrap();
+        let out = cli(&["reload"]);
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{said}");
+        for w in wants {
+            assert!(said.contains(w), "wants {w:?}: {said}");
+        }
+        assert!(
+            said.contains("nothing was changed") || said.contains(".toml:"),
+            "{said}"
+        );
+        assert_eq!(get(&http, "/b/x").0, 200, "the running rules stay");
+    };
+    refused(
+        second().replace("component = \"second\"", "component = \"nobody\""),
+        &["trigger.http[1].component", "nobody"],
+    );
+    refused(
+        second().replace(
+            "component = \"tick\"\nevery = \"200ms\"",
+            "component = \"probe\"\nevery = \"200ms\"",
+        ),
+        &["trigger.timer[0].component", "timer-handler"],
+    );
+    refused(
+        second().replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\""),
+        &["[http] changed", "restart"],
+    );
+    refused(
+        format!(
+            "{}\n[[trigger.mqtt]]\ncomponent = \"tick\"\ntopic = \"t\"\n",
+            second()
+        ),
+        &["[trigger.mqtt] changed", "restart"],
+    );
+    refused(
+        second().replace(HTTP_PROBE, "/nonexistent/probe.wasm"),
+        &["component.probe.source", "/nonexistent/probe.wasm"],
+    );
+
+    // SIGHUP reloads too: the first manifest again removes `second`, its
+    // rule and the second timer.
+    std::fs::write(&m, first()).unwrap();
+    let before = logged(&up, "reloaded").len();
+    up.signal("HUP");
+    up.wait_until("the SIGHUP reload", || {
+        logged(&up, "reloaded").len() > before
+    });
+    let last = logged(&up, "reloaded").pop().unwrap();
+    assert_eq!(last["removed"], r#"["second"]"#, "{last}");
+    assert_eq!(get(&http, "/b/x").0, 404);
+    assert_eq!(get(&http, "/a/count"), (200, "count=1".into()));
+    assert_eq!(
+        logged(&up, "timer stopped (reload)").len(),
+        1,
+        "{}",
+        up.logs()
+    );
+    let out = cli(&["reload"]);
+    assert!(
+        text(&out).contains("reloaded: nothing changed"),
+        "{}",
+        text(&out)
+    );
+}
