@@ -20,6 +20,11 @@ pub struct Subscription {
     pub qos: u8,
     /// Indices of the triggers bound to this filter.
     pub triggers: Vec<usize>,
+    /// Its MQTT 5 subscription identifier (never 0). A reload keeps a
+    /// filter's identifier and gives a new filter one never used on the
+    /// connection, so a message sent for a subscription that is gone is
+    /// never taken for another's.
+    pub id: usize,
 }
 
 impl Subscription {
@@ -44,6 +49,7 @@ pub fn subscriptions(filters: &[(TopicFilter, u8)]) -> Vec<Subscription> {
                 filter: filter.clone(),
                 qos: *qos,
                 triggers: vec![i],
+                id: Subscription::identifier(subs.len()),
             }),
         }
     }
@@ -65,7 +71,7 @@ pub fn route(subs: &[Subscription], topic: &str, identifiers: &[usize]) -> Vec<u
         }
     } else {
         for id in identifiers {
-            if let Some(s) = id.checked_sub(1).and_then(|i| subs.get(i)) {
+            if let Some(s) = subs.iter().find(|s| s.id == *id) {
                 out.extend(&s.triggers);
             }
         }

@@ -497,18 +497,197 @@ struct Slot {
     _pending: Option<Pending>,
 }
 
-/// The triggers' queues, as the event loop sees them.
-struct Queues {
+/// Where messages go: the subscriptions, and each trigger's spec and
+/// queue. Replaced as a whole by [`MqttControl::reconfigure`]; a message is
+/// routed by the table it found.
+struct Table {
+    subs: Vec<Subscription>,
+    specs: Vec<MqttSpec>,
     senders: Vec<mpsc::Sender<Job>>,
+}
+
+/// The triggers' workers: waiting for `run`, running, or stopped.
+enum Workers {
+    Pending(Vec<(MqttSpec, mpsc::Receiver<Job>)>),
+    Running(Worker, TaskTracker),
+    Closed,
+}
+
+/// What the event loop and [`MqttControl`] share.
+struct Live {
+    table: std::sync::RwLock<Arc<Table>>,
+    workers: Mutex<Workers>,
+    /// Each queue's capacity.
+    capacity: usize,
+    /// The next subscription identifier never used on the connection.
+    next_id: AtomicUsize,
     /// QoS 0 jobs waiting in all queues (bounded by [`QOS0_BUFFER`]).
     qos0_waiting: Arc<AtomicUsize>,
+    client: std::sync::OnceLock<publish::Client>,
+    /// One reconfiguration at a time.
+    changing: tokio::sync::Mutex<()>,
+}
+
+impl Live {
+    fn table(&self) -> Arc<Table> {
+        self.table
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The table for `specs`: a trigger that `old` has at the same index
+    /// with the same settings keeps its spec and queue (its worker runs on);
+    /// the others get a new queue, returned with their spec for a new
+    /// worker. A filter `old` subscribed keeps its identifier.
+    fn plan(
+        &self,
+        old: Option<&Table>,
+        specs: Vec<MqttSpec>,
+    ) -> (Table, Vec<(MqttSpec, mpsc::Receiver<Job>)>) {
+        let filters: Vec<(TopicFilter, u8)> =
+            specs.iter().map(|s| (s.filter.clone(), s.qos)).collect();
+        let mut subs = subscriptions(&filters);
+        for sub in &mut subs {
+            sub.id = old
+                .and_then(|o| o.subs.iter().find(|o| o.filter.raw == sub.filter.raw))
+                .map_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed), |o| o.id);
+        }
+        let mut table = Table {
+            subs,
+            specs: Vec::new(),
+            senders: Vec::new(),
+        };
+        let mut added = Vec::new();
+        for (i, spec) in specs.into_iter().enumerate() {
+            let kept = old.and_then(|o| {
+                let same = o.specs.get(i).is_some_and(|k| k.same_as(&spec));
+                same.then(|| (o.specs[i].clone(), o.senders.get(i).cloned()))
+            });
+            match kept {
+                Some((spec, Some(sender))) => {
+                    table.specs.push(spec);
+                    table.senders.push(sender);
+                }
+                _ => {
+                    let (tx, rx) = mpsc::channel::<Job>(self.capacity);
+                    table.specs.push(spec.clone());
+                    table.senders.push(tx);
+                    added.push((spec, rx));
+                }
+            }
+        }
+        (table, added)
+    }
+
+    /// No more messages: the queues close once their last jobs are taken,
+    /// and no worker starts.
+    fn close(&self) {
+        let mut workers = self.workers.lock().expect("workers lock");
+        *workers = Workers::Closed;
+        let mut table = self
+            .table
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *table = Arc::new(Table {
+            subs: Vec::new(),
+            specs: Vec::new(),
+            senders: Vec::new(),
+        });
+    }
+}
+
+impl MqttSpec {
+    /// Whether `other` is this trigger with the same settings.
+    fn same_as(&self, other: &MqttSpec) -> bool {
+        self.label == other.label
+            && self.filter.raw == other.filter.raw
+            && self.qos == other.qos
+            && self.max_in_flight == other.max_in_flight
+            && self.retry == other.retry
+            && Arc::ptr_eq(&self.component, &other.component)
+    }
+}
+
+/// Changes the MQTT triggers of a running connection (a reload).
+#[derive(Clone)]
+pub struct MqttControl(Arc<Live>);
+
+impl std::fmt::Debug for MqttControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttControl").finish_non_exhaustive()
+    }
+}
+
+impl MqttControl {
+    /// Makes `specs` the triggers: a trigger whose settings did not change
+    /// keeps its queue and deliveries; a new or changed one gets a new
+    /// worker (a changed one's old worker finishes the messages it was
+    /// given). New filters are subscribed on the live session after the
+    /// table that routes them is in place, and filters no longer used are
+    /// unsubscribed after it: until then their messages match no trigger
+    /// (logged, acknowledged).
+    pub async fn reconfigure(&self, specs: Vec<MqttSpec>) -> Result<(), String> {
+        let live = &self.0;
+        let _one = live.changing.lock().await;
+        let old = live.table();
+        let (table, added) = live.plan(Some(&old), specs);
+        let table = Arc::new(table);
+        {
+            let mut workers = live.workers.lock().expect("workers lock");
+            match &mut *workers {
+                Workers::Closed => return Err("the MQTT connection has stopped".into()),
+                Workers::Pending(waiting) => waiting.extend(added),
+                Workers::Running(w, tracker) => {
+                    for (spec, queue) in added {
+                        tracker.spawn(trigger_worker(queue, spec, w.clone()));
+                    }
+                }
+            }
+            *live
+                .table
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = table.clone();
+        }
+        let Some(client) = live.client.get().cloned() else {
+            // Not connected yet: the first CONNACK subscribes the table.
+            return Ok(());
+        };
+        let subscribe: Vec<Subscription> = table
+            .subs
+            .iter()
+            .filter(|s| !old.subs.contains(s))
+            .cloned()
+            .collect();
+        let unsubscribe: Vec<String> = old
+            .subs
+            .iter()
+            .filter(|o| !table.subs.iter().any(|s| s.filter.raw == o.filter.raw))
+            .map(|o| o.filter.raw.clone())
+            .collect();
+        // The client's queue may be full while the broker is unreachable:
+        // never hold the reload on it.
+        tokio::spawn(async move {
+            for s in subscribe {
+                if !client.subscribe(&s.filter.raw, s.qos, s.id).await {
+                    return;
+                }
+            }
+            for filter in unsubscribe {
+                if !client.unsubscribe(&filter).await {
+                    return;
+                }
+            }
+        });
+        Ok(())
+    }
 }
 
 /// Every `[[trigger.mqtt]]` of a host on one broker connection.
 pub struct MqttTriggers {
     options: ClientOptions,
     receive_maximum: u16,
-    specs: Vec<MqttSpec>,
+    live: Arc<Live>,
     dead_letters: Option<Arc<DeadLetterStore>>,
     spool: Option<Spool>,
     stats: Arc<MqttStats>,
@@ -521,7 +700,7 @@ impl std::fmt::Debug for MqttTriggers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MqttTriggers")
             .field("broker", &self.options.broker())
-            .field("specs", &self.specs)
+            .field("specs", &self.live.table().specs)
             .finish_non_exhaustive()
     }
 }
@@ -554,10 +733,31 @@ impl MqttTriggers {
         for spec in &specs {
             spec.component.set_publish_sink(outbox.clone());
         }
+        // One queue per trigger, so a slow trigger's backlog never holds
+        // back another's messages. Each holds every QoS 1/2 message the
+        // broker may have unacknowledged (its Receive Maximum) plus the
+        // shared QoS 0 buffer: for a broker that keeps to the Receive
+        // Maximum, putting a message in never waits.
+        let mut live = Live {
+            table: std::sync::RwLock::new(Arc::new(Table {
+                subs: Vec::new(),
+                specs: Vec::new(),
+                senders: Vec::new(),
+            })),
+            workers: Mutex::new(Workers::Pending(Vec::new())),
+            capacity: receive_maximum as usize + QOS0_BUFFER,
+            next_id: AtomicUsize::new(1),
+            qos0_waiting: Arc::new(AtomicUsize::new(0)),
+            client: std::sync::OnceLock::new(),
+            changing: tokio::sync::Mutex::new(()),
+        };
+        let (table, added) = live.plan(None, specs);
+        live.table = std::sync::RwLock::new(Arc::new(table));
+        live.workers = Mutex::new(Workers::Pending(added));
         Self {
             options: options.into(),
             receive_maximum,
-            specs,
+            live: Arc::new(live),
             dead_letters: None,
             spool: None,
             stats: Arc::default(),
@@ -596,6 +796,11 @@ impl MqttTriggers {
         self
     }
 
+    /// Changes its triggers while it runs (see [`MqttControl::reconfigure`]).
+    pub fn control(&self) -> MqttControl {
+        MqttControl(self.live.clone())
+    }
+
     /// Its counters (shared: readable while it runs).
     pub fn stats(&self) -> Arc<MqttStats> {
         self.stats.clone()
@@ -629,34 +834,11 @@ impl MqttTriggers {
         });
         let dispatched = CancellationToken::new();
         let outbox = self.drain_outbox_until_done(&publisher, &dispatched);
-        let filters: Vec<(TopicFilter, u8)> = self
-            .specs
-            .iter()
-            .map(|s| (s.filter.clone(), s.qos))
-            .collect();
-        let subs = Arc::new(subscriptions(&filters));
-        // One queue per trigger, so a slow trigger's backlog never holds
-        // back another's messages. Each holds every QoS 1/2 message the
-        // broker may have unacknowledged (its Receive Maximum) plus the
-        // shared QoS 0 buffer: for a broker that keeps to the Receive
-        // Maximum, putting a message in never waits.
-        let capacity = self.receive_maximum as usize + QOS0_BUFFER;
-        let (senders, receivers): (Vec<_>, Vec<_>) = self
-            .specs
-            .iter()
-            .map(|_| mpsc::channel::<Job>(capacity))
-            .unzip();
-        let queues = Queues {
-            senders,
-            qos0_waiting: Arc::new(AtomicUsize::new(0)),
-        };
-        let specs = Arc::new(std::mem::take(&mut self.specs));
+        let _ = self.live.client.set(client.clone());
         let loop_ended = CancellationToken::new();
         tasks.spawn(dispatch(
-            receivers,
-            queues.qos0_waiting.clone(),
+            self.live.clone(),
             loop_ended.clone(),
-            specs.clone(),
             shared.clone(),
             self.dead_letters.clone(),
             tasks.clone(),
@@ -687,8 +869,9 @@ impl MqttTriggers {
                     }
                     tracing::info!(%broker, session_present, "MQTT connected");
                     publisher.connected(session_present, requeue);
-                    subacks_expected = subs.len();
-                    subscribe_all(client.clone(), subs.clone());
+                    let table = self.live.table();
+                    subacks_expected = table.subs.len();
+                    subscribe_all(client.clone(), table);
                 }
                 Ok(ConnEvent::SubAck { refused }) => {
                     for reason in &refused {
@@ -697,8 +880,9 @@ impl MqttTriggers {
                     subacks_expected = subacks_expected.saturating_sub(1);
                     if subacks_expected == 0 {
                         self.stats.subscribed.fetch_add(1, Ordering::Relaxed);
+                        let table = self.live.table();
                         let filters: Vec<&str> =
-                            subs.iter().map(|s| s.filter.raw.as_str()).collect();
+                            table.subs.iter().map(|s| s.filter.raw.as_str()).collect();
                         tracing::info!(%broker, subscriptions = %filters.join(", "), "MQTT subscribed");
                     }
                 }
@@ -710,7 +894,7 @@ impl MqttTriggers {
                     }
                     // Never waits: the loop must keep polling the
                     // connection (pings, acks) whatever the handlers do.
-                    self.take(&shared, &subs, &queues, p);
+                    self.take(&shared, &self.live.table(), p);
                     if !watching && shared.resync.load(Ordering::Relaxed) {
                         watching = true;
                         spawn_resync(shared.clone(), shutdown.clone(), dispatched.clone());
@@ -781,7 +965,7 @@ impl MqttTriggers {
                 shared.release(&mut acks, Vec::new());
             }
         }
-        drop(queues);
+        self.live.close();
         self.stats.connected.store(false, Ordering::Relaxed);
         loop_ended.cancel();
         // What the broker has not acknowledged of the host's publishes waits
@@ -852,21 +1036,26 @@ impl MqttTriggers {
     /// it) is left unacknowledged and counted, and so is every later QoS
     /// 1/2 message on the connection: `Shared::resync` renews the
     /// connection for them once the ones taken are handled.
-    fn take(&self, shared: &Shared, subs: &[Subscription], queues: &Queues, p: Incoming) {
+    fn take(&self, shared: &Shared, table: &Table, p: Incoming) {
+        let qos0_waiting = &self.live.qos0_waiting;
         let qos0 = p.qos == 0;
         if !qos0 && shared.resync.load(Ordering::Relaxed) {
             // Left for the next connection, behind the ones it skipped.
             self.stats.overflow.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let routes = route(subs, &p.topic, &p.properties.subscription_identifiers);
-        if qos0 && queues.qos0_waiting.load(Ordering::Relaxed) + routes.len() > QOS0_BUFFER {
+        let routes = route(
+            &table.subs,
+            &p.topic,
+            &p.properties.subscription_identifiers,
+        );
+        if qos0 && qos0_waiting.load(Ordering::Relaxed) + routes.len() > QOS0_BUFFER {
             self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let mut permits = Vec::with_capacity(routes.len());
         for &r in &routes {
-            match queues.senders[r].try_reserve() {
+            match table.senders[r].try_reserve() {
                 Ok(permit) => permits.push(permit),
                 Err(_) if qos0 => {
                     self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
@@ -890,9 +1079,7 @@ impl MqttTriggers {
             }
         }
         if qos0 {
-            queues
-                .qos0_waiting
-                .fetch_add(routes.len(), Ordering::Relaxed);
+            qos0_waiting.fetch_add(routes.len(), Ordering::Relaxed);
         }
         let arrival = self.arrival(shared, routes, p);
         for permit in permits {
@@ -1017,13 +1204,10 @@ fn spawn_disconnect(tasks: &TaskTracker, shared: Arc<Shared>, dispatched: Cancel
 
 /// Subscribes to every filter, in a task (the event loop must keep polling
 /// for the SUBACKs).
-fn subscribe_all(client: publish::Client, subs: Arc<Vec<Subscription>>) {
+fn subscribe_all(client: publish::Client, table: Arc<Table>) {
     tokio::spawn(async move {
-        for (i, s) in subs.iter().enumerate() {
-            if !client
-                .subscribe(&s.filter.raw, s.qos, Subscription::identifier(i))
-                .await
-            {
+        for s in &table.subs {
+            if !client.subscribe(&s.filter.raw, s.qos, s.id).await {
                 break;
             }
         }
@@ -1148,10 +1332,8 @@ async fn deliver_message(
 /// redelivers them) and it waits for the deliveries they started.
 #[allow(clippy::too_many_arguments)]
 async fn dispatch(
-    queues: Vec<mpsc::Receiver<Job>>,
-    qos0_waiting: Arc<AtomicUsize>,
+    live: Arc<Live>,
     loop_ended: CancellationToken,
-    specs: Arc<Vec<MqttSpec>>,
     shared: Arc<Shared>,
     dead_letters: Option<Arc<DeadLetterStore>>,
     tasks: TaskTracker,
@@ -1160,19 +1342,22 @@ async fn dispatch(
 ) {
     let inflight = TaskTracker::new();
     let workers = TaskTracker::new();
-    for (spec, queue) in specs.iter().zip(queues) {
-        workers.spawn(trigger_worker(
-            queue,
-            spec.clone(),
-            Worker {
-                qos0_waiting: qos0_waiting.clone(),
-                shared: shared.clone(),
-                dead_letters: dead_letters.clone(),
-                tasks: tasks.clone(),
-                inflight: inflight.clone(),
-                shutdown: shutdown.clone(),
-            },
-        ));
+    let worker = Worker {
+        qos0_waiting: live.qos0_waiting.clone(),
+        shared,
+        dead_letters,
+        tasks,
+        inflight: inflight.clone(),
+        shutdown: shutdown.clone(),
+    };
+    {
+        let mut state = live.workers.lock().expect("workers lock");
+        if let Workers::Pending(waiting) = &mut *state {
+            for (spec, queue) in waiting.drain(..) {
+                workers.spawn(trigger_worker(queue, spec, worker.clone()));
+            }
+            *state = Workers::Running(worker.clone(), workers.clone());
+        }
     }
     // Done once the event loop has ended (its queues then close, and the
     // workers finish them) or on shutdown; with no triggers there are no
@@ -1189,6 +1374,7 @@ async fn dispatch(
 }
 
 /// What a trigger's worker shares with the others.
+#[derive(Clone)]
 struct Worker {
     qos0_waiting: Arc<AtomicUsize>,
     shared: Arc<Shared>,

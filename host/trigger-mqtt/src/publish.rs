@@ -158,6 +158,14 @@ impl Client {
         }
     }
 
+    /// Unsubscribes `filter`; false when the client is gone.
+    pub async fn unsubscribe(&self, filter: &str) -> bool {
+        match self {
+            Client::V5(c) => c.unsubscribe(filter).await.is_ok(),
+            Client::V4(c) => c.unsubscribe(filter).await.is_ok(),
+        }
+    }
+
     /// Queues a DISCONNECT behind what the client holds, without waiting;
     /// false when its queue is full.
     pub fn try_disconnect(&self) -> bool {

@@ -59,7 +59,8 @@ pub enum Command {
     /// Bring back a component's previous version on a running gateway.
     Rollback(RollbackArgs),
     /// Make a running gateway read its manifest again and apply the
-    /// difference (components, HTTP rules, timers); a manifest `check`
+    /// difference (components, HTTP rules, MQTT triggers, timers); a
+    /// manifest `check`
     /// would refuse is refused and the running configuration stays. SIGHUP
     /// does the same.
     Reload(ReloadArgs),

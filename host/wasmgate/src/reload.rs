@@ -11,13 +11,16 @@
 //! - HTTP rules are swapped on the open listener.
 //! - Timers that changed (or were added) are re-armed, with their persisted
 //!   state; removed ones stop; unchanged ones keep running.
+//! - MQTT triggers added, removed or changed on the live session: new
+//!   filters subscribed, unused ones unsubscribed, unchanged triggers keep
+//!   their queues and deliveries (see `MqttControl::reconfigure`).
 //!
 //! Checked first, like `check` and `up`: the manifest, every component it
 //! names, the handler of every trigger, grants and signatures. What a
 //! reload cannot change on a running gateway — `[gateway]`, `[http]` (the
-//! listener), `[mqtt]` (the connection), `[[trigger.mqtt]]` (its
-//! subscriptions), `[dead_letters]`, `[admin]`, and HTTP rules for a gateway
-//! that has no listener — is refused, naming the key: restart for those.
+//! listener), `[mqtt]` (the connection), `[dead_letters]`, `[admin]`, HTTP
+//! rules for a gateway that has no listener and MQTT triggers for one that
+//! has no connection — is refused, naming the key: restart for those.
 
 use crate::deploy::Deployer;
 use crate::metrics::GatewayMetrics;
@@ -30,6 +33,7 @@ use wasmgate_runtime::deployment::{self, Current, Deployment};
 use wasmgate_runtime::invoke::Invocable;
 use wasmgate_runtime::sink::PublishSink;
 use wasmgate_trigger_http::HttpRoutes;
+use wasmgate_trigger_mqtt::MqttControl;
 
 /// Sections a reload refuses to change, with why.
 const FIXED: &[(&str, &str)] = &[
@@ -41,10 +45,6 @@ const FIXED: &[(&str, &str)] = &[
     ("mqtt", "the MQTT connection"),
     ("dead_letters", "the dead-letter store"),
     ("admin", "the admin listener"),
-    (
-        "trigger.mqtt",
-        "the MQTT triggers' subscriptions on the live session",
-    ),
 ];
 
 /// What a reload changed.
@@ -79,6 +79,7 @@ pub struct Reloader {
     metrics: Arc<GatewayMetrics>,
     sink: Arc<dyn PublishSink>,
     http: Option<Arc<HttpRoutes>>,
+    mqtt: Option<MqttControl>,
     timers: tokio::sync::Mutex<crate::up::Timers>,
 }
 
@@ -97,7 +98,7 @@ impl Reloader {
         deployer: Arc<Deployer>,
         metrics: Arc<GatewayMetrics>,
         sink: Arc<dyn PublishSink>,
-        http: Option<Arc<HttpRoutes>>,
+        (http, mqtt): (Option<Arc<HttpRoutes>>, Option<MqttControl>),
         timers: crate::up::Timers,
     ) -> Self {
         Self {
@@ -107,6 +108,7 @@ impl Reloader {
             metrics,
             sink,
             http,
+            mqtt,
             timers: tokio::sync::Mutex::new(timers),
         }
     }
@@ -128,7 +130,7 @@ impl Reloader {
             .map_err(|e| e.to_string())?;
         let current = self.deployment.current();
         let old = &current.manifest;
-        refuse_fixed(old, &next, self.http.is_some())?;
+        refuse_fixed(old, &next, self.http.is_some(), self.mqtt.is_some())?;
         let staged = {
             let d = self.deployment.clone();
             let running = current.components.clone();
@@ -183,8 +185,17 @@ impl Reloader {
         self.metrics
             .invocations
             .set_triggers(crate::metrics::trigger_labels(&next.manifest));
+        let mqtt_changed = old.raw(&["trigger", "mqtt"]) != next.manifest.raw(&["trigger", "mqtt"]);
+        let specs = mqtt_specs(&next);
         self.deployment.replace(next);
         self.deployer.reloaded(&sources_changed);
+        if let Some(mqtt) = &self.mqtt
+            && mqtt_changed
+        {
+            mqtt.reconfigure(specs).await.map_err(|e| {
+                format!("the new manifest is running, but its MQTT triggers are not: {e}")
+            })?;
+        }
         timers
             .apply(&self.deployment.current(), Some(old))
             .map_err(|e| format!("the new manifest is running, but its timers are not: {e}"))?;
@@ -192,8 +203,24 @@ impl Reloader {
     }
 }
 
+/// The MQTT triggers of `current`, with their pause switches.
+fn mqtt_specs(current: &Current) -> Vec<wasmgate_trigger_mqtt::MqttSpec> {
+    let mut specs = wasmgate_trigger_mqtt::specs(&current.manifest, &current.components);
+    for s in &mut specs {
+        s.pause = current
+            .pauses
+            .of_trigger(s.label.trim_start_matches("trigger."));
+    }
+    specs
+}
+
 /// Refuses a change to what only a restart can change.
-fn refuse_fixed(old: &Manifest, next: &Manifest, has_listener: bool) -> Result<(), String> {
+fn refuse_fixed(
+    old: &Manifest,
+    next: &Manifest,
+    has_listener: bool,
+    has_connection: bool,
+) -> Result<(), String> {
     for (key, what) in FIXED {
         let path: Vec<&str> = key.split('.').collect();
         if old.raw(&path) != next.raw(&path) {
@@ -206,6 +233,12 @@ fn refuse_fixed(old: &Manifest, next: &Manifest, has_listener: bool) -> Result<(
     if !has_listener && !next.triggers.http.is_empty() {
         return Err(format!(
             "{}: trigger.http: the running gateway has no HTTP listener; restart the gateway to start one (nothing was changed)",
+            next.path.display()
+        ));
+    }
+    if !has_connection && !next.triggers.mqtt.is_empty() {
+        return Err(format!(
+            "{}: trigger.mqtt: the running gateway has no MQTT connection; restart the gateway to connect (nothing was changed)",
             next.path.display()
         ));
     }
@@ -283,6 +316,7 @@ fn changed_triggers(old: &Manifest, next: &Manifest) -> Vec<String> {
     let mut out = Vec::new();
     for (kind, n_old, n_next) in [
         ("http", old.triggers.http.len(), next.triggers.http.len()),
+        ("mqtt", old.triggers.mqtt.len(), next.triggers.mqtt.len()),
         ("timer", old.triggers.timer.len(), next.triggers.timer.len()),
     ] {
         for i in 0..n_old.max(n_next) {

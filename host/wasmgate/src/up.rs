@@ -163,6 +163,7 @@ impl Gateway {
             metrics.set_mqtt(t.stats());
             admin_state.set_mqtt(t.stats());
         }
+        let mqtt_control = mqtt.as_ref().map(MqttTriggers::control);
         let (http_drain, http) = start_http(&deployment, &tasks, &shutdown).await?;
         if let Some((stats, _)) = &http {
             metrics.set_http(stats.clone());
@@ -184,7 +185,7 @@ impl Gateway {
             deployer.clone(),
             metrics,
             sink,
-            http.map(|(_, routes)| routes),
+            (http.map(|(_, routes)| routes), mqtt_control),
             timers,
         ));
         admin_state.set_reloader(reloader.clone());
