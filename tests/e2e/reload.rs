@@ -167,6 +167,9 @@ fn reload_applies_a_changed_manifest_and_refuses_a_bad_one() {
         let out = cli(&["reload"]);
         let said = text(&out);
         assert_eq!(out.status.code(), Some(1), "{said}");
+        // Refused by the gateway (the CLI finds its socket by the state
+        // directory alone, whatever else is wrong with the file).
+        assert!(said.contains("422 Unprocessable Entity"), "{said}");
         for w in wants {
             assert!(said.contains(w), "wants {w:?}: {said}");
         }
@@ -229,7 +232,11 @@ fn reload_applies_a_changed_manifest_and_refuses_a_bad_one() {
     );
 }
 
-fn mqtt_manifest(port: u16, second_topic: &str) -> String {
+/// Triggers on `a/+` and, if given, `second`.
+fn mqtt_manifest(port: u16, second: Option<&str>) -> String {
+    let second = second.map_or_else(String::new, |topic| {
+        format!("[[trigger.mqtt]]\ncomponent = \"echo\"\ntopic = \"{topic}\"\nqos = 1\n")
+    });
     format!(
         r#"
 [gateway]
@@ -246,11 +253,7 @@ allow = {{ mqtt_publish = ["+/+/reply"] }}
 component = "echo"
 topic = "a/+"
 qos = 1
-[[trigger.mqtt]]
-component = "echo"
-topic = "{second_topic}"
-qos = 1
-"#
+{second}"#
     )
 }
 
@@ -279,7 +282,7 @@ fn reload_changes_mqtt_subscriptions_on_the_live_session() {
         .unwrap()
         .port();
     let m = dir.path().join("wasmgate.toml");
-    std::fs::write(&m, mqtt_manifest(port, "c/+")).unwrap();
+    std::fs::write(&m, mqtt_manifest(port, Some("c/+"))).unwrap();
     let m = m.to_str().unwrap().to_string();
     let up = Up::spawn(wasmgate().args(["up", "-f", &m]), &m);
     up.wait_for(&["MQTT subscribed", "a/+, c/+"]);
@@ -287,7 +290,7 @@ fn reload_changes_mqtt_subscriptions_on_the_live_session() {
     up.wait_until("c/1 handled", || handled(&up, "c/+") == 1);
 
     // mqtt[1] moves from c/+ to b/+; mqtt[0] stays as it is.
-    std::fs::write(&m, mqtt_manifest(port, "b/+")).unwrap();
+    std::fs::write(&m, mqtt_manifest(port, Some("b/+"))).unwrap();
     let out = wasmgate().args(["reload", "-f", &m]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(
@@ -313,7 +316,84 @@ fn reload_changes_mqtt_subscriptions_on_the_live_session() {
         "c/2 reached the gateway: {}",
         up.logs()
     );
+    // A paused trigger that a reload removes lets go of what it holds:
+    // the message waiting for it is handled, and the connection goes on.
+    let out = wasmgate()
+        .args(["pause", "mqtt[1]", "-f", &m])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    publish(port, "b/2");
+    std::thread::sleep(Duration::from_millis(500));
+    let b = handled(&up, "b/+");
+    std::fs::write(&m, mqtt_manifest(port, None)).unwrap();
+    let out = wasmgate().args(["reload", "-f", &m]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    up.wait_until("b/2 handled once its trigger is gone", || {
+        handled(&up, "b/+") == b + 1
+    });
+    publish(port, "a/2");
+    up.wait_until("a/2 handled", || handled(&up, "a/+") == 2);
     // The session was never renewed.
     assert_eq!(logged(&up, "MQTT connected").len(), 1, "{}", up.logs());
+    up.stop();
+}
+
+fn concurrency_manifest(concurrency: u32) -> String {
+    format!(
+        r#"{HEAD}
+[component.probe]
+source = "{HTTP_PROBE}"
+limits = {{ concurrency = {concurrency} }}
+
+[[trigger.http]]
+priority = 1
+component = "probe"
+"#
+    )
+}
+
+/// `n` requests to `/sleep?ms=ms` at once; their status codes, sorted.
+fn at_once(http: &str, n: usize, ms: u32) -> Vec<std::thread::JoinHandle<u16>> {
+    (0..n)
+        .map(|_| {
+            let http = http.to_string();
+            std::thread::spawn(move || get(&http, &format!("/sleep?ms={ms}")).0)
+        })
+        .collect()
+}
+
+fn codes(requests: Vec<std::thread::JoinHandle<u16>>) -> Vec<u16> {
+    let mut codes: Vec<u16> = requests.into_iter().map(|r| r.join().unwrap()).collect();
+    codes.sort_unstable();
+    codes
+}
+
+#[test]
+fn reload_raises_and_lowers_a_components_concurrency() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("wasmgate.toml");
+    std::fs::write(&m, concurrency_manifest(1)).unwrap();
+    let m = m.to_str().unwrap().to_string();
+    let up = Up::spawn(wasmgate().args(["up", "-f", &m]), &m);
+    let http = up.logged("http listening", "address");
+    let reload = || {
+        let out = wasmgate().args(["reload", "-f", &m]).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    };
+    assert_eq!(codes(at_once(&http, 2, 1000)), [200, 503]);
+
+    std::fs::write(&m, concurrency_manifest(3)).unwrap();
+    reload();
+    assert_eq!(codes(at_once(&http, 3, 1000)), [200, 200, 200]);
+
+    // Lowered while three run: no new one starts until two have ended.
+    let running = at_once(&http, 3, 1500);
+    std::thread::sleep(Duration::from_millis(400));
+    std::fs::write(&m, concurrency_manifest(1)).unwrap();
+    reload();
+    assert_eq!(get(&http, "/x").0, 503, "{}", up.logs());
+    assert_eq!(codes(running), [200, 200, 200]);
+    assert_eq!(codes(at_once(&http, 2, 500)), [200, 503]);
     up.stop();
 }

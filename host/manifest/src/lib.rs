@@ -691,23 +691,46 @@ impl Manifest {
         Self::parse(path, source)
     }
 
-    /// The value at a dotted path of the manifest as written (`http`,
-    /// `component.NAME`, `trigger.timer` then an index), without positions:
-    /// two manifests that write a section alike have equal values (a reload
-    /// compares them).
-    pub fn raw(&self, path: &[&str]) -> Option<toml::Value> {
-        let mut v = toml::Value::Table(toml::from_str(&self.source).ok()?);
-        for key in path {
-            v = match v {
-                toml::Value::Table(mut t) => t.remove(*key)?,
-                toml::Value::Array(mut a) => {
-                    let i: usize = key.parse().ok()?;
-                    (i < a.len()).then(|| a.swap_remove(i))?
-                }
-                _ => return None,
-            };
+    /// The state directory a manifest file names, read leniently: only its
+    /// TOML syntax and `[gateway] state_dir` need be right (the CLI finds a
+    /// running gateway's admin socket by it, even when the rest of the file
+    /// is being edited into a manifest the gateway will refuse).
+    pub fn state_dir_of(path: &Path) -> Result<PathBuf, ManifestError> {
+        let source = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let syntax = |message: String| ManifestError::Syntax {
+            path: path.display().to_string(),
+            message,
+        };
+        let table: toml::Table =
+            toml::from_str(&source).map_err(|e| syntax(e.to_string().trim_end().to_string()))?;
+        let dir = match table.get("gateway").and_then(|g| g.get("state_dir")) {
+            None => default_state_dir(),
+            Some(toml::Value::String(s)) => PathBuf::from(s),
+            Some(_) => return Err(syntax("gateway.state_dir: expected a path".into())),
+        };
+        if dir.is_absolute() {
+            return Ok(dir);
         }
-        Some(v)
+        let base = path.parent().filter(|p| !p.as_os_str().is_empty());
+        Ok(base.unwrap_or(Path::new(".")).join(dir))
+    }
+
+    /// The manifest as written, without positions: two manifests that
+    /// write a section alike have equal values there (see [`value_at`]; a
+    /// reload compares them).
+    pub fn written(&self) -> toml::Value {
+        toml::from_str(&self.source)
+            .map(toml::Value::Table)
+            .unwrap_or(toml::Value::Table(toml::Table::new()))
+    }
+
+    /// The value at a dotted path of the manifest as written (`http`,
+    /// `component.NAME`, `trigger.timer` then an index).
+    pub fn raw(&self, path: &[&str]) -> Option<toml::Value> {
+        value_at(&self.written(), path).cloned()
     }
 
     /// Parses and validates manifest text that was read from `path`.
@@ -1472,6 +1495,23 @@ impl Manifest {
     pub fn state_dir(&self) -> PathBuf {
         self.resolve(&self.gateway.state_dir)
     }
+}
+
+/// A manifest, or a part of it, as written ([`Manifest::written`]).
+pub type Written = toml::Value;
+
+/// The value at `path` in `v` ([`Manifest::written`]): table keys, and
+/// array indices as numbers.
+pub fn value_at<'v>(v: &'v toml::Value, path: &[&str]) -> Option<&'v toml::Value> {
+    let mut v = v;
+    for key in path {
+        v = match v {
+            toml::Value::Table(t) => t.get(*key)?,
+            toml::Value::Array(a) => a.get(key.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(v)
 }
 
 /// What happens to a message that does not fit in a full spool.

@@ -644,6 +644,10 @@ pub struct Invocable {
     version: std::sync::RwLock<Arc<Version>>,
     /// Calls denied to capabilities it was not granted (see [`Denials`]).
     pub denials: Arc<Denials>,
+    /// As many permits as the current settings' concurrency (a reload
+    /// that changes it adds permits, or takes them back as invocations
+    /// end).
+    slots: Arc<Semaphore>,
     fuel: bool,
     ticker: crate::engine::EpochTicker,
     invocations: AtomicU64,
@@ -663,10 +667,6 @@ pub struct Settings {
     response_acl: Arc<Vec<TopicFilter>>,
     outbound_http: Arc<Vec<String>>,
     env: Arc<Vec<(String, String)>>,
-    /// Shared by every version with these settings: a deploy keeps the
-    /// running invocations' slots; a reload that changes the concurrency
-    /// starts new ones (invocations running then finish on the old).
-    slots: Arc<Semaphore>,
     /// Invocations per instance (`reuse`; 1: fresh each time).
     reuse: u32,
 }
@@ -687,6 +687,14 @@ pub struct Version {
     http: Option<HttpHandlerIndices>,
     /// Healthy instances of this version waiting for their next invocation.
     warm: std::sync::Mutex<Vec<WarmInstance>>,
+    /// Shared by the versions of the same code under other settings (a
+    /// reload during a deploy's watch keeps what the watch judges).
+    counts: Arc<VersionCounts>,
+}
+
+/// What a version ran and answered for.
+#[derive(Debug, Default)]
+struct VersionCounts {
     invocations: AtomicU64,
     failures: AtomicU64,
 }
@@ -707,19 +715,20 @@ impl Version {
             http: HttpHandlerIndices::new(&pre).ok(),
             pre,
             warm: std::sync::Mutex::default(),
-            invocations: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
+            counts: Arc::default(),
         }
     }
 
     /// The same code under other settings (a fresh warm pool).
     fn with_settings(&self, settings: Settings) -> Self {
-        Self::new(
+        let mut v = Self::new(
             self.pre.clone(),
             self.digest.clone(),
             self.signer.clone(),
             settings,
-        )
+        );
+        v.counts = self.counts.clone();
+        v
     }
 
     /// Whether it exports the handler `h` (a deployed version checked
@@ -736,12 +745,12 @@ impl Version {
     /// Invocations this version ran and answered for (throttled ones never
     /// reach a version; client-closed ones are not counted).
     pub fn invocations(&self) -> u64 {
-        self.invocations.load(Ordering::Relaxed)
+        self.counts.invocations.load(Ordering::Relaxed)
     }
 
     /// Of those, the failures ([`Status::is_failure`]).
     pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
+        self.counts.failures.load(Ordering::Relaxed)
     }
 }
 
@@ -808,7 +817,6 @@ impl Invocable {
             response_acl: Arc::new(Vec::new()),
             outbound_http: Arc::new(outbound_http),
             env: Arc::default(),
-            slots: Arc::new(Semaphore::new(limits.concurrency as usize)),
             reuse: 1,
         };
         Self {
@@ -820,6 +828,7 @@ impl Invocable {
                 settings,
             ))),
             denials: Arc::default(),
+            slots: Arc::new(Semaphore::new(limits.concurrency as usize)),
             fuel: engine.fuel(),
             ticker: engine.ticker().clone(),
             invocations: AtomicU64::new(0),
@@ -843,11 +852,8 @@ impl Invocable {
 
     /// Runs it under `limits` (before the component is shared).
     pub fn with_limits(mut self, limits: Limits) -> Self {
-        let s = self.settings_mut();
-        if s.limits.concurrency != limits.concurrency {
-            s.slots = Arc::new(Semaphore::new(limits.concurrency as usize));
-        }
-        s.limits = limits;
+        self.slots = Arc::new(Semaphore::new(limits.concurrency as usize));
+        self.settings_mut().limits = limits;
         self
     }
 
@@ -927,11 +933,27 @@ impl Invocable {
     /// under its settings.
     pub fn reconfigure(&self, next: &Invocable, keep_code: bool) -> Arc<Version> {
         let incoming = next.version();
-        let mut settings = incoming.settings.clone();
+        let settings = incoming.settings.clone();
         let current = self.version();
-        if current.settings.limits.concurrency == settings.limits.concurrency {
-            // The same number of slots: the running invocations keep theirs.
-            settings.slots = current.settings.slots.clone();
+        let (was, will) = (
+            current.settings.limits.concurrency as usize,
+            settings.limits.concurrency as usize,
+        );
+        if will > was {
+            self.slots.add_permits(will - was);
+        } else if will < was {
+            // Free slots go now; the rest as the invocations holding them end.
+            let owed = (was - will) - self.slots.forget_permits(was - will);
+            if let Ok(owed) = u32::try_from(owed)
+                && owed > 0
+            {
+                let slots = self.slots.clone();
+                tokio::spawn(async move {
+                    if let Ok(p) = slots.acquire_many_owned(owed).await {
+                        p.forget();
+                    }
+                });
+            }
         }
         let version = if keep_code {
             current.with_settings(settings)
@@ -982,9 +1004,8 @@ impl Invocable {
 
     /// Invocations running now.
     pub fn in_flight(&self) -> u32 {
-        let s = &self.version().settings;
-        let free = u32::try_from(s.slots.available_permits()).unwrap_or(u32::MAX);
-        s.limits.concurrency.saturating_sub(free)
+        let free = u32::try_from(self.slots.available_permits()).unwrap_or(u32::MAX);
+        self.limits().concurrency.saturating_sub(free)
     }
 
     /// Records every invocation's outcome in `metrics` from now on (the
@@ -1044,9 +1065,9 @@ impl Invocable {
         if let Some(v) = &version
             && !matches!(outcome.status, Status::ClientClosed { .. })
         {
-            v.invocations.fetch_add(1, Ordering::Relaxed);
+            v.counts.invocations.fetch_add(1, Ordering::Relaxed);
             if outcome.status.is_failure() {
-                v.failures.fetch_add(1, Ordering::Relaxed);
+                v.counts.failures.fetch_add(1, Ordering::Relaxed);
             }
         }
         if outcome.status.is_failure() {
@@ -1087,7 +1108,7 @@ impl Invocable {
         admission: Admission,
     ) -> (Outcome, Option<Arc<Version>>) {
         let started = Instant::now();
-        let slots = self.version().settings.slots.clone();
+        let slots = self.slots.clone();
         let permit: OwnedSemaphorePermit = match admission {
             Admission::Reject => match slots.try_acquire_owned() {
                 Ok(p) => p,

@@ -86,6 +86,16 @@ impl Pauses {
         next
     }
 
+    /// Resumes every switch of these that `next` does not have (the
+    /// triggers a reload removed).
+    pub fn resume_all_but(&self, next: &Pauses) {
+        for (label, pause) in &self.0 {
+            if !next.0.contains_key(label) {
+                pause.set(false);
+            }
+        }
+    }
+
     /// The switch of trigger `label`.
     pub fn get(&self, label: &str) -> Option<&Pause> {
         self.0.get(label)

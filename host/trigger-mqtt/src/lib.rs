@@ -609,6 +609,10 @@ impl MqttSpec {
     }
 }
 
+/// How long a reconfiguration waits for the client to take its SUBSCRIBE
+/// and UNSUBSCRIBE requests.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Changes the MQTT triggers of a running connection (a reload).
 #[derive(Clone)]
 pub struct MqttControl(Arc<Live>);
@@ -656,7 +660,11 @@ impl MqttControl {
         let subscribe: Vec<Subscription> = table
             .subs
             .iter()
-            .filter(|s| !old.subs.contains(s))
+            .filter(|s| {
+                !old.subs
+                    .iter()
+                    .any(|o| o.filter.raw == s.filter.raw && o.qos == s.qos && o.id == s.id)
+            })
             .cloned()
             .collect();
         let unsubscribe: Vec<String> = old
@@ -665,9 +673,11 @@ impl MqttControl {
             .filter(|o| !table.subs.iter().any(|s| s.filter.raw == o.filter.raw))
             .map(|o| o.filter.raw.clone())
             .collect();
-        // The client's queue may be full while the broker is unreachable:
-        // never hold the reload on it.
-        tokio::spawn(async move {
+        // In order, one reconfiguration at a time. The client's queue may
+        // be full while the broker is unreachable: then the next CONNACK
+        // subscribes the table, and a filter left subscribed only brings
+        // messages that match no trigger (acknowledged, logged).
+        let requests = async {
             for s in subscribe {
                 if !client.subscribe(&s.filter.raw, s.qos, s.id).await {
                     return;
@@ -678,7 +688,15 @@ impl MqttControl {
                     return;
                 }
             }
-        });
+        };
+        if tokio::time::timeout(SUBSCRIBE_TIMEOUT, requests)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the MQTT client did not take the (un)subscriptions in time; the next connection subscribes the new filters"
+            );
+        }
         Ok(())
     }
 }

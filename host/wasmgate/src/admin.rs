@@ -528,7 +528,12 @@ async fn reload(State(state): State<Arc<AdminState>>) -> Response {
     let Some(reloader) = state.reloader.get() else {
         return error(503, "the gateway is still starting");
     };
-    let result = reloader.reload().await;
+    // Run to its end even if the client goes.
+    let reloader = reloader.clone();
+    let result = match tokio::spawn(async move { reloader.reload().await }).await {
+        Ok(result) => result,
+        Err(e) => Err(format!("the reload failed: {e}")),
+    };
     crate::reload::log(&result);
     match result {
         Ok(r) => axum::Json(r).into_response(),

@@ -60,9 +60,8 @@ pub enum Command {
     Rollback(RollbackArgs),
     /// Make a running gateway read its manifest again and apply the
     /// difference (components, HTTP rules, MQTT triggers, timers); a
-    /// manifest `check`
-    /// would refuse is refused and the running configuration stays. SIGHUP
-    /// does the same.
+    /// manifest `check` would refuse is refused and the running
+    /// configuration stays. SIGHUP does the same.
     Reload(ReloadArgs),
     /// Pause a trigger of a running gateway (`http[0]`, `mqtt[1]`,
     /// `timer[2]`): an HTTP rule answers 503, a timer skips its ticks, an

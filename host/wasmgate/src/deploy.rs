@@ -710,9 +710,22 @@ impl Deployer {
         let (from, to) = {
             let cell = self.slot(name);
             let mut slot = lock(&cell);
-            let Some(previous) = slot.previous.take() else {
+            let Some(previous) = slot.previous.clone() else {
                 return Err(DeployError::NoPrevious(name.to_string()));
             };
+            // A reload since may have given the component a trigger whose
+            // handler the previous version lacks.
+            let current = self.deployment.current();
+            for (key, component, handler) in deployment::uses(&current.manifest) {
+                if component.get_ref() == name && !previous.exports(handler) {
+                    return Err(DeployError::Refused(format!(
+                        "the previous version (sha256:{}) does not export {}, which {key} calls",
+                        previous.digest,
+                        handler.interface()
+                    )));
+                }
+            }
+            slot.previous = None;
             let to = previous.digest.clone();
             let old = invocable.swap(invocable.rebase(&previous));
             slot.previous = Some(old.clone());

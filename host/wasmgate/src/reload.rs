@@ -28,7 +28,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use wasmgate_manifest::Manifest;
+use wasmgate_manifest::{Manifest, value_at};
 use wasmgate_runtime::deployment::{self, Current, Deployment};
 use wasmgate_runtime::invoke::Invocable;
 use wasmgate_runtime::sink::PublishSink;
@@ -81,7 +81,16 @@ pub struct Reloader {
     http: Option<Arc<HttpRoutes>>,
     mqtt: Option<MqttControl>,
     timers: tokio::sync::Mutex<crate::up::Timers>,
+    stopping: std::sync::atomic::AtomicBool,
 }
+
+/// The components a new manifest runs with, the running ones to
+/// reconfigure, and the names that need a new deploy state.
+type TakenIn = (
+    BTreeMap<String, Arc<Invocable>>,
+    Vec<(Arc<Invocable>, Staged)>,
+    BTreeSet<String>,
+);
 
 /// A component of the new manifest, checked, not yet applied.
 struct Staged {
@@ -110,11 +119,13 @@ impl Reloader {
             http,
             mqtt,
             timers: tokio::sync::Mutex::new(timers),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// Stops the timers (at shutdown).
     pub(crate) async fn stop_timers(&self) {
+        self.stop();
         self.timers.lock().await.stop();
     }
 
@@ -123,14 +134,17 @@ impl Reloader {
     pub async fn reload(&self) -> Result<Reloaded, String> {
         let _busy = self.deployer.exclusive().await;
         let mut timers = self.timers.lock().await;
+        if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("the gateway is stopping".into());
+        }
         let path = self.path.clone();
         let next = tokio::task::spawn_blocking(move || crate::cli::load_manifest(&path))
             .await
             .map_err(|e| format!("the reload failed: {e}"))?
             .map_err(|e| e.to_string())?;
         let current = self.deployment.current();
-        let old = &current.manifest;
-        refuse_fixed(old, &next, self.http.is_some(), self.mqtt.is_some())?;
+        let (old, new) = (current.manifest.written(), next.written());
+        refuse_fixed(&old, &new, &next, self.http.is_some(), self.mqtt.is_some())?;
         let staged = {
             let d = self.deployment.clone();
             let running = current.components.clone();
@@ -140,66 +154,100 @@ impl Reloader {
                 .await
                 .map_err(|e| format!("the reload failed: {e}"))??
         };
+        // Nothing changes until here; from here on every step is taken.
         let mut done = Reloaded::default();
-        let mut components = BTreeMap::new();
-        // Added, or their source file changed: a new deploy state.
-        let mut sources_changed = BTreeSet::new();
-        for (name, s) in staged {
-            match current.components.get(&name) {
-                Some(c) => {
-                    if let Some(s) = s {
-                        c.reconfigure(&s.invocable, !s.source_changed);
-                        if s.source_changed {
-                            sources_changed.insert(name.clone());
-                        }
-                        done.changed.push(name.clone());
-                    }
-                    components.insert(name, c.clone());
-                }
-                None => {
-                    let s = s.expect("a new component is staged");
-                    s.invocable.set_publish_sink(self.sink.clone());
-                    s.invocable.set_metrics(self.metrics.invocations.clone());
-                    sources_changed.insert(name.clone());
-                    done.added.push(name.clone());
-                    components.insert(name, Arc::new(s.invocable));
-                }
-            }
-        }
+        let (components, reconfigure, fresh) = self.take_in(&current, staged, &mut done);
         done.removed = current
             .components
             .keys()
             .filter(|n| !components.contains_key(*n))
             .cloned()
             .collect();
-        done.triggers = changed_triggers(old, &next);
+        done.triggers = changed_triggers(&old, &new, &current.manifest, &next);
+        let pauses = wasmgate_runtime::trigger::Pauses::carried(&next, &current.pauses);
+        // A removed trigger's switch goes with it: were it paused, what
+        // still waits on it (an MQTT worker's last messages) goes on.
+        current.pauses.resume_all_but(&pauses);
         let next = Current {
-            pauses: wasmgate_runtime::trigger::Pauses::carried(&next, &current.pauses),
+            pauses,
             manifest: next,
             components,
         };
-        if let Some(http) = &self.http {
-            // Built from the manifest `load_manifest` checked: cannot fail.
-            http.replace(&next)?;
+        for (c, s) in &reconfigure {
+            c.reconfigure(&s.invocable, !s.source_changed);
+        }
+        let mut errors = Vec::new();
+        if let Some(http) = &self.http
+            && let Err(e) = http.replace(&next)
+        {
+            errors.push(format!("HTTP rules: {e}"));
         }
         self.metrics
             .invocations
             .set_triggers(crate::metrics::trigger_labels(&next.manifest));
-        let mqtt_changed = old.raw(&["trigger", "mqtt"]) != next.manifest.raw(&["trigger", "mqtt"]);
         let specs = mqtt_specs(&next);
         self.deployment.replace(next);
-        self.deployer.reloaded(&sources_changed);
+        self.deployer.reloaded(&fresh);
         if let Some(mqtt) = &self.mqtt
-            && mqtt_changed
+            && let Err(e) = mqtt.reconfigure(specs).await
         {
-            mqtt.reconfigure(specs).await.map_err(|e| {
-                format!("the new manifest is running, but its MQTT triggers are not: {e}")
-            })?;
+            errors.push(format!("MQTT triggers: {e}"));
         }
-        timers
-            .apply(&self.deployment.current(), Some(old))
-            .map_err(|e| format!("the new manifest is running, but its timers are not: {e}"))?;
-        Ok(done)
+        if let Err(e) = timers.apply(&self.deployment.current()).await {
+            errors.push(format!("timers: {e}"));
+        }
+        if errors.is_empty() {
+            Ok(done)
+        } else {
+            Err(format!(
+                "the new manifest runs, but not all of it: {} (a reload applies the rest)",
+                errors.join("; ")
+            ))
+        }
+    }
+
+    /// Sorts the staged components: the map the new manifest runs with,
+    /// the running ones to reconfigure, and those that need a new deploy
+    /// state (added, or their source file changed).
+    fn take_in(
+        &self,
+        current: &Current,
+        staged: BTreeMap<String, Option<Staged>>,
+        done: &mut Reloaded,
+    ) -> TakenIn {
+        let mut components = BTreeMap::new();
+        let mut reconfigure = Vec::new();
+        let mut fresh = BTreeSet::new();
+        for (name, s) in staged {
+            match (current.components.get(&name), s) {
+                (Some(c), None) => {
+                    components.insert(name, c.clone());
+                }
+                (Some(c), Some(s)) => {
+                    if s.source_changed {
+                        fresh.insert(name.clone());
+                    }
+                    done.changed.push(name.clone());
+                    components.insert(name, c.clone());
+                    reconfigure.push((c.clone(), s));
+                }
+                (None, s) => {
+                    let s = s.expect("a new component is staged");
+                    s.invocable.set_publish_sink(self.sink.clone());
+                    s.invocable.set_metrics(self.metrics.invocations.clone());
+                    fresh.insert(name.clone());
+                    done.added.push(name.clone());
+                    components.insert(name, Arc::new(s.invocable));
+                }
+            }
+        }
+        (components, reconfigure, fresh)
+    }
+
+    /// Refuses reloads from now on (the gateway is stopping).
+    pub(crate) fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -216,14 +264,14 @@ fn mqtt_specs(current: &Current) -> Vec<wasmgate_trigger_mqtt::MqttSpec> {
 
 /// Refuses a change to what only a restart can change.
 fn refuse_fixed(
-    old: &Manifest,
+    old: &wasmgate_manifest::Written,
+    new: &wasmgate_manifest::Written,
     next: &Manifest,
     has_listener: bool,
     has_connection: bool,
 ) -> Result<(), String> {
     for (key, what) in FIXED {
-        let path: Vec<&str> = key.split('.').collect();
-        if old.raw(&path) != next.raw(&path) {
+        if value_at(old, &[key]) != value_at(new, &[key]) {
             return Err(format!(
                 "{}: [{key}] changed: a reload cannot change {what}; restart the gateway to apply it (nothing was changed)",
                 next.path.display()
@@ -254,13 +302,15 @@ fn stage(
     sources: &BTreeMap<String, String>,
     next: &Manifest,
 ) -> Result<BTreeMap<String, Option<Staged>>, String> {
-    let old = &d.current().manifest;
+    let old = d.current().manifest.written();
+    let new = next.written();
     let mut out = BTreeMap::new();
     for name in next.components.keys() {
         let key = ["component", name.as_str()];
         let source_digest = file_digest(next, name);
         let source_changed = sources.get(name) != source_digest.as_ref();
-        if running.contains_key(name) && old.raw(&key) == next.raw(&key) && !source_changed {
+        let same = value_at(&old, &key) == value_at(&new, &key);
+        if running.contains_key(name) && same && !source_changed {
             out.insert(name.clone(), None);
             continue;
         }
@@ -311,18 +361,24 @@ fn file_digest(m: &Manifest, name: &str) -> Option<String> {
     )))
 }
 
-/// The HTTP rules and timers that differ between `old` and `next`, by label.
-fn changed_triggers(old: &Manifest, next: &Manifest) -> Vec<String> {
+/// The triggers that differ between `old` and `new` (as written), by label.
+fn changed_triggers(
+    old: &wasmgate_manifest::Written,
+    new: &wasmgate_manifest::Written,
+    old_manifest: &Manifest,
+    next: &Manifest,
+) -> Vec<String> {
+    let (old_t, next_t) = (&old_manifest.triggers, &next.triggers);
     let mut out = Vec::new();
     for (kind, n_old, n_next) in [
-        ("http", old.triggers.http.len(), next.triggers.http.len()),
-        ("mqtt", old.triggers.mqtt.len(), next.triggers.mqtt.len()),
-        ("timer", old.triggers.timer.len(), next.triggers.timer.len()),
+        ("http", old_t.http.len(), next_t.http.len()),
+        ("mqtt", old_t.mqtt.len(), next_t.mqtt.len()),
+        ("timer", old_t.timer.len(), next_t.timer.len()),
     ] {
         for i in 0..n_old.max(n_next) {
             let index = i.to_string();
             let path = ["trigger", kind, index.as_str()];
-            if old.raw(&path) != next.raw(&path) {
+            if value_at(old, &path) != value_at(new, &path) {
                 out.push(format!("{kind}[{i}]"));
             }
         }

@@ -52,11 +52,9 @@ enum Target {
 
 fn target(args: &AdminArgs) -> Result<Target, Unreachable> {
     let Some(url) = &args.admin else {
-        let manifest = crate::cli::load_manifest(&args.file)
+        let state_dir = wasmgate_manifest::Manifest::state_dir_of(&args.file)
             .map_err(|e| Unreachable(format!("{e} (or give --admin URL)")))?;
-        return Ok(Target::Socket(
-            manifest.state_dir().join(crate::admin::SOCKET_NAME),
-        ));
+        return Ok(Target::Socket(state_dir.join(crate::admin::SOCKET_NAME)));
     };
     let (authority, https) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
         (Some(a), _) => (a, false),

@@ -178,7 +178,7 @@ impl Gateway {
         if let Some(trigger) = mqtt {
             tasks.spawn(Trigger::run(trigger, tasks.clone(), shutdown.clone()));
         }
-        let timers = Timers::start(&current, &stores, &metrics, &tasks, &shutdown)?;
+        let timers = Timers::start(&current, &stores, &metrics, &tasks, &shutdown).await?;
         let reloader = Arc::new(crate::reload::Reloader::new(
             m.path.clone(),
             deployment.clone(),
@@ -215,6 +215,7 @@ impl Gateway {
             drain_timeout_s = DRAIN_TIMEOUT.as_secs(),
             "shutting down: no new events; draining in-flight invocations"
         );
+        self.reloader.stop();
         self.shutdown.cancel();
         self.deployer.stop().await;
         self.tasks.close();
@@ -491,13 +492,21 @@ pub(crate) struct Timers {
     /// Started with the first timer.
     scheduler: Option<SchedulerThread>,
     /// By index in `[[trigger.timer]]`.
-    running: BTreeMap<usize, CancellationToken>,
+    running: BTreeMap<usize, Armed>,
+}
+
+/// A running timer: the manifest entry it runs as written, its stop
+/// switch, and its task, which ends once its last delivery has.
+struct Armed {
+    written: Option<wasmgate_manifest::Written>,
+    stop: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
 }
 
 impl Timers {
     /// Arms every timer of `current` and starts the task that writes their
     /// state.
-    fn start(
+    async fn start(
         current: &Current,
         stores: &Stores,
         metrics: &Arc<GatewayMetrics>,
@@ -513,43 +522,42 @@ impl Timers {
             scheduler: None,
             running: BTreeMap::new(),
         };
-        timers.apply(current, None).map_err(Fatal)?;
+        timers.apply(current).await.map_err(Fatal)?;
         spawn_timer_state_writer(stores.timer_state.clone(), tasks, shutdown);
         Ok(timers)
     }
 
-    /// Arms the timers of `current` that are not running as written
-    /// (`old`: the manifest they run from; none at start), and stops those
-    /// `current` no longer has. A re-armed timer catches up from its
-    /// persisted state like at a start.
-    pub(crate) fn apply(
-        &mut self,
-        current: &Current,
-        old: Option<&Manifest>,
-    ) -> Result<(), String> {
+    /// Makes the running timers those of `current`: a timer running as
+    /// `current` writes it runs on; one written otherwise is stopped, its
+    /// delivery in progress allowed to end (so the new one, catching up
+    /// from the persisted state like at a start, never runs a tick twice at
+    /// once), then armed anew; one `current` no longer has is stopped.
+    pub(crate) async fn apply(&mut self, current: &Current) -> Result<(), String> {
         let m = &current.manifest;
+        let written = m.written();
         let specs = wasmgate_trigger_timer::specs(m);
-        let stale: Vec<usize> = self
+        let removed: Vec<usize> = self
             .running
             .keys()
             .copied()
             .filter(|i| *i >= specs.len())
             .collect();
-        for i in stale {
-            if let Some(stop) = self.running.remove(&i) {
+        for i in removed {
+            if let Some(armed) = self.running.remove(&i) {
                 tracing::info!(trigger = %format!("trigger.timer[{i}]"), "timer stopped (reload)");
-                stop.cancel();
+                armed.stop.cancel();
             }
         }
         for (i, (spec, t)) in specs.into_iter().zip(&m.triggers.timer).enumerate() {
             let index = i.to_string();
-            let path = ["trigger", "timer", index.as_str()];
-            let unchanged = old.is_some_and(|o| o.raw(&path) == m.raw(&path));
-            if unchanged && self.running.contains_key(&i) {
+            let entry =
+                wasmgate_manifest::value_at(&written, &["trigger", "timer", &index]).cloned();
+            if self.running.get(&i).is_some_and(|a| a.written == entry) {
                 continue;
             }
-            if let Some(stop) = self.running.remove(&i) {
-                stop.cancel();
+            if let Some(armed) = self.running.remove(&i) {
+                armed.stop.cancel();
+                let _ = armed.done.await;
             }
             if self.scheduler.is_none() {
                 self.scheduler = Some(
@@ -569,19 +577,33 @@ impl Timers {
                 .with_dead_letters(self.dead_letters.clone());
             let stop = self.shutdown.child_token();
             let scheduler = self.scheduler.as_ref().expect("started above");
-            self.tasks.spawn_on(
-                Trigger::run(trigger, self.tasks.clone(), stop.clone()),
+            // Its deliveries on a tracker of its own: its task ends with them.
+            let deliveries = TaskTracker::new();
+            let run = Trigger::run(trigger, deliveries.clone(), stop.clone());
+            let done = self.tasks.spawn_on(
+                async move {
+                    run.await;
+                    deliveries.close();
+                    deliveries.wait().await;
+                },
                 scheduler.handle(),
             );
-            self.running.insert(i, stop);
+            self.running.insert(
+                i,
+                Armed {
+                    written: entry,
+                    stop,
+                    done,
+                },
+            );
         }
         Ok(())
     }
 
     /// Stops the timer thread (its timers have stopped: at shutdown).
     pub(crate) fn stop(&mut self) {
-        for (_, stop) in std::mem::take(&mut self.running) {
-            stop.cancel();
+        for (_, armed) in std::mem::take(&mut self.running) {
+            armed.stop.cancel();
         }
         self.scheduler = None;
     }
