@@ -727,12 +727,6 @@ impl Manifest {
             .unwrap_or(toml::Value::Table(toml::Table::new()))
     }
 
-    /// The value at a dotted path of the manifest as written (`http`,
-    /// `component.NAME`, `trigger.timer` then an index).
-    pub fn raw(&self, path: &[&str]) -> Option<toml::Value> {
-        value_at(&self.written(), path).cloned()
-    }
-
     /// Parses and validates manifest text that was read from `path`.
     pub fn parse(path: &Path, source: String) -> Result<Self, ManifestError> {
         let raw: RawManifest = toml::from_str(&source).map_err(|e| ManifestError::Syntax {

@@ -126,16 +126,6 @@ impl HttpRoutes {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
         Ok(())
     }
-
-    /// How many rules it serves.
-    pub fn len(&self) -> usize {
-        self.get().router.rules().len()
-    }
-
-    /// Whether it serves no rule.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl HttpServer {
