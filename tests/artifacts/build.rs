@@ -18,6 +18,8 @@ const GUESTS: &[&str] = &[
     "wasi-hello",
     "http-probe",
     "publish-timer",
+    "kv-http",
+    "dedup-mqtt",
 ];
 
 fn main() {

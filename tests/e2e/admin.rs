@@ -4,7 +4,7 @@
 //! connections open.
 
 use crate::examples::Up;
-use crate::util::wasmgate;
+use crate::util::{free_port, wasmgate};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -93,14 +93,6 @@ async fn scrape_until(admin: &str, done: impl Fn(&str) -> bool) -> String {
         assert!(Instant::now() < deadline, "never came:\n{text}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

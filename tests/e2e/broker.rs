@@ -186,11 +186,7 @@ impl Drop for Host {
 /// minute after every restart.
 #[test]
 fn the_embedded_broker_listens_again_right_after_a_restart() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::util::free_port();
     let listen = format!("127.0.0.1:{port}");
     let body = format!(
         "[component.echo]\nsource = \"{}\"\n[[trigger.mqtt]]\ncomponent = \"echo\"\ntopic = \"t\"\n",

@@ -394,11 +394,7 @@ fn replaying_a_publishing_components_record_hands_it_to_the_host() {
         AttemptError, Bounds, Condition, DeadLetter, DeadLetterStore, StoredEvent,
     };
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::util::free_port();
     let path = dir.path().join("wasmgate.toml");
     std::fs::write(
         &path,

@@ -12,6 +12,7 @@ mod deploy;
 mod dlq;
 mod examples;
 mod http;
+mod keyvalue;
 mod layout;
 mod limits;
 mod manifest;

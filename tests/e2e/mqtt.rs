@@ -3,7 +3,7 @@
 //! messages, TCP_NODELAY, persistence in the test's directory), and real
 //! clients (rumqttc).
 
-use crate::util::{KillOnDrop, invocable, spawn_guarded, wasmgate};
+use crate::util::{KillOnDrop, free_port, invocable, spawn_guarded, wasmgate};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::{AsyncClient, Event as MqttEvent, MqttOptions};
@@ -34,14 +34,6 @@ struct Mosquitto {
     child: Child,
     port: u16,
     conf: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn wait_for_port(port: u16) {

@@ -4,25 +4,9 @@
 //! refused and the running configuration stays.
 
 use crate::examples::Up;
-use crate::util::{text, wasmgate};
-use std::io::{Read, Write};
+use crate::util::{http_get as get, text, wasmgate};
 use std::time::Duration;
 use wasmgate_test_artifacts::{ECHO_MQTT, HTTP_PROBE, TICK_TIMER};
-
-/// `GET path` → (status, body without its trailing newline); HTTP/1.0,
-/// so the body is not chunked.
-fn get(http: &str, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(http).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: edge\r\n\r\n").unwrap();
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).unwrap();
-    let code = answer[9..12].parse().unwrap();
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.trim_end().to_string())
-        .unwrap_or_default();
-    (code, body)
-}
 
 /// Log lines with `message` so far, as JSON.
 fn logged(up: &Up, message: &str) -> Vec<serde_json::Value> {

@@ -35,6 +35,32 @@ pub(crate) fn wasmgate() -> Command {
     cmd
 }
 
+/// `GET path` from `http` (`host:port`) → (status, body without its
+/// trailing newline); HTTP/1.0, so the body is not chunked.
+pub(crate) fn http_get(http: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(http).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: edge\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let code = answer[9..12].parse().unwrap();
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim_end().to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// A TCP port free on 127.0.0.1 a moment ago (for a process that must be
+/// told its port before it starts, e.g. an embedded broker).
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Runs the binary and returns its output.
 pub(crate) fn run(args: &[&str]) -> Output {
     wasmgate().args(args).output().expect("running wasmgate")

@@ -20,6 +20,7 @@ pub use toml::Spanned;
 pub mod admin;
 mod broker_url;
 mod http;
+pub mod keyvalue;
 pub mod limits;
 pub mod signing;
 pub mod topic;
@@ -88,6 +89,8 @@ pub struct Manifest {
     pub dead_letters: DeadLettersConfig,
     /// `[admin]`.
     pub admin: admin::AdminConfig,
+    /// `[keyvalue]`.
+    pub keyvalue: keyvalue::KeyValueConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,6 +108,8 @@ struct RawManifest {
     dead_letters: DeadLettersConfig,
     #[serde(default)]
     admin: admin::AdminConfig,
+    #[serde(default)]
+    keyvalue: keyvalue::KeyValueConfig,
 }
 
 /// `[dead_letters]`: bounds of the durable dead-letter store
@@ -444,6 +449,8 @@ pub struct LimitsConfig {
     pub publishes: Option<u32>,
     /// See [`Limits::publish_bytes`].
     pub publish_bytes: Option<Size>,
+    /// See [`Limits::keyvalue_ops`].
+    pub keyvalue_ops: Option<u32>,
 }
 
 impl LimitsConfig {
@@ -457,6 +464,7 @@ impl LimitsConfig {
             concurrency: self.concurrency.unwrap_or(d.concurrency),
             publishes: self.publishes.unwrap_or(d.publishes),
             publish_bytes: self.publish_bytes.map_or(d.publish_bytes, |s| s.0),
+            keyvalue_ops: self.keyvalue_ops.unwrap_or(d.keyvalue_ops),
         }
     }
 }
@@ -477,6 +485,9 @@ pub struct AllowConfig {
     pub mqtt_response: Option<Vec<Spanned<String>>>,
     /// Hosts the component may send HTTP requests to.
     pub outbound_http: Option<Vec<Spanned<String>>>,
+    /// Key-value buckets (`wasi:keyvalue`) the component may open; opening
+    /// any other returns `access-denied`.
+    pub keyvalue: Option<Vec<Spanned<String>>>,
 }
 
 impl AllowConfig {
@@ -755,6 +766,7 @@ impl Manifest {
             triggers: raw.trigger,
             dead_letters: raw.dead_letters,
             admin: raw.admin,
+            keyvalue: raw.keyvalue,
         };
         manifest.validate(raw.component)
     }
@@ -775,6 +787,7 @@ impl Manifest {
         }
         self.check_dead_letters()?;
         self.check_admin()?;
+        self.check_keyvalue()?;
         let triggers = self.triggers.clone();
         for (i, t) in triggers.http.iter().enumerate() {
             let key = format!("trigger.http[{i}]");
@@ -907,6 +920,11 @@ impl Manifest {
                 }
             }
         }
+        for bucket in config.allow.keyvalue.iter().flatten() {
+            if let Err(message) = keyvalue::validate_bucket_name(bucket.get_ref()) {
+                return Err(self.invalid(bucket.span(), &format!("{key}.allow.keyvalue"), message));
+            }
+        }
         for host in config.allow.outbound_http.iter().flatten() {
             let h = host.get_ref();
             if h.is_empty() || h.contains(['/', ' ']) {
@@ -969,6 +987,54 @@ impl Manifest {
                 &format!("{key}.deploy.smoke_test"),
                 "the path is empty".into(),
             ));
+        }
+        Ok(())
+    }
+
+    /// `[keyvalue]`: the store's and each bucket's bounds.
+    fn check_keyvalue(&self) -> Result<(), ManifestError> {
+        use keyvalue::KeyValueBounds as B;
+        let kv = &self.keyvalue;
+        if let Some(k) = &kv.max_key_bytes
+            && !(1..=B::MAX_KEY_BYTES).contains(k.get_ref())
+        {
+            return Err(self.invalid(
+                k.span(),
+                "keyvalue.max_key_bytes",
+                format!("must be between 1 and {}", B::MAX_KEY_BYTES),
+            ));
+        }
+        if let Some(v) = &kv.max_value_bytes
+            && !(1..=B::MAX_VALUE_BYTES).contains(&v.get_ref().0)
+        {
+            return Err(self.invalid(
+                v.span(),
+                "keyvalue.max_value_bytes",
+                "must be between 1 byte and 16MiB".into(),
+            ));
+        }
+        for (name, b) in &kv.bucket {
+            let key = format!("keyvalue.bucket.{name}");
+            if let Err(message) = keyvalue::validate_bucket_name(name) {
+                return Err(self.invalid(b.span(), &key, message));
+            }
+            let c = b.get_ref();
+            if c.max_keys == Some(0) {
+                return Err(self.invalid(
+                    b.span(),
+                    &format!("{key}.max_keys"),
+                    "must be at least 1".into(),
+                ));
+            }
+            if let Some(m) = c.max_bytes
+                && m.0 < 1024
+            {
+                return Err(self.invalid(
+                    b.span(),
+                    &format!("{key}.max_bytes"),
+                    "must be at least 1KiB".into(),
+                ));
+            }
         }
         Ok(())
     }

@@ -33,6 +33,11 @@ pub struct Limits {
     /// count against `memory`: buffered publishes plus linear memory stay
     /// under the memory cap. Past either, `publish` returns `unavailable`.
     pub publish_bytes: u64,
+    /// Most key-value operations (`wasi:keyvalue`: each get, set, delete,
+    /// exists, list-keys page, increment, and each key of a batch) one
+    /// invocation may make. Past it every call returns an error; the
+    /// invocation goes on.
+    pub keyvalue_ops: u32,
 }
 
 impl Limits {
@@ -49,6 +54,10 @@ impl Limits {
     pub const DEFAULT_PUBLISHES: u32 = 1000;
     /// Default publish bytes per invocation: four of the largest messages.
     pub const DEFAULT_PUBLISH_BYTES: u64 = 4 * 1024 * 1024;
+    /// Default key-value operations per invocation.
+    pub const DEFAULT_KEYVALUE_OPS: u32 = 10_000;
+    /// Most key-value operations per invocation that can be configured.
+    pub const MAX_KEYVALUE_OPS: u32 = 1_000_000;
 
     /// Largest fuel budget accepted: about 15 minutes of busy CPU.
     pub const MAX_FUEL: u64 = 10_000_000_000_000;
@@ -108,6 +117,13 @@ impl Limits {
                 Size(self.publish_bytes)
             ));
         }
+        if self.keyvalue_ops > Self::MAX_KEYVALUE_OPS {
+            return Err(format!(
+                "keyvalue_ops = {} is out of range: it must be between 0 and {}",
+                self.keyvalue_ops,
+                Self::MAX_KEYVALUE_OPS
+            ));
+        }
         Ok(())
     }
 }
@@ -121,6 +137,7 @@ impl Default for Limits {
             concurrency: Self::DEFAULT_CONCURRENCY,
             publishes: Self::DEFAULT_PUBLISHES,
             publish_bytes: Self::DEFAULT_PUBLISH_BYTES,
+            keyvalue_ops: Self::DEFAULT_KEYVALUE_OPS,
         }
     }
 }
@@ -274,6 +291,10 @@ mod tests {
             },
             Limits {
                 publish_bytes: Limits::MAX_PUBLISH_BYTES + 1,
+                ..Limits::default()
+            },
+            Limits {
+                keyvalue_ops: Limits::MAX_KEYVALUE_OPS + 1,
                 ..Limits::default()
             },
         ];

@@ -1,7 +1,8 @@
 //! Host bindings of the `wasmgate:edge` WIT package (`wit/edge.wit`).
 //!
 //! Generated for the `event-app` world (MQTT and timer handlers plus the MQTT
-//! publisher); HTTP uses wasmtime-wasi-http's own bindings.
+//! publisher, and `wasi:keyvalue`, which every world imports); HTTP uses
+//! wasmtime-wasi-http's own bindings.
 
 #![allow(missing_docs, unreachable_pub)]
 
@@ -11,12 +12,14 @@ wasmtime::component::bindgen!({
     imports: { default: async },
     exports: { default: async },
     require_store_data_send: true,
+    with: { "wasi:keyvalue/store.bucket": crate::keyvalue::Bucket },
 });
 
 pub(crate) use self::exports::wasmgate::edge::mqtt_handler::GuestIndices as MqttHandlerIndices;
 pub(crate) use self::exports::wasmgate::edge::timer_handler::{
     GuestIndices as TimerHandlerIndices, Tick,
 };
+pub(crate) use self::wasi::keyvalue;
 pub(crate) use self::wasmgate::edge::mqtt_publisher::PublishError;
 pub(crate) use self::wasmgate::edge::mqtt_types::{Message, Qos};
 pub(crate) use self::wasmgate::edge::types::{HandlerError, Invocation};

@@ -48,6 +48,11 @@ pub enum Capability {
     MqttPublish,
     /// `wasi:http/outgoing-handler`, granted by `allow.outbound_http`.
     OutboundHttp,
+    /// `wasi:keyvalue/store`, granted by `allow.keyvalue`. A component
+    /// that imports it without the grant is refused (whatever
+    /// `strict_imports` says): it keeps state, and would fail every
+    /// invocation.
+    KeyValue,
 }
 
 impl Capability {
@@ -56,6 +61,7 @@ impl Capability {
         match self {
             Capability::MqttPublish => "wasmgate:edge/mqtt-publisher",
             Capability::OutboundHttp => "wasi:http/outgoing-handler",
+            Capability::KeyValue => "wasi:keyvalue/store",
         }
     }
 
@@ -64,6 +70,7 @@ impl Capability {
         match self {
             Capability::MqttPublish => "mqtt_publish",
             Capability::OutboundHttp => "outbound_http",
+            Capability::KeyValue => "keyvalue",
         }
     }
 }
@@ -555,7 +562,8 @@ pub fn load_bytes(
 }
 
 /// Builds the host linker: WASI 0.2 (cli, clocks, filesystem, io, random,
-/// sockets), wasi:http, and `wasmgate:edge/mqtt-publisher`.
+/// sockets), wasi:http, `wasmgate:edge/mqtt-publisher` and
+/// `wasi:keyvalue`.
 pub fn linker(engine: &Engine) -> anyhow::Result<Linker<State>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -570,5 +578,8 @@ pub fn linker(engine: &Engine) -> anyhow::Result<Linker<State>> {
     )
     .map_err(anyhow::Error::from)
     .context("linking wasmgate:edge")?;
+    crate::keyvalue::add_batch_to_linker(&mut linker)
+        .map_err(anyhow::Error::from)
+        .context("linking wasi:keyvalue/batch")?;
     Ok(linker)
 }

@@ -214,11 +214,9 @@ pub fn load_version(
                 .map_err(|e| format!("{key} calls it: {e}"))?;
         }
     }
-    if config.strict_imports
-        && let Some(cap) = ungranted_imports(config, &c).first()
-    {
+    if let Some((cap, why)) = refused_import(config, &c) {
         return Err(format!(
-            "it imports {} but the manifest does not grant it (strict_imports = true)",
+            "it imports {} but the manifest does not grant it ({why})",
             cap.interface()
         ));
     }
@@ -254,20 +252,36 @@ pub fn load_component(
     }
     let mut c = runtime.compile_bytes(&path, &bytes).map_err(invalid)?;
     c.signer = signer;
-    if config.strict_imports
-        && let Some(cap) = ungranted_imports(config, &c).first()
-    {
+    if let Some((cap, why)) = refused_import(config, &c) {
         return Err(manifest.invalid(
             config.source.span(),
             &format!("component.{name}"),
             format!(
-                "the component imports {} but the manifest does not grant it (strict_imports = true): add `allow.{} = [...]` to [component.{name}]",
+                "the component imports {} but the manifest does not grant it ({why}): add `allow.{} = [...]` to [component.{name}]",
                 cap.interface(),
                 cap.allow_key()
             ),
         ));
     }
     Ok(c)
+}
+
+/// The first ungranted import that refuses the component, and why: any
+/// with `strict_imports = true`; key-value always (its state would be
+/// refused on every call).
+fn refused_import(config: &ComponentConfig, c: &Compiled) -> Option<(Capability, &'static str)> {
+    ungranted_imports(config, c).into_iter().find_map(|cap| {
+        if cap == Capability::KeyValue {
+            Some((
+                cap,
+                "a component that keeps state needs its buckets granted",
+            ))
+        } else if config.strict_imports {
+            Some((cap, "strict_imports = true"))
+        } else {
+            None
+        }
+    })
 }
 
 /// The capabilities `c` imports that its manifest entry does not grant:
@@ -280,6 +294,7 @@ pub fn ungranted_imports(config: &ComponentConfig, c: &Compiled) -> Vec<Capabili
             Capability::OutboundHttp,
             config.allow.outbound_http.is_some(),
         ),
+        (Capability::KeyValue, config.allow.keyvalue.is_some()),
     ]
     .into_iter()
     .filter(|(cap, granted)| c.imports_capability(*cap) && !granted)
@@ -316,6 +331,15 @@ pub fn invocable(
             .env
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    )
+    .with_keyvalue(
+        config
+            .allow
+            .keyvalue
+            .iter()
+            .flatten()
+            .map(|b| b.get_ref().clone())
             .collect(),
     )
     .with_reuse(config.reuse())

@@ -61,11 +61,12 @@ pub use crate::event::{
 /// The per-store state of one invocation.
 pub struct State {
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(crate) table: ResourceTable,
     http: WasiHttpCtx,
     hooks: OutboundPolicy,
     limiter: MemoryLimiter,
     publish: PublishState,
+    pub(crate) keyvalue: crate::keyvalue::KeyValueState,
     /// Set when the HTTP response body of the running invocation was
     /// dropped before its end (see `crate::watched_body`).
     client_gone: Option<Arc<AtomicBool>>,
@@ -183,11 +184,14 @@ pub struct Denials {
     /// `wasi:http/outgoing-handler.handle` calls denied
     /// (`HTTP-request-denied`).
     pub outbound_http: AtomicU64,
+    /// `wasi:keyvalue/store.open` of a bucket not granted
+    /// (`access-denied`).
+    pub keyvalue: AtomicU64,
 }
 
 impl Denials {
     /// Counts one more; whether it is the first (to log at warn).
-    fn count(counter: &AtomicU64) -> bool {
+    pub(crate) fn count(counter: &AtomicU64) -> bool {
         counter.fetch_add(1, Ordering::Relaxed) == 0
     }
 }
@@ -653,6 +657,7 @@ pub struct Invocable {
     invocations: AtomicU64,
     failures: AtomicU64,
     sink: std::sync::OnceLock<Arc<dyn PublishSink>>,
+    keyvalue: std::sync::OnceLock<Arc<dyn crate::keyvalue::KeyValue>>,
     metrics: std::sync::OnceLock<Arc<crate::metrics::InvocationMetrics>>,
     last_error: std::sync::Mutex<Option<LastError>>,
 }
@@ -666,6 +671,8 @@ pub struct Settings {
     publish_acl: Arc<Vec<TopicFilter>>,
     response_acl: Arc<Vec<TopicFilter>>,
     outbound_http: Arc<Vec<String>>,
+    /// `allow.keyvalue`.
+    keyvalue: Arc<Vec<String>>,
     env: Arc<Vec<(String, String)>>,
     /// Invocations per instance (`reuse`; 1: fresh each time).
     reuse: u32,
@@ -816,6 +823,7 @@ impl Invocable {
             publish_acl: Arc::new(publish_acl),
             response_acl: Arc::new(Vec::new()),
             outbound_http: Arc::new(outbound_http),
+            keyvalue: Arc::default(),
             env: Arc::default(),
             reuse: 1,
         };
@@ -834,6 +842,7 @@ impl Invocable {
             invocations: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             sink: std::sync::OnceLock::new(),
+            keyvalue: std::sync::OnceLock::new(),
             metrics: std::sync::OnceLock::new(),
             last_error: std::sync::Mutex::default(),
         }
@@ -875,6 +884,12 @@ impl Invocable {
         self
     }
 
+    /// Lets the guest open these key-value buckets (`allow.keyvalue`).
+    pub fn with_keyvalue(mut self, buckets: Vec<String>) -> Self {
+        self.settings_mut().keyvalue = Arc::new(buckets);
+        self
+    }
+
     /// Sets the environment variables the guest sees.
     pub fn with_env(mut self, env: Vec<(String, String)>) -> Self {
         self.settings_mut().env = Arc::new(env);
@@ -886,6 +901,12 @@ impl Invocable {
     /// `wasmgate invoke`) publishes are only recorded in the outcome.
     pub fn set_publish_sink(&self, sink: Arc<dyn PublishSink>) {
         let _ = self.sink.set(sink);
+    }
+
+    /// Keeps the buckets the guest opens in `store` (the first store set
+    /// stays). Without one, opening a granted bucket returns an error.
+    pub fn set_keyvalue(&self, store: Arc<dyn crate::keyvalue::KeyValue>) {
+        let _ = self.keyvalue.set(store);
     }
 
     /// The publish sink, once one is set.
@@ -1266,6 +1287,15 @@ impl Invocable {
                 max_bytes: s.limits.publish_bytes,
                 ..PublishState::default()
             },
+            keyvalue: crate::keyvalue::KeyValueState {
+                component: self.name.clone(),
+                store: self.keyvalue.get().cloned(),
+                grants: s.keyvalue.clone(),
+                max_ops: s.limits.keyvalue_ops,
+                ops: 0,
+                open: 0,
+                denials: self.denials.clone(),
+            },
             client_gone: None,
         };
         let mut store = Store::new(v.pre.engine(), state);
@@ -1330,6 +1360,8 @@ impl Invocable {
         data.limiter.held = 0;
         data.publish.bytes = 0;
         data.publish.over_budget = 0;
+        // A reused instance starts its next invocation with a full budget.
+        data.keyvalue.ops = 0;
         Outcome {
             fuel_consumed,
             memory_peak_bytes: data.limiter.peak,

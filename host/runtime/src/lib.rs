@@ -16,6 +16,9 @@
 //! - [`sink`] is the host capability a guest's publishes go to: one
 //!   [`sink::PublishSink`], injected by the composition root, whatever
 //!   trigger ran the guest.
+//! - [`keyvalue`] is `wasi:keyvalue` for guests: grants and the
+//!   per-invocation budget here, the data in a [`keyvalue::KeyValue`] backend
+//!   injected like the publish sink.
 //! - [`metrics`] counts invocations for Prometheus, on the same path.
 //! - [`trigger`] is the trait every event source implements.
 
@@ -24,6 +27,7 @@ pub mod deployment;
 pub mod engine;
 pub mod event;
 pub mod invoke;
+pub mod keyvalue;
 pub mod metrics;
 pub mod signature;
 pub mod sink;

@@ -2,6 +2,8 @@
 //! at-least-once delivery built on it.
 //!
 //! - [`deadletter`]: the dead-letter store behind `wasmgate dlq`.
+//! - [`keyvalue`]: the buckets guests open with `wasi:keyvalue`, group
+//!   committed.
 //! - [`queue`]: the durable queue behind `wasmgate invoke --async`, and its
 //!   consumer.
 //! - [`spool`]: MQTT publishes waiting for the broker.
@@ -13,6 +15,7 @@
 
 pub mod deadletter;
 pub mod delivery;
+pub mod keyvalue;
 pub mod queue;
 pub mod spool;
 pub mod sqlite;

@@ -120,7 +120,10 @@ mod bare {
         pub fn new(engine: &Engine, path: &str) -> Self {
             let mut linker = Linker::new(engine);
             wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
-            MqttApp::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).unwrap();
+            // The interfaces the handler uses (not the world's key-value).
+            types::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).unwrap();
+            mqtt_types::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).unwrap();
+            mqtt_publisher::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).unwrap();
             let component = wasmtime::component::Component::from_file(engine, path).unwrap();
             let pre = linker.instantiate_pre(&component).unwrap();
             let indices = exports::wasmgate::edge::mqtt_handler::GuestIndices::new(&pre).unwrap();

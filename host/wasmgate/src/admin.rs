@@ -60,6 +60,7 @@ pub struct AdminState {
     reloader: std::sync::OnceLock<Arc<crate::reload::Reloader>>,
     mqtt: std::sync::OnceLock<Arc<MqttStats>>,
     stores: std::sync::OnceLock<(Arc<DeadLetterStore>, Arc<EventQueue>)>,
+    keyvalue: std::sync::OnceLock<wasmgate_store::keyvalue::KeyValueStore>,
     rates: crate::page::Rates,
     /// One deploy's upload is read at a time: each may be as large as a
     /// component file may be.
@@ -85,6 +86,7 @@ impl AdminState {
             reloader: std::sync::OnceLock::new(),
             mqtt: std::sync::OnceLock::new(),
             stores: std::sync::OnceLock::new(),
+            keyvalue: std::sync::OnceLock::new(),
             rates: crate::page::Rates::default(),
             uploads: Arc::new(Semaphore::new(1)),
         }
@@ -123,6 +125,33 @@ impl AdminState {
     /// The dead-letter store and the event queue.
     pub fn set_stores(&self, dead_letters: Arc<DeadLetterStore>, queue: Arc<EventQueue>) {
         let _ = self.stores.set((dead_letters, queue));
+    }
+
+    /// The key-value store, for the buckets' sizes.
+    pub fn set_keyvalue(&self, store: wasmgate_store::keyvalue::KeyValueStore) {
+        let _ = self.keyvalue.set(store);
+    }
+
+    /// Each bucket that holds something, with its bounds (from the running
+    /// manifest).
+    async fn buckets(&self) -> Option<Vec<serde_json::Value>> {
+        let usage = self.keyvalue.get()?.usage().await.ok()?;
+        let bounds = self.deployment.current().manifest.keyvalue.bounds();
+        Some(
+            usage
+                .into_iter()
+                .map(|u| {
+                    let b = bounds.bucket(&u.name);
+                    serde_json::json!({
+                        "name": u.name,
+                        "keys": u.keys,
+                        "bytes": u.bytes,
+                        "max_keys": b.max_keys,
+                        "max_bytes": b.max_bytes,
+                    })
+                })
+                .collect(),
+        )
     }
 }
 
@@ -580,6 +609,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
         "mqtt": mqtt,
         "queue_depth": queue_depth,
         "dead_letters": dead_letters,
+        "buckets": state.buckets().await,
     }))
     .into_response()
 }

@@ -2,10 +2,36 @@
 
 use crate::cli::{CheckArgs, Fatal, load_manifest};
 use std::process::ExitCode;
+use wasmgate_manifest::Manifest;
 use wasmgate_manifest::limits::Size;
 use wasmgate_runtime::deployment::Deployment;
 use wasmgate_runtime::engine::EngineOptions;
+use wasmgate_store::keyvalue::{BucketUsage, KeyValueStore};
 use wasmgate_store::spool::SpoolBounds;
+/// `a, b, c`, or `-` for none.
+fn list_text(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// A granted bucket: what it holds of its bounds.
+fn bucket_text(m: &Manifest, usage: &[BucketUsage], name: &str) -> String {
+    let b = m.keyvalue.bounds().bucket(name);
+    let (keys, bytes) = usage
+        .iter()
+        .find(|u| u.name == name)
+        .map_or((0, 0), |u| (u.keys, u.bytes));
+    format!(
+        "{name} ({keys} of {} keys, {} of {})",
+        b.max_keys,
+        Size(bytes),
+        Size(b.max_bytes)
+    )
+}
+
 /// Runs `wasmgate check`.
 pub fn check(args: CheckArgs) -> Result<ExitCode, Fatal> {
     let manifest = load_manifest(&args.file)?;
@@ -38,6 +64,8 @@ pub fn check(args: CheckArgs) -> Result<ExitCode, Fatal> {
             spool.on_full
         );
     }
+    let usage = wasmgate_store::keyvalue::read_usage(&KeyValueStore::path_in(&m.state_dir()))
+        .map_err(Fatal)?;
     for (name, config) in &m.components {
         let limits = current.components[name].limits();
         let (exports, imports) = &gateway.compiled[name];
@@ -51,22 +79,15 @@ pub fn check(args: CheckArgs) -> Result<ExitCode, Fatal> {
             limits.publishes,
             Size(limits.publish_bytes),
         );
-        println!(
-            "  exports: {}",
-            if exports.is_empty() {
-                "-".into()
-            } else {
-                exports.join(", ")
-            }
-        );
-        println!(
-            "  imports: {}",
-            if imports.is_empty() {
-                "-".into()
-            } else {
-                imports.join(", ")
-            }
-        );
+        println!("  exports: {}", list_text(exports));
+        println!("  imports: {}", list_text(imports));
+        if let Some(buckets) = &config.allow.keyvalue {
+            let text: Vec<String> = buckets
+                .iter()
+                .map(|b| bucket_text(m, &usage, b.get_ref()))
+                .collect();
+            println!("  keyvalue: {}", text.join(", "));
+        }
         if let Some(signer) = gateway.signers.get(name) {
             println!("  signed by: {signer}");
         }

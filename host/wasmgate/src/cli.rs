@@ -43,6 +43,9 @@ pub enum Command {
     Up(UpArgs),
     /// List, show, replay and purge dead-lettered events (also while the host runs).
     Dlq(DlqArgs),
+    /// List, read and write the key-value buckets guests keep state in
+    /// (also while the host runs).
+    Kv(KvArgs),
     /// Read a password from stdin (its first line) and print its Argon2id
     /// hash for `[[mqtt.embedded.users]] password_hash`.
     HashPassword,
@@ -199,6 +202,61 @@ pub struct WitArgs {
     /// Replace files that exist with other contents.
     #[arg(long)]
     pub force: bool,
+}
+
+/// `wasmgate kv`.
+#[derive(Debug, Args)]
+pub struct KvArgs {
+    /// The manifest (its state_dir holds the store, its `[keyvalue]` the bounds).
+    #[arg(
+        short = 'f',
+        long = "file",
+        default_value = "wasmgate.toml",
+        global = true
+    )]
+    pub file: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: KvCommand,
+}
+
+/// `wasmgate kv` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KvCommand {
+    /// Each bucket that holds something: its keys and bytes, and its bounds.
+    Buckets {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every key of a bucket, one per line, oldest first.
+    List {
+        /// The bucket.
+        bucket: String,
+    },
+    /// Write a key's value to stdout, as it is (exit 1 if there is none).
+    Get {
+        /// The bucket.
+        bucket: String,
+        /// The key.
+        key: String,
+    },
+    /// Set a key to VALUE, or to stdin without one.
+    Set {
+        /// The bucket.
+        bucket: String,
+        /// The key.
+        key: String,
+        /// The value (default: read stdin).
+        value: Option<String>,
+    },
+    /// Delete a key (a missing key is not an error).
+    Delete {
+        /// The bucket.
+        bucket: String,
+        /// The key.
+        key: String,
+    },
 }
 
 /// `wasmgate dlq`.
@@ -398,6 +456,14 @@ pub struct InvokeArgs {
     /// For a bare `.wasm`: a host it may send HTTP requests to; repeatable.
     #[arg(long, value_name = "HOST", help_heading = "Grants (bare .wasm)")]
     pub allow_outbound_http: Vec<String>,
+    /// For a bare `.wasm`: a key-value bucket it may open; repeatable.
+    #[arg(long, value_name = "BUCKET", help_heading = "Grants (bare .wasm)")]
+    pub allow_keyvalue: Vec<String>,
+    /// Where the guest's key-value buckets live: `temp`, an empty store
+    /// removed afterwards; `state`, the manifest's
+    /// `state_dir/keyvalue.sqlite` (shared safely with a running gateway).
+    #[arg(long, value_enum, default_value = "temp")]
+    pub keyvalue: KeyValueChoice,
 
     /// Queue the event durably for a running `wasmgate up` to deliver (with
     /// retries and dead letters) instead of running it now. Needs a manifest component.
@@ -429,6 +495,15 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("{s:?} is not `NAME: VALUE`"))
+}
+
+/// `wasmgate invoke --keyvalue`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyValueChoice {
+    /// An empty store in a temporary directory, removed afterwards.
+    Temp,
+    /// The manifest's store (`state_dir/keyvalue.sqlite`).
+    State,
 }
 
 /// Which instance allocator to use (`--allocator`).
@@ -488,6 +563,7 @@ pub fn main() -> ExitCode {
             Command::Invoke(args) => crate::invoke::invoke(*args).await,
             Command::Up(args) => crate::up::up(args, started).await,
             Command::Dlq(args) => crate::dlq::dlq(args).await,
+            Command::Kv(args) => crate::kv::kv(args).await,
             Command::Status(args) => crate::status::status(args).await,
             Command::Deploy(args) => crate::status::deploy(args).await,
             Command::Rollback(args) => crate::status::rollback(args).await,

@@ -1,11 +1,12 @@
 //! `wasmgate invoke`: run one event through a component and print the outcome.
 
-use crate::cli::{Fatal, InvokeArgs, load_manifest};
+use crate::cli::{Fatal, InvokeArgs, KeyValueChoice, load_manifest};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 use wasmgate_manifest::Manifest;
+use wasmgate_manifest::keyvalue::KeyValueBounds;
 use wasmgate_manifest::limits::Limits;
 use wasmgate_runtime::component::{Cache, Compiled};
 use wasmgate_runtime::deployment::{self, Runtime};
@@ -13,6 +14,7 @@ use wasmgate_runtime::engine::EngineOptions;
 use wasmgate_runtime::invoke::{
     Admission, Event, HttpRequest, Invocable, InvocationContext, MqttMessage, TimerTick,
 };
+use wasmgate_store::keyvalue::KeyValueStore;
 use wasmgate_store::queue::EventQueue;
 fn is_wasm_path(target: &str) -> bool {
     target.ends_with(".wasm") || target.contains('/') || Path::new(target).is_file()
@@ -65,7 +67,8 @@ pub async fn invoke(args: InvokeArgs) -> Result<ExitCode, Fatal> {
                 args.allow_outbound_http.clone(),
                 runtime.engine(),
             )
-            .with_response_acl(response_acl),
+            .with_response_acl(response_acl)
+            .with_keyvalue(buckets(&args.allow_keyvalue)?),
             runtime,
         )
     } else {
@@ -76,7 +79,10 @@ pub async fn invoke(args: InvokeArgs) -> Result<ExitCode, Fatal> {
         let invocable = invocable.with_limits(limits);
         (invocable, runtime)
     };
+    // Declared first, dropped last: the temporary store outlives the guest.
+    let (keyvalue, _temp) = keyvalue_store(&args)?;
     let (invocable, _runtime) = invocable;
+    invocable.set_keyvalue(std::sync::Arc::new(keyvalue));
     let mut ctx = InvocationContext::new("invoke");
     if let Some(id) = &args.id {
         ctx.id = id.clone();
@@ -91,6 +97,51 @@ pub async fn invoke(args: InvokeArgs) -> Result<ExitCode, Fatal> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `--allow-keyvalue`, checked like the manifest's `allow.keyvalue`.
+fn buckets(names: &[String]) -> Result<Vec<String>, Fatal> {
+    for name in names {
+        wasmgate_manifest::keyvalue::validate_bucket_name(name)
+            .map_err(|e| Fatal(format!("--allow-keyvalue: {e}")))?;
+    }
+    Ok(names.to_vec())
+}
+
+/// The store `--keyvalue` chooses, and the temporary directory that holds
+/// it (removed when dropped).
+fn keyvalue_store(args: &InvokeArgs) -> Result<(KeyValueStore, Option<tempfile::TempDir>), Fatal> {
+    match args.keyvalue {
+        KeyValueChoice::Temp => {
+            let dir = tempfile::tempdir()
+                .map_err(|e| Fatal(format!("a temporary key-value store: {e}")))?;
+            let store = KeyValueStore::open(&KeyValueStore::path_in(dir.path()), bounds(args)?)
+                .map_err(Fatal)?;
+            Ok((store, Some(dir)))
+        }
+        KeyValueChoice::State => {
+            if is_wasm_path(&args.target) {
+                return Err(Fatal(
+                    "--keyvalue state needs a component of a manifest (its state_dir); a bare .wasm runs on a temporary store".into(),
+                ));
+            }
+            let m = load_manifest(&args.file)?;
+            let store =
+                KeyValueStore::open(&KeyValueStore::path_in(&m.state_dir()), m.keyvalue.bounds())
+                    .map_err(Fatal)?;
+            Ok((store, None))
+        }
+    }
+}
+
+/// The bounds of a temporary store: the manifest's for a component of
+/// one, the defaults for a bare `.wasm`.
+fn bounds(args: &InvokeArgs) -> Result<KeyValueBounds, Fatal> {
+    if is_wasm_path(&args.target) {
+        Ok(KeyValueBounds::default())
+    } else {
+        Ok(load_manifest(&args.file)?.keyvalue.bounds())
+    }
 }
 
 fn apply_limit_flags(args: &InvokeArgs, limits: &mut Limits) -> Result<(), Fatal> {

@@ -32,6 +32,7 @@ pub mod deploy;
 pub mod dlq;
 pub mod dlq_api;
 pub mod invoke;
+pub mod kv;
 pub mod metrics;
 pub mod new;
 pub mod page;

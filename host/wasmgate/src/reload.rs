@@ -31,7 +31,6 @@ use std::sync::Arc;
 use wasmgate_manifest::{Manifest, value_at};
 use wasmgate_runtime::deployment::{self, Current, Deployment};
 use wasmgate_runtime::invoke::Invocable;
-use wasmgate_runtime::sink::PublishSink;
 use wasmgate_trigger_http::HttpRoutes;
 use wasmgate_trigger_mqtt::MqttControl;
 
@@ -45,6 +44,7 @@ const FIXED: &[(&str, &str)] = &[
     ("mqtt", "the MQTT connection"),
     ("dead_letters", "the dead-letter store"),
     ("admin", "the admin listener"),
+    ("keyvalue", "the key-value store's bounds"),
 ];
 
 /// What a reload changed.
@@ -77,7 +77,7 @@ pub struct Reloader {
     deployment: Arc<Deployment>,
     deployer: Arc<Deployer>,
     metrics: Arc<GatewayMetrics>,
-    sink: Arc<dyn PublishSink>,
+    capabilities: crate::up::HostCapabilities,
     http: Option<Arc<HttpRoutes>>,
     mqtt: Option<MqttControl>,
     timers: tokio::sync::Mutex<crate::up::Timers>,
@@ -106,7 +106,7 @@ impl Reloader {
         deployment: Arc<Deployment>,
         deployer: Arc<Deployer>,
         metrics: Arc<GatewayMetrics>,
-        sink: Arc<dyn PublishSink>,
+        capabilities: crate::up::HostCapabilities,
         (http, mqtt): (Option<Arc<HttpRoutes>>, Option<MqttControl>),
         timers: crate::up::Timers,
     ) -> Self {
@@ -115,7 +115,7 @@ impl Reloader {
             deployment,
             deployer,
             metrics,
-            sink,
+            capabilities,
             http,
             mqtt,
             timers: tokio::sync::Mutex::new(timers),
@@ -233,7 +233,7 @@ impl Reloader {
                 }
                 (None, s) => {
                     let s = s.expect("a new component is staged");
-                    s.invocable.set_publish_sink(self.sink.clone());
+                    self.capabilities.attach(&s.invocable);
                     s.invocable.set_metrics(self.metrics.invocations.clone());
                     fresh.insert(name.clone());
                     done.added.push(name.clone());

@@ -512,6 +512,30 @@ fn render_deploys(out: &mut String, v: &Value) {
     }
 }
 
+/// The key-value buckets that hold something, with their bounds.
+fn render_buckets(out: &mut String, v: &Value) {
+    use std::fmt::Write;
+    let buckets = v["buckets"].as_array().map_or(&[][..], Vec::as_slice);
+    if buckets.is_empty() {
+        return;
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<20} {:>21} {:>27}",
+        "BUCKET", "KEYS (MAX)", "BYTES (MAX)"
+    );
+    for b in buckets {
+        let _ = writeln!(
+            out,
+            "{:<20} {:>21} {:>27}",
+            s(&b["name"]),
+            format!("{} ({})", s(&b["keys"]), s(&b["max_keys"])),
+            format!("{} ({})", s(&b["bytes"]), s(&b["max_bytes"])),
+        );
+    }
+}
+
 /// The status as text: the gateway, then a table of components and one
 /// of triggers.
 pub fn render(v: &Value) -> String {
@@ -570,6 +594,7 @@ pub fn render(v: &Value) -> String {
         );
     }
     render_deploys(&mut out, v);
+    render_buckets(&mut out, v);
     let _ = writeln!(out);
     let _ = writeln!(out, "{:<12} {:<20} SOURCE", "TRIGGER", "COMPONENT");
     for t in v["triggers"].as_array().into_iter().flatten() {

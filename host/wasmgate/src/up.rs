@@ -15,9 +15,11 @@ use tokio_util::task::TaskTracker;
 use wasmgate_manifest::Manifest;
 use wasmgate_runtime::deployment::{Current, Deployment};
 use wasmgate_runtime::engine::EngineOptions;
+use wasmgate_runtime::invoke::Invocable;
 use wasmgate_runtime::sink::{NoConnection, PublishSink};
 use wasmgate_runtime::trigger::Trigger;
 use wasmgate_store::deadletter::{self, Bounds, DeadLetterStore};
+use wasmgate_store::keyvalue::KeyValueStore;
 use wasmgate_store::queue::EventQueue;
 use wasmgate_store::spool::{Spool, SpoolBounds};
 use wasmgate_store::timer_state::TimerState;
@@ -92,6 +94,37 @@ struct Stores {
     dead_letters: Arc<DeadLetterStore>,
     timer_state: Arc<TimerState>,
     queue: Arc<EventQueue>,
+    keyvalue: KeyValueStore,
+}
+
+/// What the composition root gives every component, the ones a reload adds
+/// included: the one publish sink and the key-value store.
+pub(crate) struct HostCapabilities {
+    pub(crate) sink: Arc<dyn PublishSink>,
+    pub(crate) keyvalue: KeyValueStore,
+}
+
+impl HostCapabilities {
+    /// The MQTT trigger's sink (or one that refuses every publish, without a
+    /// connection) and the store.
+    fn new(m: &Manifest, mqtt: Option<&MqttTriggers>, stores: &Stores) -> Self {
+        Self {
+            sink: match mqtt {
+                Some(t) => t.publish_sink(),
+                None => {
+                    warn_unconnected_publishers(m);
+                    Arc::new(NoConnection::default())
+                }
+            },
+            keyvalue: stores.keyvalue.clone(),
+        }
+    }
+
+    /// Connects `c` to them.
+    pub(crate) fn attach(&self, c: &Invocable) {
+        c.set_publish_sink(self.sink.clone());
+        c.set_keyvalue(Arc::new(self.keyvalue.clone()));
+    }
 }
 
 impl Stores {
@@ -120,6 +153,8 @@ impl Stores {
                 EventQueue::open(&state_dir.join(wasmgate_store::queue::FILE_NAME))
                     .map_err(Fatal)?,
             ),
+            keyvalue: KeyValueStore::open(&KeyValueStore::path_in(&state_dir), m.keyvalue.bounds())
+                .map_err(Fatal)?,
         })
     }
 }
@@ -149,15 +184,9 @@ impl Gateway {
             )?),
             None => None,
         };
-        let sink: Arc<dyn PublishSink> = match &mqtt {
-            Some(t) => t.publish_sink(),
-            None => {
-                warn_unconnected_publishers(m);
-                Arc::new(NoConnection::default())
-            }
-        };
+        let capabilities = HostCapabilities::new(m, mqtt.as_ref(), &stores);
         for c in current.components.values() {
-            c.set_publish_sink(sink.clone());
+            capabilities.attach(c);
         }
         if let Some(t) = &mqtt {
             metrics.set_mqtt(t.stats());
@@ -184,7 +213,7 @@ impl Gateway {
             deployment.clone(),
             deployer.clone(),
             metrics,
-            sink,
+            capabilities,
             (http.map(|(_, routes)| routes), mqtt_control),
             timers,
         ));
@@ -261,6 +290,7 @@ fn observe(
         started,
     ));
     admin_state.set_stores(stores.dead_letters.clone(), stores.queue.clone());
+    admin_state.set_keyvalue(stores.keyvalue.clone());
     (metrics, admin_state)
 }
 
