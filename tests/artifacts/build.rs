@@ -19,6 +19,7 @@ const GUESTS: &[&str] = &[
     "http-probe",
     "publish-timer",
     "kv-http",
+    "kv2-http",
     "dedup-mqtt",
 ];
 
@@ -29,6 +30,10 @@ fn main() {
     let target_dir = root.join("target/guests");
 
     println!("cargo:rerun-if-changed={}", root.join("wit").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("host/runtime/wit").display()
+    );
     rerun_if_changed(&guests);
 
     check_wasm_target();

@@ -9,7 +9,7 @@ use crate::util::{free_port, http_get as get, text, wasmgate};
 use std::process::Output;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use wasmgate_test_artifacts::{DEDUP_MQTT, KV_HTTP};
+use wasmgate_test_artifacts::{DEDUP_MQTT, KV_HTTP, KV2_HTTP};
 
 fn manifest(dir: &std::path::Path) -> String {
     let m = dir.join("wasmgate.toml");
@@ -34,8 +34,17 @@ allow.keyvalue = ["counters", "small", "big"]
 limits = {{ keyvalue_ops = 100, concurrency = 64 }}
 reuse = 5
 
+[component.kv2]
+source = "{KV2_HTTP}"
+allow.keyvalue = ["counters", "big"]
+
 [[trigger.http]]
 priority = 1
+path = "/v2/*"
+component = "kv2"
+
+[[trigger.http]]
+priority = 2
 path = "/*"
 component = "kv"
 "#
@@ -128,7 +137,7 @@ fn a_guest_keeps_state_in_its_granted_buckets_within_every_bound() {
         get(&http, "/setmany/big/s?n=3&bytes=10"),
         (200, "set 3".into())
     );
-    refused("/incr/big/v", "not a counter");
+    refused("/incr/big/v", "not a u64 counter");
     assert_eq!(get(&http, "/list/small"), (200, "keys=3 pages=1".into()));
     assert_eq!(get(&http, "/many/small/k?n=4"), (200, "found=3".into()));
 
@@ -185,6 +194,50 @@ fn a_guest_keeps_state_in_its_granted_buckets_within_every_bound() {
     let http = up.logged("http listening", "address");
     assert_eq!(get(&http, "/get/counters/c"), (200, "1001".into()));
     assert_eq!(get(&http, "/get/counters/greeting"), (200, "hello".into()));
+    up.stop();
+}
+
+/// A Spin-style guest (`wasi:keyvalue@0.2.0-draft2`) beside a draft one, on
+/// the same buckets: signed counters, compare-and-swap, string cursors,
+/// Spin's `get-many`.
+#[test]
+fn draft2_guests_share_the_buckets_and_swap() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path());
+    let up = Up::spawn(wasmgate().args(["up", "-f", &m]), &m);
+    let http = up.logged("http listening", "address");
+    assert_eq!(get(&http, "/incr/counters/n?n=5"), (200, "5".into()));
+    assert_eq!(get(&http, "/v2/incr/counters/n?d=-7"), (200, "-2".into()));
+    let (code, body) = get(&http, "/incr/counters/n");
+    assert_eq!(code, 500, "{body}");
+    assert!(body.contains("not a u64 counter"), "{body}");
+    assert_eq!(get(&http, "/v2/incr/counters/n?d=2"), (200, "0".into()));
+    assert_eq!(get(&http, "/incr/counters/n"), (200, "1".into()));
+
+    assert_eq!(
+        get(&http, "/v2/cas/counters/k"),
+        (
+            200,
+            "first=ok second=cas-failed current=one retry=ok".into()
+        )
+    );
+    assert_eq!(get(&http, "/get/counters/k"), (200, "two".into()));
+
+    // 1,080 keys (90 per invocation: kv's keyvalue_ops is 100).
+    for i in 0..12 {
+        let path = format!("/setmany/big/p{i}-?n=90");
+        assert_eq!(get(&http, &path), (200, "set 90".into()));
+    }
+    let listed = (200, "keys=1080 pages=2".to_string());
+    assert_eq!(get(&http, "/v2/list/big"), listed);
+    assert_eq!(get(&http, "/list/big"), listed);
+    let found = get(&http, "/v2/many/big/p0-?n=3");
+    assert_eq!(found, (200, "found=3 of 3".into()));
+    assert_eq!(
+        get(&http, "/v2/many/big/z?n=2"),
+        (200, "found=0 of 2".into())
+    );
+    assert_eq!(get(&http, "/v2/get/small/x"), (403, "access-denied".into()));
     up.stop();
 }
 

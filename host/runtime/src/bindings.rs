@@ -26,3 +26,20 @@ pub(crate) use self::wasmgate::edge::types::{HandlerError, Invocation};
 pub(crate) use self::wasmgate::edge::{mqtt_publisher, mqtt_types, types};
 
 pub(crate) type Bindings = EventApp;
+
+/// `wasi:keyvalue@0.2.0-draft2`, on the same resource types as
+/// `0.2.0-draft`. Its WIT is the host's own (`host/runtime/wit`), not in
+/// `wit/`: two versions of one package there would rename the guests'
+/// bindings (`keyvalue0_2_0_draft`); Spin's guests bring their own.
+pub(crate) mod draft2 {
+    wasmtime::component::bindgen!({
+        path: "wit/keyvalue-draft2",
+        world: "wasi:keyvalue/imports@0.2.0-draft2",
+        imports: { default: async },
+        require_store_data_send: true,
+        with: {
+            "wasi:keyvalue/store.bucket": crate::keyvalue::Bucket,
+            "wasi:keyvalue/atomics.cas": crate::keyvalue::Cas,
+        },
+    });
+}

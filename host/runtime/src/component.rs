@@ -578,8 +578,8 @@ pub fn linker(engine: &Engine) -> anyhow::Result<Linker<State>> {
     )
     .map_err(anyhow::Error::from)
     .context("linking wasmgate:edge")?;
-    crate::keyvalue::add_batch_to_linker(&mut linker)
+    crate::keyvalue::add_to_linker(&mut linker)
         .map_err(anyhow::Error::from)
-        .context("linking wasi:keyvalue/batch")?;
+        .context("linking wasi:keyvalue")?;
     Ok(linker)
 }

@@ -1,20 +1,26 @@
-//! `wasi:keyvalue@0.2.0-draft` (`store`, `atomics`, `batch`) for guests.
+//! `wasi:keyvalue` for guests, both versions guests are built against:
+//! `0.2.0-draft` ([`draft`]: wasmtime's and wasmCloud's hosts) and
+//! `0.2.0-draft2` ([`draft2`]: Spin 3 and 4, with compare-and-swap), on the
+//! same buckets, grants and budget.
 //!
 //! The runtime checks what only it knows: which buckets the component may
-//! open (`allow.keyvalue`; any other is `access-denied`) and how many
-//! operations the invocation has left (`limits.keyvalue_ops`). The data and
-//! every other bound (key and value sizes, keys and bytes per bucket, the
-//! size of one answer) belong to the [`KeyValue`] backend the composition
-//! root injects: the durable store in `state_dir` (see `wasmgate-store`).
+//! open (`allow.keyvalue`; any other is `access-denied`), how many
+//! operations the invocation has left (`limits.keyvalue_ops`) and how many
+//! resources it holds open. The data and every other bound (key and value
+//! sizes, keys and bytes per bucket, the size of one answer) belong to the
+//! [`KeyValue`] backend the composition root injects: the durable store in
+//! `state_dir` (see `wasmgate-store`).
 //!
 //! Every refusal is a guest-side `error::other` (or `access-denied`) with a
 //! sentence saying which bound; none traps or fails the host.
 
-use crate::bindings::keyvalue::{atomics, batch, store};
+pub(crate) mod draft;
+pub(crate) mod draft2;
+
 use crate::invoke::State;
 use std::sync::Arc;
 use wasmtime::StoreContextMut;
-use wasmtime::component::{Linker, Resource, WasmList, WasmStr};
+use wasmtime::component::{Resource, WasmList, WasmStr};
 
 /// Most keys one batch call (`get-many`, `set-many`, `delete-many`) may
 /// name.
@@ -23,11 +29,33 @@ pub const MAX_BATCH_KEYS: usize = 1000;
 /// Most bytes of keys and values one `set-many` may carry.
 pub const MAX_SET_MANY_BYTES: usize = 16 * 1024 * 1024;
 
-/// Most buckets one invocation may hold open at once.
-pub const MAX_OPEN_BUCKETS: u32 = 64;
+/// Most resources (buckets and `cas` handles) one invocation may hold open
+/// at once.
+pub const MAX_OPEN: u32 = 64;
 
-/// One operation on one bucket, as the backend receives it (keys and
-/// values already within the call's count bound; the backend checks sizes).
+/// A counter's step: `0.2.0-draft` counts in `u64`, `0.2.0-draft2` in
+/// `s64`; the stored counter (ASCII decimal) is the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delta {
+    /// A `u64` step; the result must fit a `u64`.
+    Unsigned(u64),
+    /// An `s64` step; the result must fit an `s64`.
+    Signed(i64),
+}
+
+/// What identifies one value of a key: its row and how often it was set.
+/// (A key deleted and set again gets a new row, so an old token never
+/// matches it.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Token {
+    /// The row of the key.
+    pub row: i64,
+    /// Sets of the key since its row was created.
+    pub version: i64,
+}
+
+/// One operation on one bucket, as the backend receives it (batches within
+/// [`MAX_BATCH_KEYS`]; the backend checks sizes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     /// The value of a key.
@@ -41,13 +69,18 @@ pub enum Op {
     /// One page of keys after the cursor (0: from the start).
     ListKeys(u64),
     /// Adds to a counter (ASCII decimal); a missing key starts at 0.
-    Increment(String, u64),
+    Increment(String, Delta),
     /// The values of several keys.
     GetMany(Vec<String>),
     /// Sets several keys, all or none.
     SetMany(Vec<(String, Vec<u8>)>),
     /// Deletes several keys, all or none.
     DeleteMany(Vec<String>),
+    /// The token of a key's value now (none: the key does not exist).
+    Snapshot(String),
+    /// Sets a key if its token is still the one given (none: if it still
+    /// does not exist).
+    Swap(String, Option<Token>, Vec<u8>),
 }
 
 impl Op {
@@ -63,9 +96,9 @@ impl Op {
     }
 }
 
-/// What `get-many` answers: each key with its value, in the order asked;
-/// none for a missing key.
-pub type Pairs = Vec<Option<(String, Vec<u8>)>>;
+/// What `get-many` answers: each key with its value (none for a missing
+/// key), in the order asked.
+pub type Pairs = Vec<(String, Option<Vec<u8>>)>;
 
 /// The answer to an [`Op`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,9 +112,16 @@ pub enum Reply {
     /// `ListKeys`: a page and the cursor of the next one.
     Keys(Vec<String>, Option<u64>),
     /// `Increment`: the new value.
-    Counter(u64),
-    /// `GetMany`: each key with its value, in order; none for a missing key.
+    Counter(i128),
+    /// `GetMany`.
     Pairs(Pairs),
+    /// `Snapshot`.
+    Snapshot(Option<Token>),
+    /// `Swap`: it set the key.
+    Swapped,
+    /// `Swap`: the key had changed; its token now, read in the same
+    /// transaction (for the guest's next try).
+    SwapFailed(Option<Token>),
 }
 
 /// Where the buckets live. `submit` must not block: it queues the operation
@@ -98,10 +138,26 @@ pub trait KeyValue: Send + Sync {
     -> tokio::sync::oneshot::Receiver<Result<Reply, String>>;
 }
 
-/// An open bucket of one invocation (the `bucket` resource).
+/// An open bucket of one invocation (the `bucket` resource of either
+/// version).
 #[derive(Debug)]
 pub struct Bucket {
     name: String,
+}
+
+/// A key as it was when the guest made the handle (`0.2.0-draft2`'s `cas`).
+#[derive(Debug)]
+pub struct Cas {
+    bucket: String,
+    key: String,
+    token: Option<Token>,
+}
+
+/// Why a call failed, before it is the error type of a WIT version.
+#[derive(Debug)]
+pub(crate) enum Refusal {
+    AccessDenied,
+    Other(String),
 }
 
 /// The key-value state of one invocation.
@@ -114,20 +170,16 @@ pub(crate) struct KeyValueState {
     /// `limits.keyvalue_ops`, and what this invocation used.
     pub(crate) max_ops: u32,
     pub(crate) ops: u32,
-    /// Buckets open now (at most [`MAX_OPEN_BUCKETS`]).
+    /// Resources open now (at most [`MAX_OPEN`]).
     pub(crate) open: u32,
     pub(crate) denials: Arc<crate::invoke::Denials>,
 }
 
 impl KeyValueState {
     /// Opens `name` if it is granted (an operation of the budget).
-    fn open(&mut self, name: &str) -> Result<Bucket, store::Error> {
+    fn open(&mut self, name: &str) -> Result<Bucket, Refusal> {
         self.charge(1)?;
-        if self.open >= MAX_OPEN_BUCKETS {
-            return Err(store::Error::Other(format!(
-                "this invocation holds {MAX_OPEN_BUCKETS} buckets open, the most it may; drop one first"
-            )));
-        }
+        self.check_open()?;
         if !self.grants.iter().any(|g| g == name) {
             let why = if self.grants.is_empty() {
                 format!(
@@ -145,23 +197,32 @@ impl KeyValueState {
             } else {
                 tracing::debug!(component = %self.component, bucket = name, reason = %why, "key-value bucket denied");
             }
-            return Err(store::Error::AccessDenied);
+            return Err(Refusal::AccessDenied);
         }
         if self.store.is_none() {
-            return Err(store::Error::Other(
+            return Err(Refusal::Other(
                 "this host has no key-value store (wasmgate invoke runs without one unless given --keyvalue)".into(),
             ));
         }
-        self.open += 1;
         Ok(Bucket {
             name: name.to_string(),
         })
     }
 
+    /// Whether one more resource may be opened.
+    fn check_open(&self) -> Result<(), Refusal> {
+        if self.open >= MAX_OPEN {
+            return Err(Refusal::Other(format!(
+                "this invocation holds {MAX_OPEN} key-value resources (buckets and cas handles) open, the most it may; drop one first"
+            )));
+        }
+        Ok(())
+    }
+
     /// Counts `cost` operations against `limits.keyvalue_ops`.
-    fn charge(&mut self, cost: u32) -> Result<(), store::Error> {
+    fn charge(&mut self, cost: u32) -> Result<(), Refusal> {
         if self.ops.saturating_add(cost) > self.max_ops {
-            return Err(store::Error::Other(format!(
+            return Err(Refusal::Other(format!(
                 "this invocation has made {} key-value operations; {cost} more would pass its limit of {} (limits.keyvalue_ops of component {:?})",
                 self.ops, self.max_ops, self.component
             )));
@@ -176,167 +237,123 @@ impl KeyValueState {
     }
 
     /// Charges the operation and runs it.
-    async fn run(&mut self, bucket: &str, op: Op) -> Result<Reply, store::Error> {
+    async fn run(&mut self, bucket: &str, op: Op) -> Result<Reply, Refusal> {
         self.charge(op.cost())?;
         let Some(kv) = &self.store else {
-            return Err(store::Error::Other("no key-value store".into()));
+            return Err(Refusal::Other("no key-value store".into()));
         };
         match kv.submit(bucket, op).await {
             Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(why)) => Err(store::Error::Other(why)),
-            Err(_) => Err(store::Error::Other(
+            Ok(Err(why)) => Err(Refusal::Other(why)),
+            Err(_) => Err(Refusal::Other(
                 "the key-value store is closed (the gateway is stopping)".into(),
             )),
         }
     }
 }
 
-fn too_many(n: usize) -> store::Error {
-    store::Error::Other(format!(
+fn too_many(n: usize) -> Refusal {
+    Refusal::Other(format!(
         "a batch may name at most {MAX_BATCH_KEYS} keys; this one names {n}"
     ))
 }
 
-fn unexpected(reply: &Reply) -> store::Error {
-    store::Error::Other(format!("the store answered {reply:?} unexpectedly"))
+fn unexpected(reply: &Reply) -> Refusal {
+    Refusal::Other(format!("the store answered {reply:?} unexpectedly"))
+}
+
+fn table_error(e: impl std::fmt::Display) -> Refusal {
+    Refusal::Other(e.to_string())
 }
 
 impl State {
-    fn bucket_name(&self, b: &Resource<Bucket>) -> Result<String, store::Error> {
+    /// Opens a bucket resource.
+    fn kv_open(&mut self, name: &str) -> Result<Resource<Bucket>, Refusal> {
+        let bucket = self.keyvalue.open(name)?;
+        let r = self.table.push(bucket).map_err(table_error)?;
+        self.keyvalue.open += 1;
+        Ok(r)
+    }
+
+    /// Closes a bucket or cas resource.
+    fn kv_closed(&mut self) {
+        self.keyvalue.open = self.keyvalue.open.saturating_sub(1);
+    }
+
+    fn bucket_name(&self, b: &Resource<Bucket>) -> Result<String, Refusal> {
         self.table
             .get(b)
             .map(|b| b.name.clone())
-            .map_err(|e| store::Error::Other(e.to_string()))
+            .map_err(table_error)
     }
 
-    async fn kv(&mut self, b: &Resource<Bucket>, op: Op) -> Result<Reply, store::Error> {
+    /// Runs `op` on an open bucket.
+    async fn kv(&mut self, b: &Resource<Bucket>, op: Op) -> Result<Reply, Refusal> {
         let name = self.bucket_name(b)?;
         self.keyvalue.run(&name, op).await
     }
-}
 
-impl store::Host for State {
-    async fn open(&mut self, identifier: String) -> Result<Resource<Bucket>, store::Error> {
-        let bucket = self.keyvalue.open(&identifier)?;
-        self.table
-            .push(bucket)
-            .map_err(|e| store::Error::Other(e.to_string()))
-    }
-}
-
-impl store::HostBucket for State {
-    async fn get(
+    async fn kv_get(
         &mut self,
-        b: Resource<Bucket>,
+        b: &Resource<Bucket>,
         key: String,
-    ) -> Result<Option<Vec<u8>>, store::Error> {
-        match self.kv(&b, Op::Get(key)).await? {
+    ) -> Result<Option<Vec<u8>>, Refusal> {
+        match self.kv(b, Op::Get(key)).await? {
             Reply::Value(v) => Ok(v),
             other => Err(unexpected(&other)),
         }
     }
 
-    async fn set(
-        &mut self,
-        b: Resource<Bucket>,
-        key: String,
-        value: Vec<u8>,
-    ) -> Result<(), store::Error> {
-        self.kv(&b, Op::Set(key, value)).await.map(drop)
-    }
-
-    async fn delete(&mut self, b: Resource<Bucket>, key: String) -> Result<(), store::Error> {
-        self.kv(&b, Op::Delete(key)).await.map(drop)
-    }
-
-    async fn exists(&mut self, b: Resource<Bucket>, key: String) -> Result<bool, store::Error> {
-        match self.kv(&b, Op::Exists(key)).await? {
+    async fn kv_exists(&mut self, b: &Resource<Bucket>, key: String) -> Result<bool, Refusal> {
+        match self.kv(b, Op::Exists(key)).await? {
             Reply::Exists(e) => Ok(e),
             other => Err(unexpected(&other)),
         }
     }
 
-    async fn list_keys(
+    async fn kv_list(
         &mut self,
-        b: Resource<Bucket>,
-        cursor: Option<u64>,
-    ) -> Result<store::KeyResponse, store::Error> {
-        match self.kv(&b, Op::ListKeys(cursor.unwrap_or(0))).await? {
-            Reply::Keys(keys, cursor) => Ok(store::KeyResponse { keys, cursor }),
+        b: &Resource<Bucket>,
+        after: u64,
+    ) -> Result<(Vec<String>, Option<u64>), Refusal> {
+        match self.kv(b, Op::ListKeys(after)).await? {
+            Reply::Keys(keys, next) => Ok((keys, next)),
             other => Err(unexpected(&other)),
         }
     }
 
-    async fn drop(&mut self, b: Resource<Bucket>) -> wasmtime::Result<()> {
-        self.table.delete(b)?;
-        self.keyvalue.open = self.keyvalue.open.saturating_sub(1);
-        Ok(())
-    }
-}
-
-impl atomics::Host for State {
-    async fn increment(
+    async fn kv_increment(
         &mut self,
-        b: Resource<Bucket>,
+        b: &Resource<Bucket>,
         key: String,
-        delta: u64,
-    ) -> Result<u64, store::Error> {
-        match self.kv(&b, Op::Increment(key, delta)).await? {
+        delta: Delta,
+    ) -> Result<i128, Refusal> {
+        match self.kv(b, Op::Increment(key, delta)).await? {
             Reply::Counter(n) => Ok(n),
             other => Err(unexpected(&other)),
         }
     }
-}
 
-/// The generated `batch` functions take lists the host has already copied
-/// out of the guest; [`add_batch_to_linker`] replaces them with ones that
-/// read the lists an entry at a time. These stay for the trait.
-impl batch::Host for State {
-    async fn get_many(
+    async fn kv_get_many(
         &mut self,
-        b: Resource<Bucket>,
+        b: &Resource<Bucket>,
         keys: Vec<String>,
-    ) -> Result<Pairs, store::Error> {
-        if keys.len() > MAX_BATCH_KEYS {
-            return Err(too_many(keys.len()));
-        }
-        match self.kv(&b, Op::GetMany(keys)).await? {
+    ) -> Result<Pairs, Refusal> {
+        match self.kv(b, Op::GetMany(keys)).await? {
             Reply::Pairs(pairs) => Ok(pairs),
             other => Err(unexpected(&other)),
         }
     }
-
-    async fn set_many(
-        &mut self,
-        b: Resource<Bucket>,
-        pairs: Vec<(String, Vec<u8>)>,
-    ) -> Result<(), store::Error> {
-        if pairs.len() > MAX_BATCH_KEYS {
-            return Err(too_many(pairs.len()));
-        }
-        self.kv(&b, Op::SetMany(pairs)).await.map(drop)
-    }
-
-    async fn delete_many(
-        &mut self,
-        b: Resource<Bucket>,
-        keys: Vec<String>,
-    ) -> Result<(), store::Error> {
-        if keys.len() > MAX_BATCH_KEYS {
-            return Err(too_many(keys.len()));
-        }
-        self.kv(&b, Op::DeleteMany(keys)).await.map(drop)
-    }
 }
 
-/// A guest's list, read lazily: its length is checked before any entry is
-/// copied, and each entry's size before it is. (A list's entries may all
-/// point at the same bytes of guest memory, so a list copied whole could
-/// cost the host its length times the guest's memory.)
+/// A guest's list of keys, read lazily: its length is checked before any
+/// entry is copied, and each entry's size before it is. (A list's entries
+/// may all point at the same bytes of guest memory, so a list copied whole
+/// could cost the host its length times the guest's memory.)
 fn read_keys(
     store: &mut StoreContextMut<'_, State>,
     list: &WasmList<WasmStr>,
-) -> Result<Vec<String>, store::Error> {
+) -> Result<Vec<String>, Refusal> {
     if list.len() > MAX_BATCH_KEYS {
         return Err(too_many(list.len()));
     }
@@ -346,18 +363,16 @@ fn read_keys(
         let Some(entry) = list.get(&mut *store, i) else {
             break;
         };
-        let key = entry.map_err(|e| store::Error::Other(e.to_string()))?;
-        let key = key
-            .to_str(&*store)
-            .map_err(|e| store::Error::Other(e.to_string()))?;
+        let key = entry.map_err(table_error)?;
+        let key = key.to_str(&*store).map_err(table_error)?;
         keys.push(checked_key(&key, max_key)?.to_string());
     }
     Ok(keys)
 }
 
-fn checked_key(key: &str, max: usize) -> Result<&str, store::Error> {
+fn checked_key(key: &str, max: usize) -> Result<&str, Refusal> {
     if key.len() > max {
-        return Err(store::Error::Other(format!(
+        return Err(Refusal::Other(format!(
             "a key is {} bytes; keys are at most {max} bytes ([keyvalue] max_key_bytes)",
             key.len()
         )));
@@ -365,6 +380,7 @@ fn checked_key(key: &str, max: usize) -> Result<&str, store::Error> {
     Ok(key)
 }
 
+/// `set-many`'s list of pairs.
 type PairList = WasmList<(WasmStr, WasmList<u8>)>;
 
 /// `set-many`'s pairs, read lazily (see [`read_keys`]), at most
@@ -372,7 +388,7 @@ type PairList = WasmList<(WasmStr, WasmList<u8>)>;
 fn read_pairs(
     store: &mut StoreContextMut<'_, State>,
     list: &PairList,
-) -> Result<Vec<(String, Vec<u8>)>, store::Error> {
+) -> Result<Vec<(String, Vec<u8>)>, Refusal> {
     if list.len() > MAX_BATCH_KEYS {
         return Err(too_many(list.len()));
     }
@@ -383,21 +399,19 @@ fn read_pairs(
         let Some(entry) = list.get(&mut *store, i) else {
             break;
         };
-        let (key, value) = entry.map_err(|e| store::Error::Other(e.to_string()))?;
-        let key = key
-            .to_str(&*store)
-            .map_err(|e| store::Error::Other(e.to_string()))?;
+        let (key, value) = entry.map_err(table_error)?;
+        let key = key.to_str(&*store).map_err(table_error)?;
         let key = checked_key(&key, max_key)?.to_string();
         let value = value.as_le_slice(&*store);
         if value.len() > max_value {
-            return Err(store::Error::Other(format!(
+            return Err(Refusal::Other(format!(
                 "the value of {key:?} is {} bytes; values are at most {max_value} bytes ([keyvalue] max_value_bytes)",
                 value.len()
             )));
         }
         total += key.len() + value.len();
         if total > MAX_SET_MANY_BYTES {
-            return Err(store::Error::Other(format!(
+            return Err(Refusal::Other(format!(
                 "a set-many may carry at most {MAX_SET_MANY_BYTES} bytes of keys and values"
             )));
         }
@@ -406,57 +420,40 @@ fn read_pairs(
     Ok(pairs)
 }
 
-/// Replaces the generated `wasi:keyvalue/batch` functions with ones that
-/// read the guest's lists lazily (see [`read_keys`]).
-pub(crate) fn add_batch_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> {
-    linker.allow_shadowing(true);
-    let mut batch = linker.instance("wasi:keyvalue/batch@0.2.0-draft")?;
-    batch.func_wrap_async(
-        "get-many",
-        |mut store: StoreContextMut<'_, State>,
-         (b, keys): (Resource<Bucket>, WasmList<WasmStr>)| {
-            Box::new(async move {
-                let result = match read_keys(&mut store, &keys) {
-                    Ok(keys) => match store.data_mut().kv(&b, Op::GetMany(keys)).await {
-                        Ok(Reply::Pairs(pairs)) => Ok(pairs),
-                        Ok(other) => Err(unexpected(&other)),
-                        Err(e) => Err(e),
-                    },
-                    Err(e) => Err(e),
-                };
-                Ok((result,))
-            })
-        },
-    )?;
-    batch.func_wrap_async(
-        "set-many",
-        |mut store: StoreContextMut<'_, State>, (b, pairs): (Resource<Bucket>, PairList)| {
-            Box::new(async move {
-                let result = match read_pairs(&mut store, &pairs) {
-                    Ok(pairs) => store.data_mut().kv(&b, Op::SetMany(pairs)).await.map(drop),
-                    Err(e) => Err(e),
-                };
-                Ok((result,))
-            })
-        },
-    )?;
-    batch.func_wrap_async(
-        "delete-many",
-        |mut store: StoreContextMut<'_, State>,
-         (b, keys): (Resource<Bucket>, WasmList<WasmStr>)| {
-            Box::new(async move {
-                let result = match read_keys(&mut store, &keys) {
-                    Ok(keys) => store
-                        .data_mut()
-                        .kv(&b, Op::DeleteMany(keys))
-                        .await
-                        .map(drop),
-                    Err(e) => Err(e),
-                };
-                Ok((result,))
-            })
-        },
-    )?;
-    linker.allow_shadowing(false);
-    Ok(())
+/// `get-many`, reading the keys lazily.
+async fn get_many(
+    store: &mut StoreContextMut<'_, State>,
+    b: &Resource<Bucket>,
+    keys: &WasmList<WasmStr>,
+) -> Result<Pairs, Refusal> {
+    let keys = read_keys(store, keys)?;
+    store.data_mut().kv_get_many(b, keys).await
+}
+
+/// `set-many`, reading the pairs lazily.
+async fn set_many(
+    store: &mut StoreContextMut<'_, State>,
+    b: &Resource<Bucket>,
+    pairs: &PairList,
+) -> Result<(), Refusal> {
+    let pairs = read_pairs(store, pairs)?;
+    store.data_mut().kv(b, Op::SetMany(pairs)).await.map(drop)
+}
+
+/// `delete-many`, reading the keys lazily.
+async fn delete_many(
+    store: &mut StoreContextMut<'_, State>,
+    b: &Resource<Bucket>,
+    keys: &WasmList<WasmStr>,
+) -> Result<(), Refusal> {
+    let keys = read_keys(store, keys)?;
+    store.data_mut().kv(b, Op::DeleteMany(keys)).await.map(drop)
+}
+
+/// Adds both versions to the linker.
+pub(crate) fn add_to_linker(
+    linker: &mut wasmtime::component::Linker<State>,
+) -> wasmtime::Result<()> {
+    draft::add_to_linker(linker)?;
+    draft2::add_to_linker(linker)
 }

@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use wasmgate_manifest::keyvalue::KeyValueBounds;
-use wasmgate_runtime::keyvalue::{KeyValue, Op, Pairs, Reply};
+use wasmgate_runtime::keyvalue::{Delta, KeyValue, Op, Pairs, Reply, Token};
 
 /// Most operations committed together.
 pub const MAX_GROUP: usize = 256;
@@ -53,6 +53,8 @@ CREATE TABLE IF NOT EXISTS kv (
     bucket TEXT NOT NULL,
     key TEXT NOT NULL,
     value BLOB NOT NULL,
+    -- Sets of the key since its row was created (compare-and-swap).
+    version INTEGER NOT NULL DEFAULT 0,
     UNIQUE (bucket, key)
 );
 CREATE INDEX IF NOT EXISTS kv_by_bucket ON kv (bucket, id);
@@ -62,6 +64,27 @@ CREATE TABLE IF NOT EXISTS kv_buckets (
     bytes INTEGER NOT NULL
 ) WITHOUT ROWID;
 ";
+
+/// Opens the file, creating the schema, and adds the `version` column to a
+/// store made before it existed.
+fn open_db(path: &Path) -> Result<Connection, String> {
+    let conn = crate::sqlite::open(path, "the key-value store", SCHEMA)?;
+    let has_version = conn
+        .prepare("SELECT 1 FROM pragma_table_info('kv') WHERE name = 'version'")
+        .and_then(|mut s| s.exists([]))
+        .map_err(|e| format!("the key-value store {}: {e}", path.display()))?;
+    if !has_version {
+        // Another process may add it at the same moment: its error then
+        // says the column exists, which is what was wanted.
+        if let Err(e) =
+            conn.execute_batch("ALTER TABLE kv ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
+            && !e.to_string().contains("duplicate column")
+        {
+            return Err(format!("the key-value store {}: {e}", path.display()));
+        }
+    }
+    Ok(conn)
+}
 
 /// What one bucket holds.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -112,7 +135,7 @@ impl KeyValueStore {
     /// At most [`MAX_WAITING`] operations wait for it; an operation whose
     /// caller has gone (an invocation past its timeout) is skipped.
     pub fn open(path: &Path, bounds: KeyValueBounds) -> Result<Self, String> {
-        let conn = crate::sqlite::open(path, "the key-value store", SCHEMA)?;
+        let conn = open_db(path)?;
         let (jobs, rx) = mpsc::channel(MAX_WAITING);
         let sizes = (
             usize::try_from(bounds.max_key_bytes).unwrap_or(usize::MAX),
@@ -322,6 +345,8 @@ fn apply(
         Op::Exists(key) => b.size_of(&key).map(|s| Reply::Exists(s.is_some())),
         Op::ListKeys(after) => b.list(after),
         Op::Increment(key, delta) => b.increment(&key, delta).map(Reply::Counter),
+        Op::Snapshot(key) => b.snapshot(&key).map(Reply::Snapshot),
+        Op::Swap(key, expected, value) => b.swap(&key, expected, &value),
         Op::GetMany(keys) => b.get_many(keys).map(Reply::Pairs),
         Op::SetMany(pairs) => pairs
             .iter()
@@ -439,7 +464,7 @@ impl Bucket<'_> {
         self.conn
             .prepare_cached(
                 "INSERT INTO kv (bucket, key, value) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (bucket, key) DO UPDATE SET value = excluded.value",
+                 ON CONFLICT (bucket, key) DO UPDATE SET value = excluded.value, version = version + 1",
             )?
             .execute(params![self.name, key, value])?;
         self.set_usage(new_keys, new_bytes)
@@ -459,27 +484,63 @@ impl Bucket<'_> {
         )
     }
 
-    fn increment(&self, key: &str, delta: u64) -> Result<u64, Refused> {
+    /// Adds to a counter kept as ASCII decimal: within `u64` for
+    /// `0.2.0-draft`'s `u64` step, within `s64` for `0.2.0-draft2`'s.
+    fn increment(&self, key: &str, delta: Delta) -> Result<i128, Refused> {
+        let (delta, min, max, kind) = match delta {
+            Delta::Unsigned(d) => (i128::from(d), 0, i128::from(u64::MAX), "u64"),
+            Delta::Signed(d) => (
+                i128::from(d),
+                i128::from(i64::MIN),
+                i128::from(i64::MAX),
+                "s64",
+            ),
+        };
         let current = match self.get(key)? {
             None => 0,
             Some(v) => std::str::from_utf8(&v)
                 .ok()
-                .and_then(|t| t.parse::<u64>().ok())
+                .and_then(|t| t.parse::<i128>().ok())
+                .filter(|n| (min..=max).contains(n))
                 .ok_or_else(|| {
                     Refused::Bound(format!(
-                        "the value of {key:?} is not a counter: increment keeps counters as ASCII decimal numbers from 0 to {} (e.g. \"42\")",
-                        u64::MAX
+                        "the value of {key:?} is not a {kind} counter: increment keeps counters as ASCII decimal numbers from {min} to {max} (e.g. \"42\")"
                     ))
                 })?,
         };
-        let next = current.checked_add(delta).ok_or_else(|| {
-            Refused::Bound(format!(
-                "incrementing {key:?} ({current}) by {delta} would pass {}",
-                u64::MAX
-            ))
-        })?;
+        let next = current + delta;
+        if !(min..=max).contains(&next) {
+            return Err(Refused::Bound(format!(
+                "incrementing {key:?} ({current}) by {delta} would leave the {kind} range {min}..={max}"
+            )));
+        }
         self.set(key, next.to_string().as_bytes())?;
         Ok(next)
+    }
+
+    /// The token of `key`'s value now.
+    fn snapshot(&self, key: &str) -> Result<Option<Token>, Refused> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT id, version FROM kv WHERE bucket = ?1 AND key = ?2")?
+            .query_row(params![self.name, key], |r| {
+                Ok(Token {
+                    row: r.get(0)?,
+                    version: r.get(1)?,
+                })
+            })
+            .optional()?)
+    }
+
+    /// Sets `key` if its token is still `expected`; else answers the
+    /// token it has now.
+    fn swap(&self, key: &str, expected: Option<Token>, value: &[u8]) -> Result<Reply, Refused> {
+        let now = self.snapshot(key)?;
+        if now != expected {
+            return Ok(Reply::SwapFailed(now));
+        }
+        self.set(key, value)?;
+        Ok(Reply::Swapped)
     }
 
     fn list(&self, after: u64) -> Result<Reply, Refused> {
@@ -514,7 +575,7 @@ impl Bucket<'_> {
                     "get-many would answer with more than {GET_MANY_BYTES} bytes of values; ask for fewer keys at a time"
                 )));
             }
-            out.push(value.map(|v| (key, v)));
+            out.push((key, value));
         }
         Ok(out)
     }
@@ -526,7 +587,7 @@ pub fn read_usage(path: &Path) -> Result<Vec<BucketUsage>, String> {
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let conn = crate::sqlite::open(path, "the key-value store", SCHEMA)?;
+    let conn = open_db(path)?;
     usage(&conn).map_err(|e| format!("the key-value store {}: {e}", path.display()))
 }
 
@@ -585,22 +646,25 @@ mod tests {
             Ok(Reply::Value(None))
         );
         assert_eq!(
-            s.run("b", Op::Increment("n".into(), 5)).await,
+            s.run("b", Op::Increment("n".into(), Delta::Unsigned(5)))
+                .await,
             Ok(Reply::Counter(5))
         );
         assert_eq!(
-            s.run("b", Op::Increment("n".into(), 2)).await,
+            s.run("b", Op::Increment("n".into(), Delta::Unsigned(2)))
+                .await,
             Ok(Reply::Counter(7))
         );
         assert_eq!(
-            s.run("c", Op::Increment("max".into(), u64::MAX)).await,
-            Ok(Reply::Counter(u64::MAX))
+            s.run("c", Op::Increment("max".into(), Delta::Unsigned(u64::MAX)))
+                .await,
+            Ok(Reply::Counter(u64::MAX.into()))
         );
         let overflow = s
-            .run("c", Op::Increment("max".into(), 1))
+            .run("c", Op::Increment("max".into(), Delta::Unsigned(1)))
             .await
             .unwrap_err();
-        assert!(overflow.contains("would pass"), "{overflow}");
+        assert!(overflow.contains("would leave the u64 range"), "{overflow}");
         s.run("c", Op::Delete("max".into())).await.unwrap();
         assert_eq!(s.run("b", Op::Delete("k".into())).await, Ok(Reply::Done));
         assert_eq!(s.run("b", Op::Delete("k".into())).await, Ok(Reply::Done));
@@ -622,6 +686,45 @@ mod tests {
                 bytes: 2
             }]
         );
+    }
+
+    #[tokio::test]
+    async fn counters_of_both_versions_and_compare_and_swap() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), KeyValueBounds::default());
+        // Signed counters share the encoding; a negative one is not a u64.
+        assert_eq!(
+            s.run("c", Op::Increment("s".into(), Delta::Signed(-3)))
+                .await,
+            Ok(Reply::Counter(-3))
+        );
+        let e = s
+            .run("c", Op::Increment("s".into(), Delta::Unsigned(1)))
+            .await
+            .unwrap_err();
+        assert!(e.contains("not a u64 counter"), "{e}");
+        // Compare-and-swap: a token matches until the key is set again, or
+        // deleted and set again (a new row).
+        let token = |r: Result<Reply, String>| match r {
+            Ok(Reply::Snapshot(t)) => t,
+            other => panic!("{other:?}"),
+        };
+        let t0 = token(s.run("c", Op::Snapshot("cas".into())).await);
+        assert_eq!(t0, None);
+        let swap = |t, v: &str| Op::Swap("cas".into(), t, v.as_bytes().to_vec());
+        assert_eq!(s.run("c", swap(t0, "a")).await, Ok(Reply::Swapped));
+        let t1 = token(s.run("c", Op::Snapshot("cas".into())).await);
+        // A failed swap answers the token now, with which the next try works.
+        assert_eq!(s.run("c", swap(t0, "b")).await, Ok(Reply::SwapFailed(t1)));
+        s.run("c", Op::Delete("cas".into())).await.unwrap();
+        s.run("c", set("cas", "a")).await.unwrap();
+        let t2 = token(s.run("c", Op::Snapshot("cas".into())).await);
+        assert_ne!(t1, t2, "a key deleted and set again has a new token");
+        assert_eq!(s.run("c", swap(t1, "c")).await, Ok(Reply::SwapFailed(t2)));
+        assert_eq!(s.run("c", swap(t2, "c")).await, Ok(Reply::Swapped));
+        s.run("c", Op::DeleteMany(vec!["cas".into(), "s".into()]))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
@@ -655,8 +758,15 @@ mod tests {
         );
         // Counters: text, and a counter that would not fit its value bound.
         s.run("b", set("t", "text")).await.unwrap();
-        assert!(err(s.run("b", Op::Increment("t".into(), 1)).await).contains("not a counter"));
-        let e = err(s.run("b", Op::Increment("n".into(), u64::MAX)).await);
+        assert!(
+            err(s
+                .run("b", Op::Increment("t".into(), Delta::Unsigned(1)))
+                .await)
+            .contains("not a u64 counter")
+        );
+        let e = err(s
+            .run("b", Op::Increment("n".into(), Delta::Unsigned(u64::MAX)))
+            .await);
         assert!(e.contains("max_value_bytes"), "{e}");
         let usage = s.usage().await.unwrap();
         let used = usage.iter().find(|u| u.name == "small").unwrap();
@@ -715,7 +825,10 @@ mod tests {
         let tasks: Vec<_> = (0..500)
             .map(|_| {
                 let s = s.clone();
-                tokio::spawn(async move { s.run("b", Op::Increment("n".into(), 1)).await })
+                tokio::spawn(async move {
+                    s.run("b", Op::Increment("n".into(), Delta::Unsigned(1)))
+                        .await
+                })
             })
             .collect();
         for t in tasks {

@@ -28,7 +28,7 @@ use wasmgate_runtime::component::Cache;
 use wasmgate_runtime::deployment::Runtime;
 use wasmgate_runtime::engine::EngineOptions;
 use wasmgate_runtime::invoke::{Admission, Event, HttpRequest, Invocable, InvocationContext};
-use wasmgate_runtime::keyvalue::Op;
+use wasmgate_runtime::keyvalue::{Delta, Op};
 use wasmgate_store::keyvalue::KeyValueStore;
 use wasmgate_test_artifacts::KV_HTTP;
 
@@ -88,7 +88,7 @@ impl Kind {
         match self {
             Kind::Set => Op::Set(format!("k{i}"), b"x".to_vec()),
             Kind::Get => Op::Get(format!("k{i}")),
-            Kind::Increment => Op::Increment("n".into(), 1),
+            Kind::Increment => Op::Increment("n".into(), Delta::Unsigned(1)),
         }
     }
 
@@ -169,7 +169,7 @@ impl Bench {
                 tokio::spawn(async move {
                     for _ in 0..OPS / CONCURRENCY {
                         store
-                            .run("bench", Op::Increment("c".into(), 1))
+                            .run("bench", Op::Increment("c".into(), Delta::Unsigned(1)))
                             .await
                             .unwrap();
                     }
