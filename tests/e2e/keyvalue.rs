@@ -373,3 +373,101 @@ component = "dedup"
     assert_eq!(keys.lines().filter(|k| k.starts_with("seen/")).count(), 3);
     up.stop();
 }
+
+/// `wasmgate dlq replay` runs a key-value guest on the gateway's buckets
+/// (its effects are real, as the gateway's would be); a deploy's smoke test
+/// runs it on an empty temporary store (a trial has no effects).
+#[test]
+fn a_replay_writes_the_buckets_and_a_smoke_test_does_not() {
+    use wasmgate_store::deadletter::{
+        AttemptError, Bounds, Condition, DeadLetter, DeadLetterStore, StoredEvent,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("smoke.json"),
+        r#"{"kind": "http", "method": "GET", "path": "/incr/counters/smoke",
+            "authority": "edge", "headers": [], "body_hex": ""}"#,
+    )
+    .unwrap();
+    let m = dir.path().join("wasmgate.toml");
+    std::fs::write(
+        &m,
+        format!(
+            r#"
+[gateway]
+state_dir = "state"
+[http]
+listen = "127.0.0.1:0"
+
+[component.dedup]
+source = "{DEDUP_MQTT}"
+allow.keyvalue = ["dedup"]
+
+[component.kv]
+source = "{KV_HTTP}"
+allow.keyvalue = ["counters"]
+deploy = {{ smoke_test = "smoke.json" }}
+
+[[trigger.http]]
+priority = 1
+component = "kv"
+"#
+        ),
+    )
+    .unwrap();
+    let m = m.to_str().unwrap().to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let store = DeadLetterStore::open(
+        &dir.path().join("state/dead-letters.sqlite"),
+        Bounds::default(),
+    )
+    .unwrap();
+    let err = AttemptError {
+        outcome: "handler_error".into(),
+        message: "retry".into(),
+        at_ms: now,
+    };
+    store
+        .put_blocking(DeadLetter {
+            id: "rec-1".into(),
+            component: "dedup".into(),
+            trigger: "trigger.mqtt[0]".into(),
+            condition: Condition::RetriesExhausted,
+            attempts: 3,
+            event: StoredEvent::Mqtt {
+                topic: "d/a".into(),
+                payload_hex: "78".into(),
+                qos: 1,
+                retain: false,
+                content_type: None,
+                response_topic: None,
+                correlation_data_hex: None,
+                user_properties: Vec::new(),
+            },
+            first_error: err.clone(),
+            last_error: err,
+            first_attempt_ms: now - 1000,
+            dead_at_ms: now,
+        })
+        .unwrap();
+    drop(store);
+    let replay = cli(&m, &["dlq", "replay", "rec-1"]);
+    assert_eq!(replay.status.code(), Some(0), "{}", text(&replay));
+    assert_eq!(stdout(&cli(&m, &["kv", "get", "dedup", "count/d/a"])), "1");
+
+    let up = Up::spawn(wasmgate().args(["up", "-f", &m]), &m);
+    // Another version (the same path is a draft2 guest's `incr` too).
+    let deploy = cli(&m, &["deploy", "kv", KV2_HTTP]);
+    assert_eq!(deploy.status.code(), Some(0), "{}", text(&deploy));
+    assert!(text(&deploy).contains("smoke test ok"), "{}", text(&deploy));
+    let smoke = cli(&m, &["kv", "get", "counters", "smoke"]);
+    assert_eq!(smoke.status.code(), Some(1), "{}", text(&smoke));
+    // The deployed version runs on the gateway's buckets.
+    let http = up.logged("http listening", "address");
+    assert_eq!(get(&http, "/incr/counters/real"), (200, "1".into()));
+    assert_eq!(stdout(&cli(&m, &["kv", "get", "counters", "real"])), "1");
+    up.stop();
+}

@@ -658,7 +658,8 @@ impl Deployer {
     }
 
     /// Runs the smoke test, if the component has one, on a version not yet
-    /// swapped in: its publishes are not sent. `Some("ok")` when it passed.
+    /// swapped in: its publishes are not sent, its key-value operations go
+    /// to an empty temporary store. `Some("ok")` when it passed.
     async fn smoke_test(
         &self,
         name: &str,
@@ -674,6 +675,16 @@ impl Deployer {
             DeployError::Refused(format!("component.{name}.deploy.smoke_test: {}", e.0))
         })?;
         let trial = deployment::invocable(m, &self.deployment.runtime, name, compiled.clone());
+        // Its key-value writes go to an empty temporary store, as its
+        // publishes go nowhere: a trial has no effects.
+        let scratch = tempfile::tempdir()
+            .map_err(|e| DeployError::Refused(format!("a smoke test's key-value store: {e}")))?;
+        let keyvalue = wasmgate_store::keyvalue::KeyValueStore::open(
+            &wasmgate_store::keyvalue::KeyValueStore::path_in(scratch.path()),
+            m.keyvalue.bounds(),
+        )
+        .map_err(DeployError::Refused)?;
+        trial.set_keyvalue(Arc::new(keyvalue));
         let outcome = trial
             .invoke_quiet(event, InvocationContext::new("deploy"), Admission::Wait)
             .await;

@@ -8,6 +8,7 @@ use wasmgate_runtime::deployment::{self, Runtime};
 use wasmgate_runtime::engine::EngineOptions;
 use wasmgate_runtime::invoke::{Admission, Invocable, InvocationContext};
 use wasmgate_store::deadletter::{self, AttemptError, Bounds, DeadLetterStore, Filter};
+use wasmgate_store::keyvalue::KeyValueStore;
 use wasmgate_store::queue::EventQueue;
 /// Runs `wasmgate dlq`.
 pub async fn dlq(args: DlqArgs) -> Result<ExitCode, Fatal> {
@@ -161,9 +162,16 @@ async fn replay(
     component: Option<String>,
 ) -> Result<ExitCode, Fatal> {
     let cache = Cache::new(Some(manifest.state_dir().join("precompiled")));
+    // A replay has the effects the gateway's would: on its buckets too.
+    let keyvalue = KeyValueStore::open(
+        &KeyValueStore::path_in(&manifest.state_dir()),
+        manifest.keyvalue.bounds(),
+    )
+    .map_err(Fatal)?;
     let mut replayer = Replayer {
         manifest,
         store,
+        keyvalue,
         runtime: Runtime::new(EngineOptions::default(), cache)?,
         invocables: std::collections::BTreeMap::new(),
         queue: None,
@@ -222,6 +230,7 @@ const REPLAY_PAGE: usize = 100;
 struct Replayer<'a> {
     manifest: &'a wasmgate_manifest::Manifest,
     store: &'a DeadLetterStore,
+    keyvalue: KeyValueStore,
     runtime: Runtime,
     invocables: std::collections::BTreeMap<String, Invocable>,
     /// The event queue, opened for the first record that goes there.
@@ -295,10 +304,10 @@ impl Replayer<'_> {
         }
         if !self.invocables.contains_key(&record.component) {
             let compiled = deployment::load_component(manifest, &self.runtime, &record.component)?;
-            self.invocables.insert(
-                record.component.clone(),
-                deployment::invocable(manifest, &self.runtime, &record.component, compiled),
-            );
+            let invocable =
+                deployment::invocable(manifest, &self.runtime, &record.component, compiled);
+            invocable.set_keyvalue(std::sync::Arc::new(self.keyvalue.clone()));
+            self.invocables.insert(record.component.clone(), invocable);
         }
         let invocable = &self.invocables[&record.component];
         let event = record
