@@ -20,7 +20,7 @@ pub(crate) mod draft2;
 use crate::invoke::State;
 use std::sync::Arc;
 use wasmtime::StoreContextMut;
-use wasmtime::component::{Resource, WasmList, WasmStr};
+use wasmtime::component::{ComponentType, Lower, Resource, WasmList, WasmStr};
 
 /// Most keys one batch call (`get-many`, `set-many`, `delete-many`) may
 /// name.
@@ -448,6 +448,54 @@ async fn delete_many(
 ) -> Result<(), Refusal> {
     let keys = read_keys(store, keys)?;
     store.data_mut().kv(b, Op::DeleteMany(keys)).await.map(drop)
+}
+
+/// Replaces a version's generated `batch` functions (which take lists the
+/// host has already copied out of the guest) with ones that read the lists
+/// an entry at a time: `E` is the version's error type, `answer` turns the
+/// `get-many` answer into the version's shape.
+fn link_lazy_batch<E, A>(
+    linker: &mut wasmtime::component::Linker<State>,
+    instance: &str,
+    answer: fn(Pairs) -> A,
+) -> wasmtime::Result<()>
+where
+    E: From<Refusal> + ComponentType + Lower + Send + Sync + 'static,
+    A: ComponentType + Lower + Send + Sync + 'static,
+{
+    linker.allow_shadowing(true);
+    let mut batch = linker.instance(instance)?;
+    batch.func_wrap_async(
+        "get-many",
+        move |mut store: StoreContextMut<'_, State>,
+              (b, keys): (Resource<Bucket>, WasmList<WasmStr>)| {
+            Box::new(async move {
+                let r = get_many(&mut store, &b, &keys).await;
+                Ok((r.map(answer).map_err(E::from),))
+            })
+        },
+    )?;
+    batch.func_wrap_async(
+        "set-many",
+        |mut store: StoreContextMut<'_, State>, (b, pairs): (Resource<Bucket>, PairList)| {
+            Box::new(async move {
+                let r = set_many(&mut store, &b, &pairs).await;
+                Ok((r.map_err(E::from),))
+            })
+        },
+    )?;
+    batch.func_wrap_async(
+        "delete-many",
+        |mut store: StoreContextMut<'_, State>,
+         (b, keys): (Resource<Bucket>, WasmList<WasmStr>)| {
+            Box::new(async move {
+                let r = delete_many(&mut store, &b, &keys).await;
+                Ok((r.map_err(E::from),))
+            })
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 /// Adds both versions to the linker.

@@ -1,11 +1,10 @@
 //! `wasi:keyvalue@0.2.0-draft`: `u64` counters, `u64` cursors, and
 //! `get-many` answering `list<option<tuple<string, list<u8>>>>`.
 
-use super::{Bucket, Delta, PairList, Refusal};
+use super::{Bucket, Delta, Refusal};
 use crate::bindings::keyvalue::{atomics, batch, store};
 use crate::invoke::State;
-use wasmtime::StoreContextMut;
-use wasmtime::component::{Linker, Resource, WasmList, WasmStr};
+use wasmtime::component::{Linker, Resource};
 
 impl From<Refusal> for store::Error {
     fn from(r: Refusal) -> Self {
@@ -116,37 +115,9 @@ impl batch::Host for State {
 /// `wasmgate:edge` worlds (every world imports them); this replaces the
 /// batch functions with ones reading the guest's lists lazily.
 pub(crate) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> {
-    linker.allow_shadowing(true);
-    let mut batch = linker.instance("wasi:keyvalue/batch@0.2.0-draft")?;
-    batch.func_wrap_async(
-        "get-many",
-        |mut store: StoreContextMut<'_, State>,
-         (b, keys): (Resource<Bucket>, WasmList<WasmStr>)| {
-            Box::new(async move {
-                let r = super::get_many(&mut store, &b, &keys).await;
-                Ok((r.map(answer).map_err(store::Error::from),))
-            })
-        },
-    )?;
-    batch.func_wrap_async(
-        "set-many",
-        |mut store: StoreContextMut<'_, State>, (b, pairs): (Resource<Bucket>, PairList)| {
-            Box::new(async move {
-                let r = super::set_many(&mut store, &b, &pairs).await;
-                Ok((r.map_err(store::Error::from),))
-            })
-        },
-    )?;
-    batch.func_wrap_async(
-        "delete-many",
-        |mut store: StoreContextMut<'_, State>,
-         (b, keys): (Resource<Bucket>, WasmList<WasmStr>)| {
-            Box::new(async move {
-                let r = super::delete_many(&mut store, &b, &keys).await;
-                Ok((r.map_err(store::Error::from),))
-            })
-        },
-    )?;
-    linker.allow_shadowing(false);
-    Ok(())
+    super::link_lazy_batch::<store::Error, Answer>(
+        linker,
+        "wasi:keyvalue/batch@0.2.0-draft",
+        answer,
+    )
 }

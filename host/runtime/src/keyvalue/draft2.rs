@@ -10,11 +10,10 @@
 //! the WIT requires), so `current` and a second `swap` retry from there.
 //! `current` reads the key's value now.
 
-use super::{Bucket, Cas, Delta, Op, PairList, Refusal, Reply, unexpected};
+use super::{Bucket, Cas, Delta, Op, Refusal, Reply, unexpected};
 use crate::bindings::draft2::wasi::keyvalue::{atomics, batch, store};
 use crate::invoke::State;
-use wasmtime::StoreContextMut;
-use wasmtime::component::{Linker, Resource, WasmList, WasmStr};
+use wasmtime::component::{Linker, Resource};
 
 impl From<Refusal> for store::Error {
     fn from(r: Refusal) -> Self {
@@ -202,37 +201,9 @@ pub(crate) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> 
         linker,
         |s| s,
     )?;
-    linker.allow_shadowing(true);
-    let mut batch = linker.instance("wasi:keyvalue/batch@0.2.0-draft2")?;
-    batch.func_wrap_async(
-        "get-many",
-        |mut store: StoreContextMut<'_, State>,
-         (b, keys): (Resource<Bucket>, WasmList<WasmStr>)| {
-            Box::new(async move {
-                let r = super::get_many(&mut store, &b, &keys).await;
-                Ok((r.map_err(store::Error::from),))
-            })
-        },
-    )?;
-    batch.func_wrap_async(
-        "set-many",
-        |mut store: StoreContextMut<'_, State>, (b, pairs): (Resource<Bucket>, PairList)| {
-            Box::new(async move {
-                let r = super::set_many(&mut store, &b, &pairs).await;
-                Ok((r.map_err(store::Error::from),))
-            })
-        },
-    )?;
-    batch.func_wrap_async(
-        "delete-many",
-        |mut store: StoreContextMut<'_, State>,
-         (b, keys): (Resource<Bucket>, WasmList<WasmStr>)| {
-            Box::new(async move {
-                let r = super::delete_many(&mut store, &b, &keys).await;
-                Ok((r.map_err(store::Error::from),))
-            })
-        },
-    )?;
-    linker.allow_shadowing(false);
-    Ok(())
+    super::link_lazy_batch::<store::Error, super::Pairs>(
+        linker,
+        "wasi:keyvalue/batch@0.2.0-draft2",
+        |pairs| pairs,
+    )
 }
