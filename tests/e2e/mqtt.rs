@@ -552,11 +552,7 @@ async fn acks_go_out_in_arrival_order_when_handlers_finish_out_of_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_broker_at_start_is_retried() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("mqtt://127.0.0.1:{port}");
     let (o, receive_maximum) = options(&url, "host-late");
     let t = MqttTriggers::new(o, receive_maximum, vec![spec(HOSTILE, &[], "ok", 1, 1)]);

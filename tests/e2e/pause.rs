@@ -35,11 +35,7 @@ fn http_status(http: &str) -> (u16, Option<String>) {
 #[test]
 fn paused_triggers_take_no_events_and_resume() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::util::free_port();
     let m = dir.path().join("wasmgate.toml");
     std::fs::write(
         &m,

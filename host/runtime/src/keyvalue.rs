@@ -161,7 +161,6 @@ pub(crate) enum Refusal {
 }
 
 /// The key-value state of one invocation.
-#[derive(Default)]
 pub(crate) struct KeyValueState {
     pub(crate) component: String,
     pub(crate) store: Option<Arc<dyn KeyValue>>,

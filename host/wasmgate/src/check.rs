@@ -2,7 +2,7 @@
 
 use crate::cli::{CheckArgs, Fatal, load_manifest};
 use std::process::ExitCode;
-use wasmgate_manifest::Manifest;
+use wasmgate_manifest::keyvalue::KeyValueBounds;
 use wasmgate_manifest::limits::Size;
 use wasmgate_runtime::deployment::Deployment;
 use wasmgate_runtime::engine::EngineOptions;
@@ -18,8 +18,8 @@ fn list_text(items: &[String]) -> String {
 }
 
 /// A granted bucket: what it holds of its bounds.
-fn bucket_text(m: &Manifest, usage: &[BucketUsage], name: &str) -> String {
-    let b = m.keyvalue.bounds().bucket(name);
+fn bucket_text(bounds: &KeyValueBounds, usage: &[BucketUsage], name: &str) -> String {
+    let b = bounds.bucket(name);
     let (keys, bytes) = usage
         .iter()
         .find(|u| u.name == name)
@@ -64,6 +64,7 @@ pub fn check(args: CheckArgs) -> Result<ExitCode, Fatal> {
             spool.on_full
         );
     }
+    let bounds = m.keyvalue.bounds();
     let usage = wasmgate_store::keyvalue::read_usage(&KeyValueStore::path_in(&m.state_dir()))
         .map_err(Fatal)?;
     for (name, config) in &m.components {
@@ -84,7 +85,7 @@ pub fn check(args: CheckArgs) -> Result<ExitCode, Fatal> {
         if let Some(buckets) = &config.allow.keyvalue {
             let text: Vec<String> = buckets
                 .iter()
-                .map(|b| bucket_text(m, &usage, b.get_ref()))
+                .map(|b| bucket_text(&bounds, &usage, b.get_ref()))
                 .collect();
             println!("  keyvalue: {}", text.join(", "));
         }

@@ -13,7 +13,9 @@ use wasmgate_store::keyvalue::KeyValueStore;
 /// Runs `wasmgate kv`.
 pub async fn kv(args: KvArgs) -> Result<ExitCode, Fatal> {
     let m = load_manifest(&args.file)?;
-    let store = KeyValueStore::open(&KeyValueStore::path_in(&m.state_dir()), m.keyvalue.bounds())
+    let bounds = m.keyvalue.bounds();
+    let max_value = bounds.max_value_bytes;
+    let store = KeyValueStore::open(&KeyValueStore::path_in(&m.state_dir()), bounds.clone())
         .map_err(Fatal)?;
     let mut out = std::io::stdout().lock();
     match args.command {
@@ -25,11 +27,11 @@ pub async fn kv(args: KvArgs) -> Result<ExitCode, Fatal> {
             } else {
                 let _ = writeln!(out, "{:<24} {:>10} {:>14}", "BUCKET", "KEYS", "BYTES");
                 for u in usage {
-                    let bounds = m.keyvalue.bounds().bucket(&u.name);
+                    let b = bounds.bucket(&u.name);
                     let _ = writeln!(
                         out,
                         "{:<24} {:>10} {:>14}   (max {} keys, {} bytes)",
-                        u.name, u.keys, u.bytes, bounds.max_keys, bounds.max_bytes
+                        u.name, u.keys, u.bytes, b.max_keys, b.max_bytes
                     );
                 }
             }
@@ -71,9 +73,8 @@ pub async fn kv(args: KvArgs) -> Result<ExitCode, Fatal> {
                 Some(v) => v.into_bytes(),
                 None => {
                     let mut v = Vec::new();
-                    let max = m.keyvalue.bounds().max_value_bytes;
                     std::io::stdin()
-                        .take(max + 1)
+                        .take(max_value + 1)
                         .read_to_end(&mut v)
                         .map_err(|e| Fatal(format!("reading the value from stdin: {e}")))?;
                     v
