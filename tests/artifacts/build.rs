@@ -21,6 +21,7 @@ const GUESTS: &[&str] = &[
     "kv-http",
     "kv2-http",
     "dedup-mqtt",
+    "kv-audit",
 ];
 
 fn main() {

@@ -23,6 +23,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("wasmgate-trigger-http", 3),
     ("wasmgate-trigger-mqtt", 3),
     ("wasmgate-trigger-timer", 3),
+    ("wasmgate-trigger-keyvalue", 3),
     ("wasmgate", 4),
 ];
 

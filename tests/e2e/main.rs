@@ -13,6 +13,7 @@ mod dlq;
 mod examples;
 mod http;
 mod keyvalue;
+mod kvstream;
 mod layout;
 mod limits;
 mod manifest;

@@ -8,7 +8,14 @@ use proc_macro::TokenStream;
 use std::path::PathBuf;
 
 /// The worlds of `wasmgate:edge` a guest can target.
-const WORLDS: &[&str] = &["mqtt-app", "timer-app", "http-app", "event-app", "edge-app"];
+const WORLDS: &[&str] = &[
+    "mqtt-app",
+    "timer-app",
+    "kv-stream-app",
+    "http-app",
+    "event-app",
+    "edge-app",
+];
 
 /// Generates the bindings of one `wasmgate:edge` world in the calling crate.
 ///

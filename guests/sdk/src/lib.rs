@@ -9,6 +9,7 @@
 //! |-------------|--------------------------------------------------------|------------------------------|
 //! | `mqtt-app`  | `exports::wasmgate::edge::mqtt_handler::Guest`         | `wasmgate::edge::mqtt_publisher::publish` |
 //! | `timer-app` | `exports::wasmgate::edge::timer_handler::Guest`        | `wasmgate::edge::mqtt_publisher::publish` |
+//! | `kv-stream-app` | `exports::wasmgate::edge::kv_stream_handler::Guest` | `publish`, `wasi::keyvalue::*` |
 //! | `http-app`  | `exports::wasi::http::incoming_handler::Guest`         | `wasi::http::*`, `publish`   |
 //! | `event-app` | both MQTT and timer handlers                           |                              |
 //! | `edge-app`  | all three                                              |                              |

@@ -13,10 +13,29 @@
 //!
 //! A component opens a bucket only if `allow.keyvalue` names it; a bucket
 //! needs no section of its own (it then has the default bounds).
+//!
+//! A bucket that a `[[trigger.keyvalue]]` listens to keeps a change stream,
+//! bounded by `stream_max_changes` (100,000), `stream_max_bytes` (64 MiB of
+//! keys and values) and `stream_max_age` (24 h) in its section: the oldest
+//! changes past them are dropped, and a trigger that had not read them is
+//! told (a gap).
+//!
+//! ```toml
+//! [[trigger.keyvalue]]
+//! component = "audit"
+//! bucket = "orders"
+//! key_prefix = "eu/"          # optional
+//! view = "new_and_old"        # keys_only | new | old | new_and_old (default "new")
+//! batch_size = 100            # default 1, at most 1000
+//! batch_window = "200ms"      # wait this long for a batch to fill (default 0)
+//! retry = { attempts = 5 }
+//! ```
 
-use crate::limits::Size;
+use crate::RetryConfig;
+use crate::limits::{HumanDuration, Size};
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::time::Duration;
 use toml::Spanned;
 
 /// `[keyvalue]`.
@@ -40,6 +59,12 @@ pub struct BucketConfig {
     pub max_keys: Option<u64>,
     /// Most bytes of keys and values together (default 64 MiB).
     pub max_bytes: Option<Size>,
+    /// Most changes its change stream keeps (default 100,000).
+    pub stream_max_changes: Option<u64>,
+    /// Most bytes (keys and values) its change stream keeps (default 64 MiB).
+    pub stream_max_bytes: Option<Size>,
+    /// Oldest change its change stream keeps (default 24 h).
+    pub stream_max_age: Option<HumanDuration>,
 }
 
 /// The bounds of the whole store, defaults filled in.
@@ -61,6 +86,30 @@ pub struct BucketBounds {
     pub max_keys: u64,
     /// Most bytes of keys and values together.
     pub max_bytes: u64,
+    /// Its change stream's retention.
+    pub stream: StreamBounds,
+}
+
+/// What a bucket's change stream keeps; the oldest changes past any bound
+/// are dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamBounds {
+    /// Most changes.
+    pub max_changes: u64,
+    /// Most bytes of keys and values.
+    pub max_bytes: u64,
+    /// Oldest change.
+    pub max_age: Duration,
+}
+
+impl Default for StreamBounds {
+    fn default() -> Self {
+        Self {
+            max_changes: 100_000,
+            max_bytes: 64 * 1024 * 1024,
+            max_age: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 impl Default for BucketBounds {
@@ -68,6 +117,7 @@ impl Default for BucketBounds {
         Self {
             max_keys: KeyValueBounds::DEFAULT_MAX_KEYS,
             max_bytes: KeyValueBounds::DEFAULT_MAX_BYTES,
+            stream: StreamBounds::default(),
         }
     }
 }
@@ -125,11 +175,76 @@ impl KeyValueConfig {
                     let bounds = BucketBounds {
                         max_keys: b.max_keys.unwrap_or(d.max_keys),
                         max_bytes: b.max_bytes.map_or(d.max_bytes, |s| s.0),
+                        stream: StreamBounds {
+                            max_changes: b.stream_max_changes.unwrap_or(d.stream.max_changes),
+                            max_bytes: b.stream_max_bytes.map_or(d.stream.max_bytes, |s| s.0),
+                            max_age: b.stream_max_age.map_or(d.stream.max_age, |a| a.0),
+                        },
                     };
                     (name.clone(), bounds)
                 })
                 .collect(),
         }
+    }
+}
+
+/// What a change carries of the key's values (DynamoDB's
+/// `StreamViewType`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum View {
+    /// Neither value.
+    KeysOnly,
+    /// The value after the change.
+    #[default]
+    New,
+    /// The value before it.
+    Old,
+    /// Both.
+    NewAndOld,
+}
+
+/// `[[trigger.keyvalue]]`: a component handles the changes of a bucket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyValueTrigger {
+    /// The component whose `handle-changes` runs.
+    pub component: Spanned<String>,
+    /// The bucket whose changes it gets.
+    pub bucket: Spanned<String>,
+    /// Only the changes of keys that start with this.
+    pub key_prefix: Option<Spanned<String>>,
+    /// What each change carries of the values.
+    #[serde(default)]
+    pub view: View,
+    /// Most changes per invocation (default 1, at most 1000).
+    pub batch_size: Option<Spanned<u32>>,
+    /// How long to wait for a batch to fill (default 0: at once).
+    pub batch_window: Option<Spanned<HumanDuration>>,
+    /// Retry policy for a failed batch.
+    pub retry: Option<RetryConfig>,
+    /// Lets the component write to the bucket it listens to (each of its
+    /// writes is a change it gets again).
+    #[serde(default)]
+    pub allow_self_trigger: bool,
+}
+
+impl KeyValueTrigger {
+    /// Most changes per invocation, at most [`Self::MAX_BATCH_SIZE`].
+    pub const MAX_BATCH_SIZE: u32 = 1000;
+    /// Longest `batch_window`.
+    pub const MAX_BATCH_WINDOW: Duration = Duration::from_secs(300);
+
+    /// `batch_size`, default filled in.
+    pub fn batch_size(&self) -> u32 {
+        self.batch_size.as_ref().map_or(1, |b| *b.get_ref())
+    }
+
+    /// `batch_window`, default filled in.
+    pub fn batch_window(&self) -> Duration {
+        self.batch_window
+            .as_ref()
+            .map_or(Duration::ZERO, |w| w.get_ref().0)
     }
 }
 

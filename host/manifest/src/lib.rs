@@ -516,7 +516,8 @@ fn parse_filters(filters: Option<&Vec<Spanned<String>>>) -> Vec<TopicFilter> {
         .collect()
 }
 
-/// `[[trigger.http]]`, `[[trigger.mqtt]]`, `[[trigger.timer]]`.
+/// `[[trigger.http]]`, `[[trigger.mqtt]]`, `[[trigger.timer]]`,
+/// `[[trigger.keyvalue]]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Triggers {
@@ -529,6 +530,9 @@ pub struct Triggers {
     /// Schedules.
     #[serde(default)]
     pub timer: Vec<TimerTrigger>,
+    /// Change streams of key-value buckets.
+    #[serde(default)]
+    pub keyvalue: Vec<keyvalue::KeyValueTrigger>,
 }
 
 /// One MQTT subscription bound to a component.
@@ -804,6 +808,9 @@ impl Manifest {
         for (i, t) in triggers.timer.iter().enumerate() {
             self.check_timer_trigger(&format!("trigger.timer[{i}]"), t)?;
         }
+        for (i, t) in triggers.keyvalue.iter().enumerate() {
+            self.check_keyvalue_trigger(&format!("trigger.keyvalue[{i}]"), t)?;
+        }
         Ok(self)
     }
 
@@ -1026,6 +1033,29 @@ impl Manifest {
                     "must be at least 1".into(),
                 ));
             }
+            if c.stream_max_changes == Some(0) {
+                return Err(self.invalid(
+                    b.span(),
+                    &format!("{key}.stream_max_changes"),
+                    "must be at least 1".into(),
+                ));
+            }
+            if c.stream_max_age.is_some_and(|a| a.0.is_zero()) {
+                return Err(self.invalid(
+                    b.span(),
+                    &format!("{key}.stream_max_age"),
+                    "must be greater than zero".into(),
+                ));
+            }
+            if let Some(m) = c.stream_max_bytes
+                && m.0 < 1024
+            {
+                return Err(self.invalid(
+                    b.span(),
+                    &format!("{key}.stream_max_bytes"),
+                    "must be at least 1KiB".into(),
+                ));
+            }
             if let Some(m) = c.max_bytes
                 && m.0 < 1024
             {
@@ -1107,6 +1137,73 @@ impl Manifest {
         }
         if let Some(r) = &t.retry {
             r.check(self, &format!("{key}.retry"))?;
+        }
+        Ok(())
+    }
+
+    /// One `[[trigger.keyvalue]]`: its bucket, batch and retry, and that
+    /// its component cannot trigger itself unless allowed to.
+    fn check_keyvalue_trigger(
+        &self,
+        key: &str,
+        t: &keyvalue::KeyValueTrigger,
+    ) -> Result<(), ManifestError> {
+        use keyvalue::KeyValueTrigger as T;
+        self.check_component_ref(&t.component, key)?;
+        let bucket = t.bucket.get_ref();
+        if let Err(message) = keyvalue::validate_bucket_name(bucket) {
+            return Err(self.invalid(t.bucket.span(), &format!("{key}.bucket"), message));
+        }
+        if let Some(b) = &t.batch_size
+            && !(1..=T::MAX_BATCH_SIZE).contains(b.get_ref())
+        {
+            return Err(self.invalid(
+                b.span(),
+                &format!("{key}.batch_size"),
+                format!(
+                    "{} is out of range: use 1 to {}",
+                    b.get_ref(),
+                    T::MAX_BATCH_SIZE
+                ),
+            ));
+        }
+        if let Some(w) = &t.batch_window
+            && w.get_ref().0 > T::MAX_BATCH_WINDOW
+        {
+            return Err(self.invalid(
+                w.span(),
+                &format!("{key}.batch_window"),
+                "must be at most 5m".into(),
+            ));
+        }
+        if let Some(p) = &t.key_prefix
+            && (p.get_ref().is_empty()
+                || p.get_ref().len() as u64 > keyvalue::KeyValueBounds::MAX_KEY_BYTES)
+        {
+            return Err(self.invalid(
+                p.span(),
+                &format!("{key}.key_prefix"),
+                "must be 1 to 8192 bytes (leave it out for every key)".into(),
+            ));
+        }
+        if let Some(r) = &t.retry {
+            r.check(self, &format!("{key}.retry"))?;
+        }
+        let component = t.component.get_ref();
+        let writes = self.components[component]
+            .allow
+            .keyvalue
+            .iter()
+            .flatten()
+            .any(|b| b.get_ref() == bucket);
+        if writes && !t.allow_self_trigger {
+            return Err(self.invalid(
+                t.bucket.span(),
+                &format!("{key}.bucket"),
+                format!(
+                    "component {component:?} may write bucket {bucket:?} (its allow.keyvalue names it), the bucket this trigger listens to: each of its writes would trigger it again, possibly forever. Have it write to another bucket, or set allow_self_trigger = true and make sure its writes end (e.g. it writes only keys outside key_prefix, or only when a value changes)"
+                ),
+            ));
         }
         Ok(())
     }

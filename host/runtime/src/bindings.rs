@@ -27,6 +27,30 @@ pub(crate) use self::wasmgate::edge::{mqtt_publisher, mqtt_types, types};
 
 pub(crate) type Bindings = EventApp;
 
+/// The `kv-stream-app` world, for its export (`kv-stream-handler`); its
+/// imports are those generated above.
+pub(crate) mod kv_stream {
+    wasmtime::component::bindgen!({
+        path: "../../wit",
+        world: "wasmgate:edge/kv-stream-app",
+        imports: { default: async },
+        exports: { default: async },
+        require_store_data_send: true,
+        with: {
+            "wasmgate:edge/types": super::wasmgate::edge::types,
+            "wasmgate:edge/mqtt-types": super::wasmgate::edge::mqtt_types,
+            "wasmgate:edge/mqtt-publisher": super::wasmgate::edge::mqtt_publisher,
+            "wasi:keyvalue/store": super::wasi::keyvalue::store,
+            "wasi:keyvalue/atomics": super::wasi::keyvalue::atomics,
+            "wasi:keyvalue/batch": super::wasi::keyvalue::batch,
+        },
+    });
+}
+
+pub(crate) use self::kv_stream::exports::wasmgate::edge::kv_stream_handler::{
+    Change, Gap, GuestIndices as KvStreamHandlerIndices, Operation, Writer,
+};
+
 /// `wasi:keyvalue@0.2.0-draft2`, on the same resource types as
 /// `0.2.0-draft`. Its WIT is the host's own (`host/runtime/wit`), not in
 /// `wit/`: two versions of one package there would rename the guests'

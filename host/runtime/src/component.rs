@@ -18,6 +18,8 @@ pub enum Handler {
     Timer,
     /// `wasi:http/incoming-handler` (`[[trigger.http]]`).
     Http,
+    /// `wasmgate:edge/kv-stream-handler` (`[[trigger.keyvalue]]`).
+    KeyValue,
 }
 
 impl Handler {
@@ -27,6 +29,7 @@ impl Handler {
             Handler::Mqtt => "wasmgate:edge/mqtt-handler",
             Handler::Timer => "wasmgate:edge/timer-handler",
             Handler::Http => "wasi:http/incoming-handler",
+            Handler::KeyValue => "wasmgate:edge/kv-stream-handler",
         }
     }
 
@@ -36,6 +39,7 @@ impl Handler {
             Handler::Mqtt => "wasmgate:edge/mqtt-app",
             Handler::Timer => "wasmgate:edge/timer-app",
             Handler::Http => "wasmgate:edge/http-app (or wasi:http/proxy)",
+            Handler::KeyValue => "wasmgate:edge/kv-stream-app",
         }
     }
 }

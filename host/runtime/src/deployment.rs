@@ -184,6 +184,13 @@ pub fn uses(manifest: &Manifest) -> Vec<(String, &wasmgate_manifest::Spanned<Str
                 .enumerate()
                 .map(|(i, x)| (format!("trigger.timer[{i}]"), &x.component, Handler::Timer)),
         )
+        .chain(t.keyvalue.iter().enumerate().map(|(i, x)| {
+            (
+                format!("trigger.keyvalue[{i}]"),
+                &x.component,
+                Handler::KeyValue,
+            )
+        }))
         .collect()
 }
 

@@ -120,6 +120,113 @@ pub struct TimerTick {
     pub missed: u32,
 }
 
+/// What a key-value change did to its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvOperation {
+    /// Set (created, overwritten, incremented).
+    Set,
+    /// Deleted.
+    Delete,
+}
+
+/// The invocation that wrote a change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct KvWriter {
+    /// Its invocation id.
+    pub invocation: String,
+    /// Its component.
+    pub component: String,
+    /// Its trigger.
+    pub trigger: String,
+}
+
+/// One committed change of a bucket, as a `[[trigger.keyvalue]]` gets it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KvChange {
+    /// The key.
+    pub key: String,
+    /// Set or delete.
+    pub operation: KvOperation,
+    /// Its place in the bucket's stream (1, 2, …).
+    pub sequence: u64,
+    /// When it was committed, ms since the Unix epoch.
+    pub committed_at_ms: u64,
+    /// The value after a set (per the trigger's view).
+    #[serde(serialize_with = "serialize_opt_payload")]
+    pub new_value: Option<Vec<u8>>,
+    /// The value before (per the trigger's view).
+    #[serde(serialize_with = "serialize_opt_payload")]
+    pub old_value: Option<Vec<u8>>,
+    /// Who wrote it (none: an operator).
+    pub writer: Option<KvWriter>,
+}
+
+impl KvChange {
+    /// Bytes it holds (key and values), for batch and memory bounds.
+    pub fn size(&self) -> u64 {
+        (self.key.len()
+            + self.new_value.as_ref().map_or(0, Vec::len)
+            + self.old_value.as_ref().map_or(0, Vec::len)) as u64
+    }
+}
+
+/// Changes a trigger will never see (dropped by the stream's retention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct KvGap {
+    /// First sequence number lost.
+    pub first_sequence: u64,
+    /// Last sequence number lost.
+    pub last_sequence: u64,
+    /// Changes of the bucket lost.
+    pub lost: u64,
+}
+
+/// A batch of changes of one bucket, in commit order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KvBatch {
+    /// The bucket.
+    pub bucket: String,
+    /// Changes lost before these, if any.
+    pub gap: Option<KvGap>,
+    /// The changes.
+    pub changes: Vec<KvChange>,
+}
+
+/// The WIT form of a batch: its gap and its changes.
+pub(crate) fn wit_batch(
+    batch: KvBatch,
+) -> (Option<crate::bindings::Gap>, Vec<crate::bindings::Change>) {
+    use crate::bindings::{Change, Gap, Operation, Writer};
+    let gap = batch.gap.map(|g| Gap {
+        first_sequence: g.first_sequence,
+        last_sequence: g.last_sequence,
+        lost: g.lost,
+    });
+    let changes = batch
+        .changes
+        .into_iter()
+        .map(|c| Change {
+            bucket: batch.bucket.clone(),
+            key: c.key,
+            operation: match c.operation {
+                KvOperation::Set => Operation::Set,
+                KvOperation::Delete => Operation::Delete,
+            },
+            sequence: c.sequence,
+            committed_at_ms: c.committed_at_ms,
+            new_value: c.new_value,
+            old_value: c.old_value,
+            writer: c.writer.map(|w| Writer {
+                invocation: w.invocation,
+                component: w.component,
+                trigger: w.trigger,
+            }),
+        })
+        .collect();
+    (gap, changes)
+}
+
 /// An HTTP request for `invoke` (the response is collected in full).
 #[derive(Debug, Clone, Default)]
 pub struct HttpRequest {
@@ -156,6 +263,8 @@ pub enum Event {
     Timer(TimerTick),
     /// An HTTP request for `wasi:http/incoming-handler`.
     Http(HttpRequest),
+    /// Changes of a bucket for `kv-stream-handler.handle-changes`.
+    KeyValue(KvBatch),
 }
 
 impl Event {
@@ -165,6 +274,7 @@ impl Event {
             Event::Mqtt(_) => crate::component::Handler::Mqtt,
             Event::Timer(_) => crate::component::Handler::Timer,
             Event::Http(_) => crate::component::Handler::Http,
+            Event::KeyValue(_) => crate::component::Handler::KeyValue,
         }
     }
 }

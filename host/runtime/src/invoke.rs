@@ -54,8 +54,8 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 pub const OUTPUT_CAPTURE_BYTES: usize = 64 * 1024;
 
 pub use crate::event::{
-    Event, HTTP_BODY_CAPTURE_BYTES, HttpRequest, HttpResponse, MAX_PACKET_SIZE, MAX_PUBLISH_SIZE,
-    MqttMessage, TimerTick,
+    Event, HTTP_BODY_CAPTURE_BYTES, HttpRequest, HttpResponse, KvBatch, KvChange, KvGap,
+    KvOperation, KvWriter, MAX_PACKET_SIZE, MAX_PUBLISH_SIZE, MqttMessage, TimerTick,
 };
 
 /// The per-store state of one invocation.
@@ -70,6 +70,8 @@ pub struct State {
     /// Set when the HTTP response body of the running invocation was
     /// dropped before its end (see `crate::watched_body`).
     client_gone: Option<Arc<AtomicBool>>,
+    /// The `first-failed` of a failed batch of key-value changes.
+    first_failed: Option<u64>,
 }
 
 impl WasiView for State {
@@ -529,6 +531,11 @@ pub struct Outcome {
     /// The HTTP response, for HTTP events that produced one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_response: Option<HttpResponse>,
+    /// For a batch of key-value changes that failed: the sequence number
+    /// of the first change the handler says failed (those before it are
+    /// handled).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_failed: Option<u64>,
 }
 
 impl Outcome {
@@ -691,6 +698,7 @@ pub struct Version {
     pre: InstancePre<State>,
     mqtt: Option<MqttHandlerIndices>,
     timer: Option<TimerHandlerIndices>,
+    kv_stream: Option<crate::bindings::KvStreamHandlerIndices>,
     http: Option<HttpHandlerIndices>,
     /// Healthy instances of this version waiting for their next invocation.
     warm: std::sync::Mutex<Vec<WarmInstance>>,
@@ -719,6 +727,7 @@ impl Version {
             settings,
             mqtt: MqttHandlerIndices::new(&pre).ok(),
             timer: TimerHandlerIndices::new(&pre).ok(),
+            kv_stream: crate::bindings::KvStreamHandlerIndices::new(&pre).ok(),
             http: HttpHandlerIndices::new(&pre).ok(),
             pre,
             warm: std::sync::Mutex::default(),
@@ -745,6 +754,7 @@ impl Version {
         match h {
             Handler::Mqtt => self.mqtt.is_some(),
             Handler::Timer => self.timer.is_some(),
+            Handler::KeyValue => self.kv_stream.is_some(),
             Handler::Http => self.http.is_some(),
         }
     }
@@ -796,6 +806,7 @@ struct Loaded {
     instance: wasmtime::component::Instance,
     mqtt: Option<bindings::exports::wasmgate::edge::mqtt_handler::Guest>,
     timer: Option<bindings::exports::wasmgate::edge::timer_handler::Guest>,
+    kv_stream: Option<bindings::kv_stream::exports::wasmgate::edge::kv_stream_handler::Guest>,
     http: Option<wasmtime_wasi_http::p2::bindings::exports::wasi::http::incoming_handler::Guest>,
 }
 
@@ -1169,6 +1180,7 @@ impl Invocable {
             published: Vec::new(),
             publish_denied: 0,
             http_response: None,
+            first_failed: None,
         }
     }
 
@@ -1200,6 +1212,14 @@ impl Invocable {
             }
             None => (self.new_store(v, response_topic), None, 0),
         };
+        if !v.settings.keyvalue.is_empty() {
+            // Who writes, for the buckets' change streams.
+            run.store.data_mut().keyvalue.origin = Some(Arc::new(crate::keyvalue::Origin {
+                invocation: ctx.id.clone(),
+                component: self.name.clone(),
+                trigger: ctx.trigger.clone(),
+            }));
+        }
         run.arm(self.fuel, v.settings.limits, started);
         let mut http_response = None;
         let remaining = run.deadline.saturating_duration_since(Instant::now());
@@ -1289,6 +1309,7 @@ impl Invocable {
             },
             keyvalue: crate::keyvalue::KeyValueState {
                 component: self.name.clone(),
+                origin: None,
                 store: self.keyvalue.get().cloned(),
                 grants: s.keyvalue.clone(),
                 max_ops: s.limits.keyvalue_ops,
@@ -1297,6 +1318,7 @@ impl Invocable {
                 denials: self.denials.clone(),
             },
             client_gone: None,
+            first_failed: None,
         };
         let mut store = Store::new(v.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
@@ -1372,6 +1394,7 @@ impl Invocable {
             published: std::mem::take(&mut data.publish.published),
             publish_denied: std::mem::take(&mut data.publish.denied),
             http_response: None,
+            first_failed: data.first_failed.take(),
             ..self.bare_outcome(ctx, status, started)
         }
     }
@@ -1388,6 +1411,7 @@ impl Invocable {
                 instance: v.pre.instantiate_async(store).await?,
                 mqtt: None,
                 timer: None,
+                kv_stream: None,
                 http: None,
             }),
         })
@@ -1436,6 +1460,28 @@ impl Invocable {
                     missed: tick.missed,
                 };
                 guest.call_on_tick(&mut *store, &ctx, &tick).await
+            }
+            Input::Event(Event::KeyValue(batch)) => {
+                let Some(indices) = &v.kv_stream else {
+                    return Ok(Err(not_exported(crate::component::Handler::KeyValue)));
+                };
+                let loaded = Self::instance(v, store, instance).await?;
+                if loaded.kv_stream.is_none() {
+                    loaded.kv_stream = Some(indices.load(&mut *store, &loaded.instance)?);
+                }
+                let guest = loaded.kv_stream.as_ref().expect("looked up above");
+                let ctx = self.wit_invocation(v, ctx, started);
+                let (gap, changes) = crate::event::wit_batch(batch);
+                match guest
+                    .call_handle_changes(&mut *store, &ctx, gap, &changes)
+                    .await?
+                {
+                    Ok(()) => Ok(Ok(())),
+                    Err(e) => {
+                        store.data_mut().first_failed = e.first_failed;
+                        Ok(Err(e.error))
+                    }
+                }
             }
             // Boxed: a rare path (`invoke`, replays) whose large future
             // would otherwise grow every invocation's future, which is

@@ -124,6 +124,18 @@ pub enum Reply {
     SwapFailed(Option<Token>),
 }
 
+/// Who makes an operation: recorded with each change of a bucket that has
+/// a change stream. `None` for an operator (`wasmgate kv`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// The invocation id.
+    pub invocation: String,
+    /// The component.
+    pub component: String,
+    /// The invocation's trigger.
+    pub trigger: String,
+}
+
 /// Where the buckets live. `submit` must not block: it queues the operation
 /// and the answer comes on the returned channel (a dropped sender reads as
 /// "the store is closed").
@@ -133,9 +145,14 @@ pub trait KeyValue: Send + Sync {
     /// guest cannot make the host copy more than this per entry.
     fn sizes(&self) -> (usize, usize);
 
-    /// Runs `op` on `bucket`; an `Err` is a sentence for the guest.
-    fn submit(&self, bucket: &str, op: Op)
-    -> tokio::sync::oneshot::Receiver<Result<Reply, String>>;
+    /// Runs `op` on `bucket` for `origin`; an `Err` is a sentence for the
+    /// guest.
+    fn submit(
+        &self,
+        bucket: &str,
+        op: Op,
+        origin: Option<Arc<Origin>>,
+    ) -> tokio::sync::oneshot::Receiver<Result<Reply, String>>;
 }
 
 /// An open bucket of one invocation (the `bucket` resource of either
@@ -163,6 +180,8 @@ pub(crate) enum Refusal {
 /// The key-value state of one invocation.
 pub(crate) struct KeyValueState {
     pub(crate) component: String,
+    /// The running invocation (set for each one).
+    pub(crate) origin: Option<Arc<Origin>>,
     pub(crate) store: Option<Arc<dyn KeyValue>>,
     /// `allow.keyvalue`.
     pub(crate) grants: Arc<Vec<String>>,
@@ -241,7 +260,7 @@ impl KeyValueState {
         let Some(kv) = &self.store else {
             return Err(Refusal::Other("no key-value store".into()));
         };
-        match kv.submit(bucket, op).await {
+        match kv.submit(bucket, op, self.origin.clone()).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(why)) => Err(Refusal::Other(why)),
             Err(_) => Err(Refusal::Other(

@@ -70,7 +70,8 @@ impl Pauses {
         let labels = (0..t.http.len())
             .map(|i| format!("http[{i}]"))
             .chain((0..t.mqtt.len()).map(|i| format!("mqtt[{i}]")))
-            .chain((0..t.timer.len()).map(|i| format!("timer[{i}]")));
+            .chain((0..t.timer.len()).map(|i| format!("timer[{i}]")))
+            .chain((0..t.keyvalue.len()).map(|i| format!("keyvalue[{i}]")));
         Self(labels.map(|l| (l, Pause::default())).collect())
     }
 

@@ -23,7 +23,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
-use wasmgate_runtime::invoke::{Event, HttpRequest, MqttMessage, Outcome, Status, TimerTick};
+use wasmgate_runtime::invoke::{
+    Event, HttpRequest, KvBatch, KvChange, KvGap, KvOperation, KvWriter, MqttMessage, Outcome,
+    Status, TimerTick,
+};
 
 /// File name of the store inside `state_dir`.
 pub const FILE_NAME: &str = "dead-letters.sqlite";
@@ -127,6 +130,16 @@ pub enum StoredEvent {
         /// Missed ticks before it.
         missed: u32,
     },
+    /// A batch of key-value changes.
+    #[serde(rename = "keyvalue")]
+    KeyValue {
+        /// The bucket.
+        bucket: String,
+        /// Changes lost before these: first, last, count.
+        gap: Option<(u64, u64, u64)>,
+        /// The changes.
+        changes: Vec<StoredChange>,
+    },
     /// An HTTP request.
     Http {
         /// Method.
@@ -140,6 +153,75 @@ pub enum StoredEvent {
         /// Body, hex.
         body_hex: String,
     },
+}
+
+/// One key-value change as stored: values as hex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredChange {
+    /// The key.
+    pub key: String,
+    /// `set` or `delete`.
+    pub operation: String,
+    /// Its sequence number.
+    pub sequence: u64,
+    /// Its commit time, ms.
+    pub committed_at_ms: u64,
+    /// The new value, hex.
+    pub new_value_hex: Option<String>,
+    /// The old value, hex.
+    pub old_value_hex: Option<String>,
+    /// The writer: invocation, component, trigger.
+    pub writer: Option<(String, String, String)>,
+}
+
+impl From<&KvChange> for StoredChange {
+    fn from(c: &KvChange) -> Self {
+        Self {
+            key: c.key.clone(),
+            operation: match c.operation {
+                KvOperation::Set => "set",
+                KvOperation::Delete => "delete",
+            }
+            .into(),
+            sequence: c.sequence,
+            committed_at_ms: c.committed_at_ms,
+            new_value_hex: c.new_value.as_ref().map(hex::encode),
+            old_value_hex: c.old_value.as_ref().map(hex::encode),
+            writer: c
+                .writer
+                .as_ref()
+                .map(|w| (w.invocation.clone(), w.component.clone(), w.trigger.clone())),
+        }
+    }
+}
+
+impl StoredChange {
+    fn to_change(&self) -> Result<KvChange, String> {
+        let unhex = |s: &str| hex::decode(s).map_err(|e| format!("stored bytes are not hex: {e}"));
+        Ok(KvChange {
+            key: self.key.clone(),
+            operation: match self.operation.as_str() {
+                "set" => KvOperation::Set,
+                "delete" => KvOperation::Delete,
+                other => return Err(format!("{other:?} is not a key-value operation")),
+            },
+            sequence: self.sequence,
+            committed_at_ms: self.committed_at_ms,
+            new_value: self.new_value_hex.as_deref().map(unhex).transpose()?,
+            old_value: self.old_value_hex.as_deref().map(unhex).transpose()?,
+            writer: self.writer.as_ref().map(|(i, c, t)| KvWriter {
+                invocation: i.clone(),
+                component: c.clone(),
+                trigger: t.clone(),
+            }),
+        })
+    }
+
+    fn size(&self) -> usize {
+        self.key.len()
+            + self.new_value_hex.as_ref().map_or(0, |v| v.len() / 2)
+            + self.old_value_hex.as_ref().map_or(0, |v| v.len() / 2)
+    }
 }
 
 impl From<&Event> for StoredEvent {
@@ -160,6 +242,11 @@ impl From<&Event> for StoredEvent {
                 scheduled_at_ms: t.scheduled_at_ms,
                 fired_at_ms: t.fired_at_ms,
                 missed: t.missed,
+            },
+            Event::KeyValue(b) => StoredEvent::KeyValue {
+                bucket: b.bucket.clone(),
+                gap: b.gap.map(|g| (g.first_sequence, g.last_sequence, g.lost)),
+                changes: b.changes.iter().map(StoredChange::from).collect(),
             },
             Event::Http(r) => StoredEvent::Http {
                 method: r.method.clone(),
@@ -206,6 +293,22 @@ impl StoredEvent {
                 scheduled_at_ms: *scheduled_at_ms,
                 fired_at_ms: *fired_at_ms,
                 missed: *missed,
+            }),
+            StoredEvent::KeyValue {
+                bucket,
+                gap,
+                changes,
+            } => Event::KeyValue(KvBatch {
+                bucket: bucket.clone(),
+                gap: gap.map(|(first_sequence, last_sequence, lost)| KvGap {
+                    first_sequence,
+                    last_sequence,
+                    lost,
+                }),
+                changes: changes
+                    .iter()
+                    .map(StoredChange::to_change)
+                    .collect::<Result<_, _>>()?,
             }),
             StoredEvent::Http {
                 method,
@@ -408,7 +511,7 @@ fn split_payload(event: &StoredEvent) -> (StoredEvent, Option<Vec<u8>>) {
     let hex = match &mut bare {
         StoredEvent::Mqtt { payload_hex, .. } => payload_hex,
         StoredEvent::Http { body_hex, .. } => body_hex,
-        StoredEvent::Timer { .. } => return (bare, None),
+        StoredEvent::Timer { .. } | StoredEvent::KeyValue { .. } => return (bare, None),
     };
     // Bytes that are not hex (a record built by hand) stay in the JSON as
     // they came: the writer thread must not fail on them.
@@ -426,7 +529,7 @@ fn join_payload(event: &mut StoredEvent, payload: Vec<u8>) {
     match event {
         StoredEvent::Mqtt { payload_hex, .. } => *payload_hex = hex::encode(payload),
         StoredEvent::Http { body_hex, .. } => *body_hex = hex::encode(payload),
-        StoredEvent::Timer { .. } => {}
+        StoredEvent::Timer { .. } | StoredEvent::KeyValue { .. } => {}
     }
 }
 
@@ -588,6 +691,7 @@ impl DeadLetter {
             StoredEvent::Mqtt { payload_hex, .. } => payload_hex.len() / 2,
             StoredEvent::Http { body_hex, .. } => body_hex.len() / 2,
             StoredEvent::Timer { .. } => 0,
+            StoredEvent::KeyValue { changes, .. } => changes.iter().map(StoredChange::size).sum(),
         }
     }
 }

@@ -203,7 +203,10 @@ pub async fn deliver_until(
     }
 }
 
-async fn dead_letter(
+/// Writes `record` to `store` (and publishes it, with a dead-letter
+/// topic); `false` when it could not be written. Without a store the event
+/// is logged and dropped (`true`).
+pub async fn dead_letter(
     invocable: &Invocable,
     record: DeadLetter,
     store: Option<&DeadLetterStore>,

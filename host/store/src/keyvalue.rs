@@ -27,12 +27,17 @@
 //! key set again keeps its place, and a page never repeats or skips a key
 //! that stayed in the bucket while it was listed.
 
+pub mod stream;
+
 use rusqlite::{Connection, OptionalExtension, params};
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use stream::{StreamBatch, StreamRead, StreamUsage};
+use tokio::sync::{mpsc, oneshot, watch};
 use wasmgate_manifest::keyvalue::KeyValueBounds;
-use wasmgate_runtime::keyvalue::{Delta, KeyValue, Op, Pairs, Reply, Token};
+use wasmgate_runtime::invoke::KvOperation;
+use wasmgate_runtime::keyvalue::{Delta, KeyValue, Op, Origin, Pairs, Reply, Token};
 
 /// Most operations committed together.
 pub const MAX_GROUP: usize = 256;
@@ -68,7 +73,8 @@ CREATE TABLE IF NOT EXISTS kv_buckets (
 /// Opens the file, creating the schema, and adds the `version` column to a
 /// store made before it existed.
 fn open_db(path: &Path) -> Result<Connection, String> {
-    let conn = crate::sqlite::open(path, "the key-value store", SCHEMA)?;
+    let schema = format!("{SCHEMA}{}", stream::SCHEMA);
+    let conn = crate::sqlite::open(path, "the key-value store", &schema)?;
     let has_version = conn
         .prepare("SELECT 1 FROM pragma_table_info('kv') WHERE name = 'version'")
         .and_then(|mut s| s.exists([]))
@@ -101,9 +107,11 @@ enum Job {
     Op {
         bucket: String,
         op: Op,
+        origin: Option<Arc<Origin>>,
         reply: oneshot::Sender<Result<Reply, String>>,
     },
     Usage(oneshot::Sender<Result<Vec<BucketUsage>, String>>),
+    Stream(stream::Job),
 }
 
 /// The key-value store: a handle to its writer thread. Cloned handles share
@@ -114,6 +122,8 @@ pub struct KeyValueStore {
     jobs: mpsc::Sender<Job>,
     path: Arc<PathBuf>,
     sizes: (usize, usize),
+    /// Counts the commits that recorded a change in a stream.
+    changed: watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for KeyValueStore {
@@ -141,10 +151,17 @@ impl KeyValueStore {
             usize::try_from(bounds.max_key_bytes).unwrap_or(usize::MAX),
             usize::try_from(bounds.max_value_bytes).unwrap_or(usize::MAX),
         );
+        let (notify, changed) = watch::channel(0);
         std::thread::Builder::new()
             .name("keyvalue-writer".into())
             .spawn(move || {
-                Writer { conn, bounds }.run(rx);
+                Writer {
+                    conn,
+                    bounds,
+                    notify,
+                    captured: Cell::new(false),
+                }
+                .run(rx);
                 tracing::debug!("key-value writer stopped");
             })
             .map_err(|e| format!("starting the key-value writer: {e}"))?;
@@ -152,6 +169,7 @@ impl KeyValueStore {
             jobs,
             path: Arc::new(path.to_path_buf()),
             sizes,
+            changed,
         })
     }
 
@@ -160,9 +178,10 @@ impl KeyValueStore {
         &self.path
     }
 
-    /// Runs one operation and waits for its answer.
+    /// Runs one operation (an operator's: no invocation) and waits for its
+    /// answer.
     pub async fn run(&self, bucket: &str, op: Op) -> Result<Reply, String> {
-        self.submit(bucket, op)
+        self.submit(bucket, op, None)
             .await
             .unwrap_or_else(|_| Err("the key-value store is closed".into()))
     }
@@ -178,16 +197,85 @@ impl KeyValueStore {
     }
 }
 
+/// The change streams.
+impl KeyValueStore {
+    /// Changes when a commit of this process recorded a change in a stream
+    /// (other processes' are not seen: poll too).
+    pub fn changed(&self) -> watch::Receiver<u64> {
+        self.changed.clone()
+    }
+
+    async fn stream_job<T>(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<T, String>>) -> stream::Job,
+    ) -> Result<T, String> {
+        let (tx, rx) = oneshot::channel();
+        if self.jobs.send(Job::Stream(job(tx))).await.is_err() {
+            return Err("the key-value store is closed".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| Err("the key-value store is closed".into()))
+    }
+
+    /// Records the changes of exactly `buckets` from now on (those a
+    /// trigger listens to); a bucket no longer listened to loses its
+    /// stream.
+    pub async fn set_streams(&self, buckets: Vec<String>) -> Result<(), String> {
+        self.stream_job(|tx| stream::Job::SetActive(buckets, tx))
+            .await
+    }
+
+    /// The checkpoint of `consumer` (a trigger), created at the oldest
+    /// change kept of `bucket`.
+    pub async fn stream_position(&self, consumer: &str, bucket: &str) -> Result<u64, String> {
+        let (consumer, bucket) = (consumer.to_string(), bucket.to_string());
+        self.stream_job(|reply| stream::Job::Position {
+            consumer,
+            bucket,
+            reply,
+        })
+        .await
+    }
+
+    /// Reads changes after a checkpoint.
+    pub async fn read_stream(&self, read: StreamRead) -> Result<StreamBatch, String> {
+        self.stream_job(|tx| stream::Job::Read(read, tx)).await
+    }
+
+    /// Saves `consumer`'s checkpoint; on disk when this returns.
+    pub async fn checkpoint(&self, consumer: &str, bucket: &str, seq: u64) -> Result<(), String> {
+        let (consumer, bucket) = (consumer.to_string(), bucket.to_string());
+        self.stream_job(|reply| stream::Job::Checkpoint {
+            consumer,
+            bucket,
+            seq,
+            reply,
+        })
+        .await
+    }
+
+    /// Every stream.
+    pub async fn stream_usage(&self) -> Result<Vec<StreamUsage>, String> {
+        self.stream_job(stream::Job::Usage).await
+    }
+}
+
 impl KeyValue for KeyValueStore {
     fn sizes(&self) -> (usize, usize) {
         self.sizes
     }
 
-    fn submit(&self, bucket: &str, op: Op) -> oneshot::Receiver<Result<Reply, String>> {
+    fn submit(
+        &self,
+        bucket: &str,
+        op: Op,
+        origin: Option<Arc<Origin>>,
+    ) -> oneshot::Receiver<Result<Reply, String>> {
         let (reply, rx) = oneshot::channel();
         let job = Job::Op {
             bucket: bucket.to_string(),
             op,
+            origin,
             reply,
         };
         match self.jobs.try_send(job) {
@@ -207,6 +295,9 @@ impl KeyValue for KeyValueStore {
 struct Writer {
     conn: Connection,
     bounds: KeyValueBounds,
+    notify: watch::Sender<u64>,
+    /// Set when the running group recorded a change in a stream.
+    captured: Cell<bool>,
 }
 
 /// Answers waiting for the commit of their group.
@@ -232,7 +323,8 @@ impl Writer {
     /// the group is answered with the failure and none is kept.
     fn commit_group(&mut self, group: Vec<Job>) {
         let mut ops: Pending<Reply> = Vec::new();
-        let mut usages: Pending<Vec<BucketUsage>> = Vec::new();
+        let mut answers: Vec<stream::Answer> = Vec::new();
+        self.captured.set(false);
         if !self.conn.is_autocommit() {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
@@ -244,10 +336,15 @@ impl Writer {
         for job in group {
             match job {
                 Job::Op { reply, .. } if reply.is_closed() => {}
-                Job::Op { bucket, op, reply } => {
+                Job::Op {
+                    bucket,
+                    op,
+                    origin,
+                    reply,
+                } => {
                     let result = match &broken {
                         Some(_) => Err(String::new()),
-                        None => match self.savepoint(&bucket, op) {
+                        None => match self.savepoint(&bucket, op, origin.as_deref()) {
                             Ok(r) => r,
                             Err(e) => {
                                 broken = Some(e);
@@ -257,13 +354,17 @@ impl Writer {
                     };
                     ops.push((reply, result));
                 }
-                Job::Usage(reply) => {
-                    let result = match &broken {
-                        Some(_) => Err(String::new()),
-                        None => usage(&self.conn).map_err(|e| e.to_string()),
-                    };
-                    usages.push((reply, result));
-                }
+                Job::Usage(reply) => answers.push(stream::answer(
+                    reply,
+                    match &broken {
+                        Some(_) => Ok(Vec::new()),
+                        None => usage(&self.conn),
+                    },
+                )),
+                Job::Stream(job) => answers.push(match &broken {
+                    Some(_) => Box::new(move |_| job.refuse("the key-value store failed")),
+                    None => job.run(&self.conn),
+                }),
             }
         }
         if broken.is_none()
@@ -271,34 +372,46 @@ impl Writer {
         {
             broken = Some(format!("commit: {e}"));
         }
-        if let Some(e) = broken {
+        let failed = broken.map(|e| {
             if !self.conn.is_autocommit() {
                 let _ = self.conn.execute_batch("ROLLBACK");
             }
             tracing::error!(error = %e, "key-value store: a transaction failed; none of its group's writes were kept");
-            let failed = format!("the key-value store failed ({e}); nothing was written");
-            for (_, r) in &mut ops {
-                *r = Err(failed.clone());
-            }
-            for (_, r) in &mut usages {
-                *r = Err(failed.clone());
-            }
+            format!("the key-value store failed ({e}); nothing was written")
+        });
+        if failed.is_none() && self.captured.get() {
+            self.notify.send_modify(|n| *n += 1);
         }
         for (tx, r) in ops {
-            let _ = tx.send(r);
+            let _ = tx.send(match &failed {
+                Some(why) => Err(why.clone()),
+                None => r,
+            });
         }
-        for (tx, r) in usages {
-            let _ = tx.send(r);
+        for a in answers {
+            a(failed.as_deref());
         }
     }
 
     /// One operation in a savepoint: a refused one undoes only itself. The
     /// outer `Err`: the transaction itself failed (SQLite ended it, or
     /// could not roll back to the savepoint).
-    fn savepoint(&mut self, bucket: &str, op: Op) -> Result<Result<Reply, String>, String> {
+    fn savepoint(
+        &mut self,
+        bucket: &str,
+        op: Op,
+        origin: Option<&Origin>,
+    ) -> Result<Result<Reply, String>, String> {
         let sql = |e: rusqlite::Error| e.to_string();
         self.conn.execute_batch("SAVEPOINT op").map_err(sql)?;
-        let result = apply(&self.conn, &self.bounds, bucket, op);
+        let b = Bucket {
+            conn: &self.conn,
+            bounds: &self.bounds,
+            name: bucket,
+            origin,
+            captured: &self.captured,
+        };
+        let result = apply(&b, op);
         if self.conn.is_autocommit() {
             return Err(format!(
                 "SQLite ended the transaction: {}",
@@ -327,17 +440,7 @@ impl From<rusqlite::Error> for Refused {
     }
 }
 
-fn apply(
-    conn: &Connection,
-    bounds: &KeyValueBounds,
-    bucket: &str,
-    op: Op,
-) -> Result<Reply, String> {
-    let b = Bucket {
-        conn,
-        bounds,
-        name: bucket,
-    };
+fn apply(b: &Bucket<'_>, op: Op) -> Result<Reply, String> {
     let result = match op {
         Op::Get(key) => b.get(&key).map(Reply::Value),
         Op::Set(key, value) => b.set(&key, &value).map(|()| Reply::Done),
@@ -368,6 +471,10 @@ struct Bucket<'a> {
     conn: &'a Connection,
     bounds: &'a KeyValueBounds,
     name: &'a str,
+    /// Who writes (for the change stream).
+    origin: Option<&'a Origin>,
+    /// Set when a change is recorded in a stream.
+    captured: &'a Cell<bool>,
 }
 
 impl Bucket<'_> {
@@ -438,7 +545,13 @@ impl Bucket<'_> {
                 value.len()
             )));
         }
-        let old = self.size_of(key)?;
+        let streamed = stream::is_active(self.conn, self.name)?;
+        let old_value = if streamed { self.get(key)? } else { None };
+        let old = if streamed {
+            old_value.as_ref().map(|v| v.len() as u64)
+        } else {
+            self.size_of(key)?
+        };
         if old.is_none() {
             self.check_new_key(key)?;
         }
@@ -467,11 +580,46 @@ impl Bucket<'_> {
                  ON CONFLICT (bucket, key) DO UPDATE SET value = excluded.value, version = version + 1",
             )?
             .execute(params![self.name, key, value])?;
-        self.set_usage(new_keys, new_bytes)
+        self.set_usage(new_keys, new_bytes)?;
+        if streamed {
+            self.capture(key, KvOperation::Set, Some(value), old_value.as_deref())?;
+        }
+        Ok(())
+    }
+
+    /// Records a change in the bucket's stream.
+    fn capture(
+        &self,
+        key: &str,
+        operation: KvOperation,
+        new_value: Option<&[u8]>,
+        old_value: Option<&[u8]>,
+    ) -> Result<(), Refused> {
+        stream::record(
+            self.conn,
+            &stream::Capture {
+                bucket: self.name,
+                key,
+                operation,
+                new_value,
+                old_value,
+                origin: self.origin,
+            },
+            &self.bounds.bucket(self.name).stream,
+        )?;
+        self.captured.set(true);
+        Ok(())
     }
 
     fn delete(&self, key: &str) -> Result<(), Refused> {
-        let Some(old) = self.size_of(key)? else {
+        let streamed = stream::is_active(self.conn, self.name)?;
+        let old_value = if streamed { self.get(key)? } else { None };
+        let old = match &old_value {
+            Some(v) => Some(v.len() as u64),
+            None if streamed => None,
+            None => self.size_of(key)?,
+        };
+        let Some(old) = old else {
             return Ok(());
         };
         self.conn
@@ -481,7 +629,11 @@ impl Bucket<'_> {
         self.set_usage(
             keys.saturating_sub(1),
             bytes.saturating_sub(key.len() as u64 + old),
-        )
+        )?;
+        if streamed {
+            self.capture(key, KvOperation::Delete, None, old_value.as_deref())?;
+        }
+        Ok(())
     }
 
     /// Adds to a counter kept as ASCII decimal: within `u64` for
@@ -623,6 +775,7 @@ mod tests {
             BucketBounds {
                 max_keys: 2,
                 max_bytes: 30,
+                ..BucketBounds::default()
             },
         );
         b
@@ -838,5 +991,114 @@ mod tests {
             s.run("b", Op::Get("n".into())).await,
             Ok(Reply::Value(Some(b"500".to_vec())))
         );
+    }
+
+    #[tokio::test]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one stream's story: capture, reads, retention, checkpoints, removal"
+    )]
+    async fn a_streamed_bucket_records_its_committed_changes_within_retention() {
+        use stream::StreamRead;
+        use wasmgate_manifest::keyvalue::{StreamBounds, View};
+        let dir = tempfile::tempdir().unwrap();
+        let mut bounds = small();
+        bounds.buckets.insert(
+            "s".into(),
+            BucketBounds {
+                stream: StreamBounds {
+                    max_changes: 4,
+                    ..StreamBounds::default()
+                },
+                ..BucketBounds::default()
+            },
+        );
+        let kv = store(dir.path(), bounds);
+        kv.run("s", set("before", "x")).await.unwrap();
+        kv.set_streams(vec!["s".into()]).await.unwrap();
+        assert_eq!(kv.stream_position("t", "s").await.unwrap(), 0);
+        let origin = Arc::new(Origin {
+            invocation: "inv-1".into(),
+            component: "c".into(),
+            trigger: "http".into(),
+        });
+        let changed = kv.changed();
+        kv.submit("s", set("a/1", "one"), Some(origin))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(changed.has_changed().unwrap());
+        kv.run("s", set("a/1", "two")).await.unwrap();
+        kv.run("s", set("b/1", "three")).await.unwrap();
+        // A refused write records nothing; a delete of a missing key neither.
+        assert!(kv.run("s", set("a/2", &"x".repeat(17))).await.is_err());
+        kv.run("s", Op::Delete("none".into())).await.unwrap();
+        kv.run("s", Op::Delete("a/1".into())).await.unwrap();
+        // Another bucket is not streamed.
+        kv.run("other", set("k", "v")).await.unwrap();
+        let read = |after, prefix: Option<&str>, view, max_changes| StreamRead {
+            bucket: "s".into(),
+            after,
+            prefix: prefix.map(String::from),
+            view,
+            max_changes,
+        };
+        let all = kv
+            .read_stream(read(0, None, View::NewAndOld, 10))
+            .await
+            .unwrap();
+        assert_eq!(all.gap, None);
+        assert_eq!(all.through, 4);
+        let seqs: Vec<(u64, &str)> = all
+            .changes
+            .iter()
+            .map(|c| (c.sequence, c.key.as_str()))
+            .collect();
+        assert_eq!(seqs, [(1, "a/1"), (2, "a/1"), (3, "b/1"), (4, "a/1")]);
+        assert_eq!(all.changes[0].writer.as_ref().unwrap().invocation, "inv-1");
+        assert_eq!(all.changes[1].writer, None);
+        assert_eq!(all.changes[1].old_value.as_deref(), Some(b"one".as_slice()));
+        assert_eq!(all.changes[1].new_value.as_deref(), Some(b"two".as_slice()));
+        assert_eq!(all.changes[3].operation, KvOperation::Delete);
+        assert_eq!(all.changes[3].old_value.as_deref(), Some(b"two".as_slice()));
+        // The prefix and the view; `through` passes changes of other keys.
+        let b = kv
+            .read_stream(read(0, Some("b/"), View::KeysOnly, 10))
+            .await
+            .unwrap();
+        assert_eq!((b.changes.len(), b.through), (1, 4));
+        assert_eq!(
+            (
+                b.changes[0].new_value.clone(),
+                b.changes[0].old_value.clone()
+            ),
+            (None, None)
+        );
+        let one = kv.read_stream(read(1, None, View::New, 1)).await.unwrap();
+        assert_eq!((one.changes[0].sequence, one.through), (2, 2));
+        assert_eq!(one.changes[0].old_value, None);
+        // Retention: 4 changes kept; a consumer behind is told the gap.
+        kv.run("s", set("c", "1")).await.unwrap();
+        kv.run("s", set("c", "2")).await.unwrap();
+        let behind = kv.read_stream(read(1, None, View::New, 10)).await.unwrap();
+        assert_eq!(
+            behind.gap,
+            Some(wasmgate_runtime::invoke::KvGap {
+                first_sequence: 2,
+                last_sequence: 2,
+                lost: 1
+            })
+        );
+        assert_eq!(behind.changes.first().map(|c| c.sequence), Some(3));
+        // Checkpoints persist; a new consumer starts at the oldest kept.
+        kv.checkpoint("t", "s", 5).await.unwrap();
+        assert_eq!(kv.stream_position("t", "s").await.unwrap(), 5);
+        assert_eq!(kv.stream_position("new", "s").await.unwrap(), 2);
+        // No trigger listens any more: the stream goes, and a gap is told.
+        kv.set_streams(Vec::new()).await.unwrap();
+        kv.run("s", set("d", "1")).await.unwrap();
+        let gone = kv.read_stream(read(5, None, View::New, 10)).await.unwrap();
+        assert_eq!(gone.changes, []);
+        assert_eq!(gone.gap.map(|g| g.lost), Some(1));
     }
 }

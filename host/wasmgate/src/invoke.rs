@@ -187,7 +187,7 @@ pub(crate) fn event_from_file(path: &Path) -> Result<Event, Fatal> {
         serde_json::from_value(value).map_err(|e| {
             Fatal(format!(
                 "{flag}: not an event as `wasmgate dlq show` prints it ({e}); \
-                 kind is one of mqtt, timer, http"
+                 kind is one of mqtt, timer, http, keyvalue"
             ))
         })?;
     let event = stored
@@ -204,6 +204,17 @@ pub(crate) fn event_from_file(path: &Path) -> Result<Event, Fatal> {
         Event::Http(r) => check_http(&r.method, &r.authority, &r.path, &r.headers)
             .map_err(|e| Fatal(format!("{flag}: {e}")))?,
         Event::Timer(_) => {}
+        Event::KeyValue(b) => {
+            wasmgate_manifest::keyvalue::validate_bucket_name(&b.bucket)
+                .map_err(|e| Fatal(format!("{flag}: bucket: {e}")))?;
+            let max = wasmgate_manifest::keyvalue::KeyValueTrigger::MAX_BATCH_SIZE as usize;
+            if b.changes.len() > max {
+                return Err(Fatal(format!(
+                    "{flag}: {} changes; a batch has at most {max}",
+                    b.changes.len()
+                )));
+            }
+        }
     }
     Ok(event)
 }

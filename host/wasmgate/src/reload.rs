@@ -278,6 +278,12 @@ fn refuse_fixed(
             ));
         }
     }
+    if value_at(old, &["trigger", "keyvalue"]) != value_at(new, &["trigger", "keyvalue"]) {
+        return Err(format!(
+            "{}: [[trigger.keyvalue]] changed: a reload cannot change the key-value triggers (their buckets' change streams); restart the gateway to apply it (nothing was changed)",
+            next.path.display()
+        ));
+    }
     if !has_listener && !next.triggers.http.is_empty() {
         return Err(format!(
             "{}: trigger.http: the running gateway has no HTTP listener; restart the gateway to start one (nothing was changed)",

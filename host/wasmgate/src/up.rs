@@ -208,6 +208,7 @@ impl Gateway {
             tasks.spawn(Trigger::run(trigger, tasks.clone(), shutdown.clone()));
         }
         let timers = Timers::start(&current, &stores, &metrics, &tasks, &shutdown).await?;
+        start_streams(&current, &stores, &tasks, &shutdown).await?;
         let reloader = Arc::new(crate::reload::Reloader::new(
             m.path.clone(),
             deployment.clone(),
@@ -270,6 +271,38 @@ impl Gateway {
         }
         self.admin.stop().await;
     }
+}
+
+/// Records the changes of the buckets that `[[trigger.keyvalue]]` listen
+/// to (only those), and starts each trigger.
+async fn start_streams(
+    current: &Current,
+    stores: &Stores,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<(), Fatal> {
+    let m = &current.manifest;
+    let specs = wasmgate_trigger_keyvalue::specs(m);
+    let buckets: std::collections::BTreeSet<String> =
+        specs.iter().map(|s| s.bucket.clone()).collect();
+    stores
+        .keyvalue
+        .set_streams(buckets.into_iter().collect())
+        .await
+        .map_err(|e| Fatal(format!("the key-value change streams: {e}")))?;
+    for (spec, t) in specs.into_iter().zip(&m.triggers.keyvalue) {
+        let component = current.components[t.component.get_ref()].clone();
+        let label = spec.label.trim_start_matches("trigger.").to_string();
+        let trigger = wasmgate_trigger_keyvalue::KeyValueTrigger::new(
+            spec,
+            component,
+            stores.keyvalue.clone(),
+        )
+        .with_pause(current.pauses.of_trigger(&label))
+        .with_dead_letters(stores.dead_letters.clone());
+        tasks.spawn(Trigger::run(trigger, tasks.clone(), shutdown.clone()));
+    }
+    Ok(())
 }
 
 /// The gateway's metrics and the admin listener's state.

@@ -1,0 +1,109 @@
+//! `kv-audit`: handles the change stream of a bucket (`[[trigger.keyvalue]]`)
+//! and writes what it saw to another bucket, `audit` (or `$AUDIT_BUCKET`):
+//!
+//! | key            | value                                                      |
+//! |----------------|------------------------------------------------------------|
+//! | `seen/SEQ`     | `set KEY new=V old=V by=COMPONENT` (`-` for none, `operator`) |
+//! | `count/SEQ`    | how many times change SEQ was handled                      |
+//! | `last/KEY`     | the sequence number of KEY's last change handled           |
+//! | `disorder`     | changes of a key that came after a later one of that key   |
+//! | `gap`          | the last gap: `FIRST-LAST lost=N`                          |
+//! | `batches`      | batches handled                                            |
+//! | `largest`      | the largest batch handled                                  |
+//!
+//! A changed value of `fail-once` fails its batch at that change on the
+//! first attempt (`first-failed`, retry), `reject` rejects it (the rest of
+//! the batch is dead-lettered); the changes before it count as handled.
+
+wasmgate_guest::bindings!("kv-stream-app");
+
+use exports::wasmgate::edge::kv_stream_handler::{BatchError, Change, Gap, Guest, Operation};
+use wasi::keyvalue::{atomics, store};
+use wasmgate::edge::types::{HandlerError, Invocation};
+
+struct Audit;
+
+fn retry(e: store::Error) -> BatchError {
+    BatchError {
+        first_failed: None,
+        error: HandlerError::Retry(format!("key-value: {e:?}")),
+    }
+}
+
+fn text(v: &Option<Vec<u8>>) -> String {
+    v.as_ref()
+        .map_or_else(|| "-".into(), |b| String::from_utf8_lossy(b).into_owned())
+}
+
+impl Guest for Audit {
+    fn handle_changes(
+        ctx: Invocation,
+        gap: Option<Gap>,
+        changes: Vec<Change>,
+    ) -> Result<(), BatchError> {
+        let name = std::env::var("AUDIT_BUCKET").unwrap_or_else(|_| "audit".into());
+        let audit = store::open(&name).map_err(retry)?;
+        if let Some(g) = gap {
+            let v = format!("{}-{} lost={}", g.first_sequence, g.last_sequence, g.lost);
+            audit.set("gap", v.as_bytes()).map_err(retry)?;
+        }
+        for c in &changes {
+            let value = c.new_value.as_deref();
+            let fail = |error: HandlerError| BatchError {
+                first_failed: Some(c.sequence),
+                error,
+            };
+            if value == Some(b"fail-once".as_slice()) && ctx.attempt == 1 {
+                return Err(fail(HandlerError::Retry("fail-once".into())));
+            }
+            if value == Some(b"reject".as_slice()) {
+                return Err(fail(HandlerError::Reject("rejected".into())));
+            }
+            let last_key = format!("last/{}", c.key);
+            let last = audit
+                .get(&last_key)
+                .map_err(retry)?
+                .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            if c.sequence < last {
+                atomics::increment(&audit, "disorder", 1).map_err(retry)?;
+            } else {
+                audit
+                    .set(&last_key, c.sequence.to_string().as_bytes())
+                    .map_err(retry)?;
+            }
+            let op = match c.operation {
+                Operation::Set => "set",
+                Operation::Delete => "delete",
+            };
+            let by = c
+                .writer
+                .as_ref()
+                .map_or_else(|| "operator".to_string(), |w| w.component.clone());
+            let line = format!(
+                "{op} {} new={} old={} by={by}",
+                c.key,
+                text(&c.new_value),
+                text(&c.old_value)
+            );
+            audit
+                .set(&format!("seen/{:010}", c.sequence), line.as_bytes())
+                .map_err(retry)?;
+            atomics::increment(&audit, &format!("count/{:010}", c.sequence), 1).map_err(retry)?;
+        }
+        atomics::increment(&audit, "batches", 1).map_err(retry)?;
+        let largest = audit
+            .get("largest")
+            .map_err(retry)?
+            .and_then(|v| String::from_utf8(v).ok()?.parse::<usize>().ok())
+            .unwrap_or(0);
+        if changes.len() > largest {
+            audit
+                .set("largest", changes.len().to_string().as_bytes())
+                .map_err(retry)?;
+        }
+        Ok(())
+    }
+}
+
+export!(Audit);
