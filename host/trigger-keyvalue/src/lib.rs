@@ -367,10 +367,12 @@ impl KeyValueTrigger {
             self.stats.lost.fetch_add(gap.lost, Ordering::Relaxed);
             tracing::warn!(trigger = %self.spec.label, first = gap.first_sequence, last = gap.last_sequence, lost = gap.lost, "key-value trigger: changes were dropped by the stream's retention before it read them (the handler is told)");
         }
-        if let Some(first) = batch.changes.first() {
-            let now = wasmgate_store::sqlite::now_ms();
-            self.stats
-                .lagged(now.saturating_sub(first.committed_at_ms) * 1000);
+        if let Some(committed) = batch.first_committed_us {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_micros() as u64;
+            self.stats.lagged(now.saturating_sub(committed));
         }
     }
 

@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS kv_changes (
     op INTEGER NOT NULL,
     new_value BLOB,
     old_value BLOB,
-    committed_ms INTEGER NOT NULL,
+    -- Microseconds since the Unix epoch.
+    committed_us INTEGER NOT NULL,
     size INTEGER NOT NULL,
     writer_invocation TEXT,
     writer_component TEXT,
@@ -87,6 +88,9 @@ pub struct StreamBatch {
     /// Every change up to this number was looked at (the checkpoint once
     /// the batch is handled; past changes outside the prefix too).
     pub through: u64,
+    /// When the first change was committed, µs since the Unix epoch (for
+    /// the lag).
+    pub first_committed_us: Option<u64>,
 }
 
 /// A bucket's stream, for status.
@@ -270,7 +274,7 @@ fn read(conn: &Connection, req: &StreamRead) -> rusqlite::Result<StreamBatch> {
     };
     let prefix = req.prefix.as_deref().unwrap_or("");
     let mut stmt = conn.prepare_cached(
-        "SELECT seq, key, op, committed_ms, writer_invocation, writer_component, writer_trigger, \
+        "SELECT seq, key, op, committed_us, writer_invocation, writer_component, writer_trigger, \
          CASE WHEN ?3 AND substr(key, 1, length(?4)) = ?4 THEN new_value END, \
          CASE WHEN ?5 AND substr(key, 1, length(?4)) = ?4 THEN old_value END \
          FROM kv_changes WHERE bucket = ?1 AND seq > ?2 ORDER BY seq LIMIT ?6",
@@ -302,6 +306,8 @@ fn read(conn: &Connection, req: &StreamRead) -> rusqlite::Result<StreamBatch> {
             }),
             None => None,
         };
+        let committed_us = row.get::<_, i64>(3)? as u64;
+        batch.first_committed_us.get_or_insert(committed_us);
         let change = KvChange {
             key,
             operation: if row.get::<_, i64>(2)? == 2 {
@@ -310,7 +316,7 @@ fn read(conn: &Connection, req: &StreamRead) -> rusqlite::Result<StreamBatch> {
                 KvOperation::Set
             },
             sequence: seq,
-            committed_at_ms: row.get::<_, i64>(3)? as u64,
+            committed_at_ms: committed_us / 1000,
             new_value: row.get(7)?,
             old_value: row.get(8)?,
             writer,
@@ -333,6 +339,14 @@ fn usage(conn: &Connection) -> rusqlite::Result<Vec<StreamUsage>> {
             })
         })?
         .collect()
+}
+
+/// Microseconds since the Unix epoch, now.
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
 }
 
 /// Whether changes of `bucket` are recorded.
@@ -362,12 +376,12 @@ pub(super) fn record(
 ) -> rusqlite::Result<()> {
     let (last, _) = ends(conn, c.bucket)?;
     let seq = last + 1;
-    let now = crate::sqlite::now_ms();
+    let now = now_us();
     let size = (c.key.len()
         + c.new_value.map_or(0, <[u8]>::len)
         + c.old_value.map_or(0, <[u8]>::len)) as i64;
     conn.prepare_cached(
-        "INSERT INTO kv_changes (bucket, seq, key, op, new_value, old_value, committed_ms, size, \
+        "INSERT INTO kv_changes (bucket, seq, key, op, new_value, old_value, committed_us, size, \
          writer_invocation, writer_component, writer_trigger) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
@@ -404,14 +418,14 @@ fn prune(
     bounds: &StreamBounds,
     now: u64,
 ) -> rusqlite::Result<()> {
-    let oldest_kept = now.saturating_sub(bounds.max_age.as_millis() as u64);
+    let oldest_kept = now.saturating_sub(bounds.max_age.as_micros() as u64);
     loop {
         let (changes, bytes): (i64, i64) = conn
             .prepare_cached("SELECT changes, bytes FROM kv_streams WHERE bucket = ?1")?
             .query_row(params![bucket], |r| Ok((r.get(0)?, r.get(1)?)))?;
         let Some((seq, size, at)) = conn
             .prepare_cached(
-                "SELECT seq, size, committed_ms FROM kv_changes WHERE bucket = ?1 ORDER BY seq LIMIT 1",
+                "SELECT seq, size, committed_us FROM kv_changes WHERE bucket = ?1 ORDER BY seq LIMIT 1",
             )?
             .query_row(params![bucket], |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
