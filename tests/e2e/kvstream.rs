@@ -17,6 +17,11 @@ use wasmgate_store::keyvalue::KeyValueStore;
 use wasmgate_test_artifacts::{KV_AUDIT, KV_HTTP};
 
 fn write_manifest(dir: &Path, extra: &str) -> String {
+    write_manifest_with(dir, "", extra)
+}
+
+/// With `audit_env` as the audit component's `env` entries.
+fn write_manifest_with(dir: &Path, audit_env: &str, extra: &str) -> String {
     let m = dir.join("wasmgate.toml");
     std::fs::write(
         &m,
@@ -36,6 +41,7 @@ limits = {{ concurrency = 16 }}
 source = "{KV_AUDIT}"
 allow.keyvalue = ["audit"]
 limits = {{ concurrency = 1 }}
+env = {{ {audit_env} }}
 
 [[trigger.http]]
 priority = 1
@@ -108,8 +114,9 @@ fn wait(up: &Up, what: &str, done: impl Fn() -> bool) {
 #[test]
 fn changes_reach_the_handler_in_order_with_partial_failures_and_dead_letters() {
     let dir = tempfile::tempdir().unwrap();
-    let m = write_manifest(
+    let m = write_manifest_with(
         dir.path(),
+        r#"AUDIT_CHECK_OLD = "1""#,
         r#"
 [[trigger.keyvalue]]
 component = "audit"
@@ -118,8 +125,13 @@ view = "new_and_old"
 batch_size = 10
 batch_window = "300ms"
 retry = { attempts = 3, backoff = "50ms" }
+
+[admin]
+listen = "127.0.0.1:0"
+token_file = "admin.token"
 "#,
     );
+    std::fs::write(dir.path().join("admin.token"), "t0k3n-for-the-test\n").unwrap();
     let up = Up::spawn(wasmgate().args(["up", "-f", &m]), &m);
     up.wait_for(&["key-value trigger started", "orders"]);
     let http = up.logged("http listening", "address");
@@ -147,15 +159,18 @@ retry = { attempts = 3, backoff = "50ms" }
         assert_eq!(kv.count(seq), 1, "change {seq} handled once");
     }
     assert_eq!(kv.get("disorder"), None, "a key's changes in commit order");
+    // Each change's old value is what the key's previous change left: none
+    // missing, none out of commit order.
+    assert_eq!(kv.get("mismatch"), None);
     assert!(kv.get("largest").unwrap().parse::<u32>().unwrap() > 1);
     assert!(
-        kv.seen(1).unwrap().ends_with("old=- by=kv"),
+        kv.seen(1).unwrap().ends_with("old=- by=kv via=http[0]"),
         "{:?}",
         kv.seen(1)
     );
     let delete = kv.seen(121).unwrap();
     assert!(
-        delete.starts_with("delete k0 new=- old=c") && delete.ends_with("by=kv"),
+        delete.starts_with("delete k0 new=- old=c") && delete.ends_with("by=kv via=http[0]"),
         "{delete}"
     );
 
@@ -167,7 +182,7 @@ retry = { attempts = 3, backoff = "50ms" }
     });
     assert_eq!(
         kv.seen(122).unwrap(),
-        "set op new=by-hand old=- by=operator"
+        "set op new=by-hand old=- by=operator via=-"
     );
 
     // Partial failure: the handler names the change that failed; the one
@@ -206,6 +221,34 @@ retry = { attempts = 3, backoff = "50ms" }
         .map(|c| c["sequence"].as_u64().unwrap())
         .collect();
     assert_eq!(changes, [127, 128]);
+
+    // Operators: the trigger in status, paused and resumed, and its metrics.
+    let status = run(&["status", "-f", &m]);
+    assert!(
+        text(&status).contains("keyvalue[0]") && text(&status).contains("keyvalue:orders"),
+        "{}",
+        text(&status)
+    );
+    let out = run(&["pause", "keyvalue[0]", "-f", &m]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    kv.set_many(&[("held", "x")]);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(kv.seen(130), None, "a paused trigger takes no batch");
+    let out = run(&["resume", "keyvalue[0]", "-f", &m]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    wait(&up, "the held change handled after resume", || {
+        kv.seen(130).is_some()
+    });
+    let admin = up.logged("admin listening", "address");
+    let (code, metrics) = get(&admin, "/metrics");
+    assert_eq!(code, 200);
+    for series in [
+        "wasmgate_kv_stream_changes_total{trigger=\"keyvalue[0]\"} 128",
+        "wasmgate_kv_stream_dead_lettered_changes_total{trigger=\"keyvalue[0]\"} 2",
+        "wasmgate_kv_stream_behind_changes{trigger=\"keyvalue[0]\"} 0",
+    ] {
+        assert!(metrics.contains(series), "{series}:\n{metrics}");
+    }
     drop(kv);
     up.stop();
 }
@@ -268,7 +311,9 @@ bucket = "orders"
 }
 
 /// Writes are acknowledged by the store while the gateway is SIGKILLed at
-/// seeded-random points; in the end every one was handled.
+/// seeded-random points, and batches fail part-way (retried from the failed
+/// change) or are rejected (dead-lettered): in the end every change was
+/// handled or is in a dead letter.
 #[test]
 fn sigkill_at_random_points_loses_no_change() {
     let dir = tempfile::tempdir().unwrap();
@@ -279,6 +324,7 @@ fn sigkill_at_random_points_loses_no_change() {
 component = "audit"
 bucket = "orders"
 batch_size = 7
+retry = { attempts = 3, backoff = "20ms" }
 "#,
     );
     let spawn = || {
@@ -299,16 +345,37 @@ batch_size = 7
         std::thread::spawn(move || {
             let kv = Kv::open(&dir);
             for i in 0..n {
+                let value = match i {
+                    _ if i % 50 == 7 => "reject".to_string(),
+                    _ if i % 10 == 3 => "fail-once".to_string(),
+                    _ => i.to_string(),
+                };
                 kv.run(
                     "orders",
-                    Op::Set(format!("k{}", i % 17), i.to_string().into_bytes()),
+                    Op::Set(format!("k{}", i % 17), value.into_bytes()),
                 );
                 std::thread::sleep(Duration::from_millis(10));
             }
         })
     };
     let kv = Kv::open(dir.path());
-    let handled = || (1..=n).filter(|s| kv.seen(*s).is_some()).count() as u64;
+    let dead = || -> std::collections::BTreeSet<u64> {
+        let out = run(&["dlq", "list", "-f", &m, "--json", "--limit", "1000"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        json(&out)
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r["event"]["changes"].as_array().unwrap().clone())
+            .map(|c| c["sequence"].as_u64().unwrap())
+            .collect()
+    };
+    let handled = || {
+        let dead = dead();
+        (1..=n)
+            .filter(|s| dead.contains(s) || kv.seen(*s).is_some())
+            .count() as u64
+    };
     let mut rng = fastrand::Rng::with_seed(0x5eed);
     let mut host = spawn();
     let mut kills = 0;
@@ -336,7 +403,12 @@ batch_size = 7
     drop(host);
     eprintln!("{n} changes handled after {kills} SIGKILLs");
     assert!(kills >= 2, "the host was never killed mid-stream");
+    let dead = dead();
+    assert!(!dead.is_empty(), "rejected changes are dead-lettered");
     for seq in 1..=n {
-        assert!(kv.count(seq) >= 1, "change {seq}");
+        assert!(
+            dead.contains(&seq) || kv.count(seq) >= 1,
+            "change {seq} neither handled nor dead-lettered"
+        );
     }
 }

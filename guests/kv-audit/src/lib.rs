@@ -3,10 +3,12 @@
 //!
 //! | key            | value                                                      |
 //! |----------------|------------------------------------------------------------|
-//! | `seen/SEQ`     | `set KEY new=V old=V by=COMPONENT` (`-` for none, `operator`) |
+//! | `seen/SEQ`     | `set KEY new=V old=V by=COMPONENT via=TRIGGER` (`-` for none, `operator`) |
 //! | `count/SEQ`    | how many times change SEQ was handled                      |
 //! | `last/KEY`     | the sequence number of KEY's last change handled           |
 //! | `disorder`     | changes of a key that came after a later one of that key   |
+//! | `value/KEY`    | with `AUDIT_CHECK_OLD`: KEY's value after its last change  |
+//! | `mismatch`     | with `AUDIT_CHECK_OLD`: changes whose old value was not the value after the key's previous change (a change missing or out of order; needs `view = "new_and_old"`) |
 //! | `gap`          | the last gap: `FIRST-LAST lost=N`                          |
 //! | `batches`      | batches handled                                            |
 //! | `largest`      | the largest batch handled                                  |
@@ -83,12 +85,15 @@ impl Guest for Audit {
                 Operation::Set => "set",
                 Operation::Delete => "delete",
             };
-            let by = c
-                .writer
-                .as_ref()
-                .map_or_else(|| "operator".to_string(), |w| w.component.clone());
+            if std::env::var_os("AUDIT_CHECK_OLD").is_some() {
+                check_old(&audit, c).map_err(retry)?;
+            }
+            let (by, via) = c.writer.as_ref().map_or_else(
+                || ("operator".to_string(), "-".to_string()),
+                |w| (w.component.clone(), w.trigger.clone()),
+            );
             let line = format!(
-                "{op} {} new={} old={} by={by}",
+                "{op} {} new={} old={} by={by} via={via}",
                 c.key,
                 text(&c.new_value),
                 text(&c.old_value)
@@ -110,6 +115,19 @@ impl Guest for Audit {
                 .map_err(retry)?;
         }
         Ok(())
+    }
+}
+
+/// Compares the change's old value with the value its key's previous
+/// change left, and keeps the new one.
+fn check_old(audit: &store::Bucket, c: &Change) -> Result<(), store::Error> {
+    let key = format!("value/{}", c.key);
+    if audit.get(&key)? != c.old_value {
+        atomics::increment(audit, "mismatch", 1)?;
+    }
+    match &c.new_value {
+        Some(v) => audit.set(&key, v),
+        None => audit.delete(&key),
     }
 }
 

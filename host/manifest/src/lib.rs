@@ -809,7 +809,7 @@ impl Manifest {
             self.check_timer_trigger(&format!("trigger.timer[{i}]"), t)?;
         }
         for (i, t) in triggers.keyvalue.iter().enumerate() {
-            self.check_keyvalue_trigger(&format!("trigger.keyvalue[{i}]"), t)?;
+            self.check_keyvalue_trigger(i, t)?;
         }
         Ok(self)
     }
@@ -1145,10 +1145,11 @@ impl Manifest {
     /// its component cannot trigger itself unless allowed to.
     fn check_keyvalue_trigger(
         &self,
-        key: &str,
+        index: usize,
         t: &keyvalue::KeyValueTrigger,
     ) -> Result<(), ManifestError> {
         use keyvalue::KeyValueTrigger as T;
+        let key = &format!("trigger.keyvalue[{index}]");
         self.check_component_ref(&t.component, key)?;
         let bucket = t.bucket.get_ref();
         if let Err(message) = keyvalue::validate_bucket_name(bucket) {
@@ -1178,34 +1179,82 @@ impl Manifest {
         }
         if let Some(p) = &t.key_prefix
             && (p.get_ref().is_empty()
+                || p.get_ref().contains('\0')
                 || p.get_ref().len() as u64 > keyvalue::KeyValueBounds::MAX_KEY_BYTES)
         {
             return Err(self.invalid(
                 p.span(),
                 &format!("{key}.key_prefix"),
-                "must be 1 to 8192 bytes (leave it out for every key)".into(),
+                "must be 1 to 8192 bytes, without NUL (leave it out for every key)".into(),
+            ));
+        }
+        let same = |o: &T| {
+            o.component.get_ref() == t.component.get_ref()
+                && o.bucket.get_ref() == bucket
+                && o.key_prefix.as_ref().map(|p| p.get_ref())
+                    == t.key_prefix.as_ref().map(|p| p.get_ref())
+        };
+        if let Some(j) = self.triggers.keyvalue[..index].iter().position(same) {
+            return Err(self.invalid(
+                t.bucket.span(),
+                key,
+                format!("the same component, bucket and key_prefix as trigger.keyvalue[{j}]: the two would share one checkpoint; make them one trigger"),
             ));
         }
         if let Some(r) = &t.retry {
             r.check(self, &format!("{key}.retry"))?;
         }
-        let component = t.component.get_ref();
-        let writes = self.components[component]
-            .allow
-            .keyvalue
-            .iter()
-            .flatten()
-            .any(|b| b.get_ref() == bucket);
-        if writes && !t.allow_self_trigger {
+        if !t.allow_self_trigger
+            && let Some(path) = self.keyvalue_loop(index)
+        {
             return Err(self.invalid(
                 t.bucket.span(),
                 &format!("{key}.bucket"),
                 format!(
-                    "component {component:?} may write bucket {bucket:?} (its allow.keyvalue names it), the bucket this trigger listens to: each of its writes would trigger it again, possibly forever. Have it write to another bucket, or set allow_self_trigger = true and make sure its writes end (e.g. it writes only keys outside key_prefix, or only when a value changes)"
+                    "this trigger listens to bucket {bucket:?}, and {path}: each change can trigger another, possibly forever. Have the handlers write other buckets, or set allow_self_trigger = true on a trigger of the loop whose handler's writes end (e.g. it writes only keys outside key_prefix, or only when a value changes)"
                 ),
             ));
         }
         Ok(())
+    }
+
+    /// A loop of key-value triggers back to the bucket of
+    /// `trigger.keyvalue[start]`: its component may write that bucket, or a
+    /// bucket another trigger listens to whose component may write it, and
+    /// so on (a trigger with `allow_self_trigger` ends a loop). The path,
+    /// in words.
+    fn keyvalue_loop(&self, start: usize) -> Option<String> {
+        let triggers = &self.triggers.keyvalue;
+        let target = triggers[start].bucket.get_ref();
+        let mut stack = vec![(start, Vec::<String>::new())];
+        let mut seen = std::collections::BTreeSet::new();
+        while let Some((i, path)) = stack.pop() {
+            if !seen.insert(i) {
+                continue;
+            }
+            let component = triggers[i].component.get_ref();
+            let Some(config) = self.components.get(component) else {
+                continue;
+            };
+            for b in config.allow.keyvalue.iter().flatten() {
+                let mut path = path.clone();
+                path.push(format!(
+                    "component {component:?} (trigger.keyvalue[{i}]) may write bucket {:?}",
+                    b.get_ref()
+                ));
+                if b.get_ref() == target {
+                    return Some(path.join(", which "));
+                }
+                for (j, t) in triggers.iter().enumerate() {
+                    if t.bucket.get_ref() == b.get_ref() && !t.allow_self_trigger {
+                        let mut path = path.clone();
+                        path.push(format!("trigger.keyvalue[{j}] listens to"));
+                        stack.push((j, path));
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// One `[[trigger.timer]]`: its options, then its schedule.

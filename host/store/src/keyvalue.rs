@@ -354,16 +354,25 @@ impl Writer {
                     };
                     ops.push((reply, result));
                 }
-                Job::Usage(reply) => answers.push(stream::answer(
-                    reply,
-                    match &broken {
-                        Some(_) => Ok(Vec::new()),
-                        None => usage(&self.conn),
-                    },
-                )),
+                Job::Usage(reply) => answers.push(
+                    stream::answer(
+                        reply,
+                        match &broken {
+                            Some(_) => Ok(Vec::new()),
+                            None => usage(&self.conn),
+                        },
+                    )
+                    .0,
+                ),
                 Job::Stream(job) => answers.push(match &broken {
                     Some(_) => Box::new(move |_| job.refuse("the key-value store failed")),
-                    None => job.run(&self.conn),
+                    None => match self.stream_savepoint(job) {
+                        Ok(answer) => answer,
+                        Err((answer, e)) => {
+                            broken = Some(e);
+                            answer
+                        }
+                    },
                 }),
             }
         }
@@ -390,6 +399,34 @@ impl Writer {
         }
         for a in answers {
             a(failed.as_deref());
+        }
+    }
+
+    /// A stream job in a savepoint, like an operation: a failed one undoes
+    /// only itself. `Err`: the transaction itself failed.
+    fn stream_savepoint(
+        &mut self,
+        job: stream::Job,
+    ) -> Result<stream::Answer, (stream::Answer, String)> {
+        let sql = |e: rusqlite::Error| e.to_string();
+        if let Err(e) = self.conn.execute_batch("SAVEPOINT job") {
+            return Err((
+                Box::new(move |_| job.refuse("the key-value store failed")),
+                sql(e),
+            ));
+        }
+        let (answer, ok) = job.run(&self.conn);
+        if self.conn.is_autocommit() {
+            return Err((answer, "SQLite ended the transaction".into()));
+        }
+        let undo = if ok {
+            Ok(())
+        } else {
+            self.conn.execute_batch("ROLLBACK TO job")
+        };
+        match undo.and_then(|()| self.conn.execute_batch("RELEASE job")) {
+            Ok(()) => Ok(answer),
+            Err(e) => Err((answer, sql(e))),
         }
     }
 
@@ -1042,6 +1079,7 @@ mod tests {
             prefix: prefix.map(String::from),
             view,
             max_changes,
+            max_bytes: stream::BATCH_BYTES,
         };
         let all = kv
             .read_stream(read(0, None, View::NewAndOld, 10))

@@ -36,13 +36,16 @@ use wasmgate_runtime::invoke::{Admission, Event, Invocable, InvocationContext, K
 use wasmgate_store::deadletter::{self, AttemptError, Condition, DeadLetterStore};
 use wasmgate_store::delivery::{RetryPolicy, retryable};
 use wasmgate_store::keyvalue::KeyValueStore;
-use wasmgate_store::keyvalue::stream::{StreamBatch, StreamRead};
+use wasmgate_store::keyvalue::stream::{BATCH_BYTES, StreamBatch, StreamRead};
 
 /// How often a trigger looks for changes made by other processes.
 pub const POLL_EVERY: Duration = Duration::from_millis(250);
 /// How long a trigger waits before trying again when the store failed (a
 /// checkpoint not saved, a dead letter not written).
 pub const STORE_RETRY: Duration = Duration::from_secs(1);
+/// How often, at most, a checkpoint passing only changes outside the
+/// trigger's `key_prefix` is saved (each save is a commit).
+pub const SAVE_PASSED_EVERY: Duration = Duration::from_secs(1);
 /// Lag samples kept in [`StreamStats::take_lag_us`].
 pub const LAG_SAMPLES: usize = 100_000;
 
@@ -66,6 +69,17 @@ pub struct StreamSpec {
     pub batch_window: Duration,
     /// Retries of a failed batch.
     pub retry: RetryPolicy,
+}
+
+impl StreamSpec {
+    /// The trigger text of its invocations: `keyvalue:BUCKET` or
+    /// `keyvalue:BUCKET/PREFIX`.
+    pub fn trigger_text(&self) -> String {
+        match &self.key_prefix {
+            Some(p) => format!("keyvalue:{}/{p}", self.bucket),
+            None => format!("keyvalue:{}", self.bucket),
+        }
+    }
 }
 
 /// The triggers of a manifest.
@@ -113,6 +127,8 @@ pub struct StreamStats {
     pub lost: AtomicU64,
     /// The checkpoint: every change up to it is settled.
     pub checkpoint: AtomicU64,
+    /// The bucket's last sequence number, as last read.
+    pub head: AtomicU64,
     lag_us: Mutex<VecDeque<u64>>,
 }
 
@@ -147,10 +163,7 @@ pub struct KeyValueTrigger {
 impl KeyValueTrigger {
     /// Binds a trigger to its component and store.
     pub fn new(spec: StreamSpec, component: Arc<Invocable>, store: KeyValueStore) -> Self {
-        let trigger = match &spec.key_prefix {
-            Some(p) => format!("keyvalue:{}/{p}", spec.bucket),
-            None => format!("keyvalue:{}", spec.bucket),
-        };
+        let trigger = spec.trigger_text();
         Self {
             spec,
             component,
@@ -182,67 +195,102 @@ impl KeyValueTrigger {
     /// Runs until `shutdown`; a batch in progress is finished or, between
     /// retries, left for the next start.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Some(mut checkpoint) = self
+        let _ = self.consume(shutdown).await;
+    }
+
+    /// [`Self::run`]; `None` once `shutdown` has ended it.
+    async fn consume(&self, shutdown: CancellationToken) -> Option<()> {
+        let mut checkpoint = self
             .until_stored(&shutdown, || {
                 self.store
                     .stream_position(&self.spec.consumer, &self.spec.bucket)
             })
-            .await
-        else {
-            return;
-        };
+            .await?;
+        let (mut saved, mut saved_at) = (checkpoint, tokio::time::Instant::now());
         self.stats.checkpoint.store(checkpoint, Ordering::Relaxed);
         tracing::info!(trigger = %self.spec.label, component = %self.component.name, bucket = %self.spec.bucket, checkpoint, "key-value trigger started");
         let mut changed = self.store.changed();
         loop {
             if shutdown.is_cancelled() {
-                return;
+                return None;
             }
             if self.pause.is_paused() {
                 tokio::select! {
-                    () = shutdown.cancelled() => return,
+                    () = shutdown.cancelled() => return None,
                     () = self.pause.resumed() => continue,
                 }
             }
             changed.mark_unchanged();
-            let Some(mut batch) = self.read(checkpoint, &shutdown).await else {
-                return;
-            };
+            let mut batch = self
+                .read(checkpoint, self.spec.batch_size, BATCH_BYTES, &shutdown)
+                .await?;
             if batch.changes.is_empty() && batch.gap.is_none() {
                 if batch.through > checkpoint {
-                    // Only changes outside the key prefix: nothing to handle.
-                    let Some(c) = self.save(batch.through, &shutdown).await else {
-                        return;
-                    };
-                    checkpoint = c;
+                    // Only changes outside the key prefix: nothing to
+                    // handle. The checkpoint passes them, saved at most
+                    // every SAVE_PASSED_EVERY or once idle (lost in a
+                    // crash, they are only looked at again).
+                    checkpoint = batch.through;
+                    self.stats.checkpoint.store(checkpoint, Ordering::Relaxed);
+                    if saved_at.elapsed() >= SAVE_PASSED_EVERY {
+                        saved = self.save(checkpoint, &shutdown).await?;
+                        saved_at = tokio::time::Instant::now();
+                    }
                     continue;
                 }
+                if checkpoint > saved {
+                    saved = self.save(checkpoint, &shutdown).await?;
+                    saved_at = tokio::time::Instant::now();
+                }
                 tokio::select! {
-                    () = shutdown.cancelled() => return,
+                    () = shutdown.cancelled() => return None,
                     _ = changed.changed() => {}
                     () = tokio::time::sleep(POLL_EVERY) => {}
                 }
                 continue;
             }
-            if batch.changes.len() < self.spec.batch_size && !self.spec.batch_window.is_zero() {
-                let until = tokio::time::Instant::now() + self.spec.batch_window;
-                while batch.changes.len() < self.spec.batch_size {
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep_until(until) => break,
-                        _ = changed.changed() => {}
-                    }
-                    let Some(b) = self.read(checkpoint, &shutdown).await else {
-                        return;
-                    };
-                    batch = b;
-                }
-            }
-            let Some(c) = self.deliver(batch, &shutdown).await else {
-                return;
-            };
-            checkpoint = c;
+            self.fill(&mut batch, &mut changed, &shutdown).await?;
+            checkpoint = self.deliver(batch, &shutdown).await?;
+            saved = checkpoint;
+            saved_at = tokio::time::Instant::now();
         }
+    }
+
+    /// With a `batch_window`: waits up to it for more changes, reading
+    /// only those after the batch, until the batch is full (`None`:
+    /// shutdown first).
+    async fn fill(
+        &self,
+        batch: &mut StreamBatch,
+        changed: &mut tokio::sync::watch::Receiver<u64>,
+        shutdown: &CancellationToken,
+    ) -> Option<()> {
+        let size = self.spec.batch_size;
+        if self.spec.batch_window.is_zero() {
+            return Some(());
+        }
+        let until = tokio::time::Instant::now() + self.spec.batch_window;
+        while !batch.full && batch.changes.len() < size {
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep_until(until) => break,
+                _ = changed.changed() => {}
+            }
+            let bytes: u64 = batch.changes.iter().map(|c| c.size()).sum();
+            let room = BATCH_BYTES.saturating_sub(bytes);
+            let more = self
+                .read(batch.through, size - batch.changes.len(), room, shutdown)
+                .await?;
+            if more.gap.is_some() {
+                // Retention dropped changes after the batch meanwhile: go
+                // with what there is; the next read tells the gap.
+                break;
+            }
+            batch.changes.extend(more.changes);
+            batch.through = more.through;
+            batch.full = more.full;
+        }
+        Some(())
     }
 
     /// Repeats a store call until it succeeds (`None`: shutdown first).
@@ -265,17 +313,27 @@ impl KeyValueTrigger {
         }
     }
 
-    async fn read(&self, after: u64, shutdown: &CancellationToken) -> Option<StreamBatch> {
-        self.until_stored(shutdown, || {
-            self.store.read_stream(StreamRead {
-                bucket: self.spec.bucket.clone(),
-                after,
-                prefix: self.spec.key_prefix.clone(),
-                view: self.spec.view,
-                max_changes: self.spec.batch_size,
+    async fn read(
+        &self,
+        after: u64,
+        max_changes: usize,
+        max_bytes: u64,
+        shutdown: &CancellationToken,
+    ) -> Option<StreamBatch> {
+        let batch = self
+            .until_stored(shutdown, || {
+                self.store.read_stream(StreamRead {
+                    bucket: self.spec.bucket.clone(),
+                    after,
+                    prefix: self.spec.key_prefix.clone(),
+                    view: self.spec.view,
+                    max_changes,
+                    max_bytes,
+                })
             })
-        })
-        .await
+            .await?;
+        self.stats.head.store(batch.last, Ordering::Relaxed);
+        Some(batch)
     }
 
     /// Saves the checkpoint; returns it.
@@ -316,8 +374,11 @@ impl KeyValueTrigger {
                 return self.save(through, shutdown).await;
             }
             self.stats.failures.fetch_add(1, Ordering::Relaxed);
-            if let Some(failed) = outcome.first_failed {
-                self.handled_before(&mut batch, failed, shutdown).await?;
+            if let Some(failed) = outcome.first_failed
+                && self.handled_before(&mut batch, failed, shutdown).await?
+            {
+                // What is left is the batch a restart would deliver: its id.
+                ctx.id = invocation_id(&self.spec.consumer, batch.changes[0].sequence);
             }
             let error = AttemptError::from_outcome(&outcome);
             let first = first_error.get_or_insert_with(|| error.clone()).clone();
@@ -385,13 +446,14 @@ impl KeyValueTrigger {
     }
 
     /// Partial failure: the changes before `failed` are handled; they are
-    /// checkpointed and leave the batch (`None`: shutdown first).
+    /// checkpointed and leave the batch. Whether any did (`None`: shutdown
+    /// first).
     async fn handled_before(
         &self,
         batch: &mut StreamBatch,
         failed: u64,
         shutdown: &CancellationToken,
-    ) -> Option<()> {
+    ) -> Option<bool> {
         let done = batch
             .changes
             .iter()
@@ -404,8 +466,9 @@ impl KeyValueTrigger {
             batch.changes.drain(..done);
             batch.gap = None;
             self.stats.changes.fetch_add(done as u64, Ordering::Relaxed);
+            return Some(true);
         }
-        Some(())
+        Some(false)
     }
 
     /// Writes the dead letter of `changes` changes, again every

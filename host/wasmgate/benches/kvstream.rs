@@ -125,6 +125,7 @@ async fn native(store: &KeyValueStore, bucket: &str, batch_size: usize) -> (Vec<
                         prefix: None,
                         view: View::New,
                         max_changes: batch_size,
+                        max_bytes: wasmgate_store::keyvalue::stream::BATCH_BYTES,
                     })
                     .await
                     .unwrap();

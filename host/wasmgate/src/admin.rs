@@ -186,7 +186,7 @@ async fn set_paused(state: &AdminState, label: &str, paused: bool) -> Response {
         return error(
             404,
             format!(
-                "no trigger {label:?}: name one as status lists them (http[0], mqtt[1], timer[2])"
+                "no trigger {label:?}: name one as status lists them (http[0], mqtt[1], timer[2], keyvalue[0])"
             ),
         );
     };
@@ -249,6 +249,17 @@ fn triggers(m: &Manifest) -> Vec<TriggerStatus> {
             trigger: spec.label.trim_start_matches("trigger.").to_string(),
             component: t.component.get_ref().clone(),
             source: spec.schedule_text,
+            paused: false,
+        });
+    }
+    for (spec, t) in wasmgate_trigger_keyvalue::specs(m)
+        .into_iter()
+        .zip(&m.triggers.keyvalue)
+    {
+        out.push(TriggerStatus {
+            trigger: spec.label.trim_start_matches("trigger.").to_string(),
+            component: t.component.get_ref().clone(),
+            source: spec.trigger_text(),
             paused: false,
         });
     }

@@ -170,10 +170,25 @@ pub fn check(args: CheckArgs) -> Result<ExitCode, Fatal> {
         };
         println!("  next: {next}");
     }
+    for (i, x) in t.keyvalue.iter().enumerate() {
+        let b = m.keyvalue.bounds().bucket(x.bucket.get_ref()).stream;
+        println!(
+            "trigger.keyvalue[{i}] {}{} batch {} -> {} (stream keeps {} changes, {}, {})",
+            x.bucket.get_ref(),
+            x.key_prefix
+                .as_ref()
+                .map_or(String::new(), |p| format!(" prefix {:?}", p.get_ref())),
+            x.batch_size(),
+            x.component.get_ref(),
+            b.max_changes,
+            Size(b.max_bytes),
+            humantime::format_duration(b.max_age),
+        );
+    }
     println!(
         "ok: {} component(s), {} trigger(s)",
         m.components.len(),
-        t.http.len() + t.mqtt.len() + t.timer.len()
+        t.http.len() + t.mqtt.len() + t.timer.len() + t.keyvalue.len()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -26,6 +26,7 @@ use wasmgate_runtime::metrics::{InvocationMetrics, duration_buckets};
 use wasmgate_store::deadletter::DeadLetterStore;
 use wasmgate_store::queue::EventQueue;
 use wasmgate_trigger_http::HttpStats;
+use wasmgate_trigger_keyvalue::StreamStats;
 use wasmgate_trigger_mqtt::MqttStats;
 
 /// A trigger's kind and index as the one label.
@@ -53,6 +54,7 @@ pub struct Sources {
     stores: std::sync::OnceLock<(Arc<DeadLetterStore>, Arc<EventQueue>)>,
     deployment: std::sync::OnceLock<Arc<Deployment>>,
     deployer: std::sync::OnceLock<Arc<crate::deploy::Deployer>>,
+    kv_streams: std::sync::OnceLock<Vec<(String, Arc<StreamStats>)>>,
 }
 
 impl std::fmt::Debug for Sources {
@@ -101,6 +103,13 @@ pub fn trigger_labels(m: &Manifest) -> HashMap<(String, String), String> {
             ),
             format!("timer[{i}]"),
         );
+    }
+    for (spec, t) in wasmgate_trigger_keyvalue::specs(m)
+        .into_iter()
+        .zip(&m.triggers.keyvalue)
+    {
+        let label = spec.label.trim_start_matches("trigger.").to_string();
+        labels.insert((t.component.get_ref().clone(), spec.trigger_text()), label);
     }
     labels
 }
@@ -158,6 +167,11 @@ impl GatewayMetrics {
     /// The dead-letter store and the event queue.
     pub fn set_stores(&self, dead_letters: Arc<DeadLetterStore>, queue: Arc<EventQueue>) {
         let _ = self.sources.stores.set((dead_letters, queue));
+    }
+
+    /// The key-value triggers' counters, by trigger (`keyvalue[0]`).
+    pub fn set_kv_streams(&self, stats: Vec<(String, Arc<StreamStats>)>) {
+        let _ = self.sources.kv_streams.set(stats);
     }
 
     /// The histogram a timer records its lateness in.
@@ -273,8 +287,57 @@ impl Collector for GatewayCollector {
         if let Some((dead_letters, queue)) = s.stores.get() {
             encode_stores(&mut encoder, &components, dead_letters, queue)?;
         }
+        if let Some(streams) = s.kv_streams.get() {
+            encode_kv_streams(&mut encoder, streams)?;
+        }
         Ok(())
     }
+}
+
+fn encode_kv_streams(
+    encoder: &mut DescriptorEncoder,
+    streams: &[(String, Arc<StreamStats>)],
+) -> std::fmt::Result {
+    let rows = |pick: &dyn Fn(&StreamStats) -> u64| {
+        streams
+            .iter()
+            .map(|(label, s)| (vec![("trigger", label.clone())], pick(s)))
+            .collect::<Vec<_>>()
+    };
+    for (name, help, pick) in [
+        (
+            "kv_stream_changes",
+            "Changes a key-value trigger's handler handled",
+            (|s: &StreamStats| load(&s.changes)) as fn(&StreamStats) -> u64,
+        ),
+        (
+            "kv_stream_failed_attempts",
+            "Batches of changes whose attempt failed (each retry counts)",
+            |s| load(&s.failures),
+        ),
+        (
+            "kv_stream_dead_lettered_changes",
+            "Changes dead-lettered by a key-value trigger",
+            |s| load(&s.dead_lettered),
+        ),
+        (
+            "kv_stream_lost_changes",
+            "Changes the stream's retention dropped before the trigger read them (told in a gap)",
+            |s| load(&s.lost),
+        ),
+    ] {
+        counter(encoder, name, help, &rows(&pick))?;
+    }
+    let behind: Vec<_> = rows(&|s| load(&s.head).saturating_sub(load(&s.checkpoint)))
+        .into_iter()
+        .map(|(l, n)| (l, n as i64))
+        .collect();
+    gauge(
+        encoder,
+        "kv_stream_behind_changes",
+        "Changes of the bucket after a key-value trigger's checkpoint, as last read (not yet handled)",
+        &behind,
+    )
 }
 
 fn encode_deploys(

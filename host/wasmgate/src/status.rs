@@ -407,7 +407,7 @@ pub async fn set_paused(args: TriggerArgs, paused: bool) -> Result<ExitCode, Fat
         });
     if !well_formed {
         return Err(Fatal(format!(
-            "{t:?} is not a trigger: name one as `wasmgate status` lists them (http[0], mqtt[1], timer[2])"
+            "{t:?} is not a trigger: name one as `wasmgate status` lists them (http[0], mqtt[1], timer[2], keyvalue[0])"
         )));
     }
     // The label goes in the path: its brackets percent-encoded.

@@ -159,6 +159,23 @@ impl Stores {
     }
 }
 
+impl Stores {
+    /// Records every change of the buckets `[[trigger.keyvalue]]` listen
+    /// to from now on (and of no other bucket).
+    async fn record_streams(&self, m: &Manifest) -> Result<(), Fatal> {
+        let streamed: std::collections::BTreeSet<String> = m
+            .triggers
+            .keyvalue
+            .iter()
+            .map(|t| t.bucket.get_ref().clone())
+            .collect();
+        self.keyvalue
+            .set_streams(streamed.into_iter().collect())
+            .await
+            .map_err(|e| Fatal(format!("the key-value change streams: {e}")))
+    }
+}
+
 impl Gateway {
     /// Opens the stores, connects the publish sink and starts every trigger.
     pub async fn start(deployment: Arc<Deployment>, started: Instant) -> Result<Self, Fatal> {
@@ -168,6 +185,8 @@ impl Gateway {
         let m = &current.manifest;
         let (embedded_broker, connection) = mqtt_connection(m).await?;
         let stores = Stores::open(m, connection.is_some())?;
+        // Before anything can write a bucket.
+        stores.record_streams(m).await?;
         let (metrics, admin_state) = observe(&deployment, &deployer, &stores, started);
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
@@ -208,7 +227,7 @@ impl Gateway {
             tasks.spawn(Trigger::run(trigger, tasks.clone(), shutdown.clone()));
         }
         let timers = Timers::start(&current, &stores, &metrics, &tasks, &shutdown).await?;
-        start_streams(&current, &stores, &tasks, &shutdown).await?;
+        start_streams(&current, &stores, &metrics, &tasks, &shutdown);
         let reloader = Arc::new(crate::reload::Reloader::new(
             m.path.clone(),
             deployment.clone(),
@@ -273,23 +292,18 @@ impl Gateway {
     }
 }
 
-/// Records the changes of the buckets that `[[trigger.keyvalue]]` listen
-/// to (only those), and starts each trigger.
-async fn start_streams(
+/// Starts each `[[trigger.keyvalue]]` (their buckets' changes are recorded
+/// from the start of `Gateway::start`).
+fn start_streams(
     current: &Current,
     stores: &Stores,
+    metrics: &GatewayMetrics,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
-) -> Result<(), Fatal> {
+) {
     let m = &current.manifest;
+    let mut stats = Vec::new();
     let specs = wasmgate_trigger_keyvalue::specs(m);
-    let buckets: std::collections::BTreeSet<String> =
-        specs.iter().map(|s| s.bucket.clone()).collect();
-    stores
-        .keyvalue
-        .set_streams(buckets.into_iter().collect())
-        .await
-        .map_err(|e| Fatal(format!("the key-value change streams: {e}")))?;
     for (spec, t) in specs.into_iter().zip(&m.triggers.keyvalue) {
         let component = current.components[t.component.get_ref()].clone();
         let label = spec.label.trim_start_matches("trigger.").to_string();
@@ -300,9 +314,10 @@ async fn start_streams(
         )
         .with_pause(current.pauses.of_trigger(&label))
         .with_dead_letters(stores.dead_letters.clone());
+        stats.push((label, trigger.stats()));
         tasks.spawn(Trigger::run(trigger, tasks.clone(), shutdown.clone()));
     }
-    Ok(())
+    metrics.set_kv_streams(stats);
 }
 
 /// The gateway's metrics and the admin listener's state.

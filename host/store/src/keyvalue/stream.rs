@@ -26,8 +26,8 @@ use wasmgate_runtime::keyvalue::Origin;
 /// `key_prefix` included): one read costs the writer a bounded time.
 pub const SCAN_CHANGES: usize = 10_000;
 /// Most bytes of keys and values one batch carries (at least one change
-/// always goes).
-pub const BATCH_BYTES: u64 = 16 * 1024 * 1024;
+/// always goes): 6 MiB, as a Lambda function's stream batch.
+pub const BATCH_BYTES: u64 = 6 * 1024 * 1024;
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS kv_streams (
@@ -76,6 +76,8 @@ pub struct StreamRead {
     pub view: View,
     /// Most changes.
     pub max_changes: usize,
+    /// Most bytes of keys and values (at least one change goes).
+    pub max_bytes: u64,
 }
 
 /// What a read found.
@@ -91,6 +93,11 @@ pub struct StreamBatch {
     /// When the first change was committed, µs since the Unix epoch (for
     /// the lag).
     pub first_committed_us: Option<u64>,
+    /// The bucket's last sequence number when it was read.
+    pub last: u64,
+    /// The read stopped at `max_bytes` or at [`SCAN_CHANGES`]: waiting
+    /// will not make the batch larger.
+    pub full: bool,
 }
 
 /// A bucket's stream, for status.
@@ -132,23 +139,27 @@ pub(super) enum Job {
 /// when it failed.
 pub(super) type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
 
-/// The answer of a job whose result is `result`, sent after the commit.
+/// The answer of a job whose result is `result`, sent after the commit,
+/// and whether the job succeeded.
 pub(super) fn answer<T: Send + 'static>(
     reply: oneshot::Sender<Result<T, String>>,
     result: rusqlite::Result<T>,
-) -> Answer {
-    Box::new(move |failed: Option<&str>| {
+) -> (Answer, bool) {
+    let ok = result.is_ok();
+    let answer: Answer = Box::new(move |failed: Option<&str>| {
         let r = match failed {
             Some(why) => Err(why.to_string()),
             None => result.map_err(|e| format!("the key-value store failed: {e}")),
         };
         let _ = reply.send(r);
-    })
+    });
+    (answer, ok)
 }
 
 impl Job {
-    /// Runs the job in the writer's transaction; returns its answer.
-    pub(super) fn run(self, conn: &Connection) -> Answer {
+    /// Runs the job in the writer's transaction; returns its answer and
+    /// whether it succeeded (a failed one is rolled back to its savepoint).
+    pub(super) fn run(self, conn: &Connection) -> (Answer, bool) {
         match self {
             Job::SetActive(buckets, reply) => answer(reply, set_active(conn, &buckets)),
             Job::Position {
@@ -254,9 +265,12 @@ fn position(conn: &Connection, consumer: &str, bucket: &str) -> rusqlite::Result
 }
 
 fn read(conn: &Connection, req: &StreamRead) -> rusqlite::Result<StreamBatch> {
-    let (_, pruned) = ends(conn, &req.bucket)?;
+    let (last, pruned) = ends(conn, &req.bucket)?;
     let mut after = req.after;
-    let mut batch = StreamBatch::default();
+    let mut batch = StreamBatch {
+        last,
+        ..StreamBatch::default()
+    };
     if pruned > after {
         batch.gap = Some(KvGap {
             first_sequence: after + 1,
@@ -288,9 +302,18 @@ fn read(conn: &Connection, req: &StreamRead) -> rusqlite::Result<StreamBatch> {
         SCAN_CHANGES as i64
     ])?;
     let mut bytes = 0;
+    let mut scanned = 0;
     while let Some(row) = rows.next()? {
-        if batch.changes.len() >= req.max_changes || bytes >= BATCH_BYTES {
+        if batch.changes.len() >= req.max_changes {
             break;
+        }
+        if bytes >= req.max_bytes {
+            batch.full = true;
+            break;
+        }
+        scanned += 1;
+        if scanned == SCAN_CHANGES {
+            batch.full = true;
         }
         let seq = row.get::<_, i64>(0)? as u64;
         let key: String = row.get(1)?;
@@ -298,33 +321,38 @@ fn read(conn: &Connection, req: &StreamRead) -> rusqlite::Result<StreamBatch> {
         if !key.starts_with(prefix) {
             continue;
         }
-        let writer = match row.get::<_, Option<String>>(4)? {
-            Some(invocation) => Some(KvWriter {
-                invocation,
-                component: row.get::<_, Option<String>>(5)?.unwrap_or_default(),
-                trigger: row.get::<_, Option<String>>(6)?.unwrap_or_default(),
-            }),
-            None => None,
-        };
+        let change = change_of(row, seq, key)?;
         let committed_us = row.get::<_, i64>(3)? as u64;
         batch.first_committed_us.get_or_insert(committed_us);
-        let change = KvChange {
-            key,
-            operation: if row.get::<_, i64>(2)? == 2 {
-                KvOperation::Delete
-            } else {
-                KvOperation::Set
-            },
-            sequence: seq,
-            committed_at_ms: committed_us / 1000,
-            new_value: row.get(7)?,
-            old_value: row.get(8)?,
-            writer,
-        };
         bytes += change.size();
         batch.changes.push(change);
     }
     Ok(batch)
+}
+
+/// A row of `read`'s query as a change.
+fn change_of(row: &rusqlite::Row<'_>, seq: u64, key: String) -> rusqlite::Result<KvChange> {
+    let writer = match row.get::<_, Option<String>>(4)? {
+        Some(invocation) => Some(KvWriter {
+            invocation,
+            component: row.get::<_, Option<String>>(5)?.unwrap_or_default(),
+            trigger: row.get::<_, Option<String>>(6)?.unwrap_or_default(),
+        }),
+        None => None,
+    };
+    Ok(KvChange {
+        key,
+        operation: if row.get::<_, i64>(2)? == 2 {
+            KvOperation::Delete
+        } else {
+            KvOperation::Set
+        },
+        sequence: seq,
+        committed_at_ms: row.get::<_, i64>(3)? as u64 / 1000,
+        new_value: row.get(7)?,
+        old_value: row.get(8)?,
+        writer,
+    })
 }
 
 fn usage(conn: &Connection) -> rusqlite::Result<Vec<StreamUsage>> {
