@@ -8,7 +8,7 @@
 //! | `last/KEY`     | the sequence number of KEY's last change handled           |
 //! | `disorder`     | changes of a key that came after a later one of that key   |
 //! | `value/KEY`    | with `AUDIT_CHECK_OLD`: KEY's value after its last change  |
-//! | `mismatch`     | with `AUDIT_CHECK_OLD`: changes whose old value was not the value after the key's previous change (a change missing or out of order; needs `view = "new_and_old"`) |
+//! | `mismatch`     | with `AUDIT_CHECK_OLD`: changes whose old value was not the value after the key's previous change (a change missing or out of order; a change delivered again counts too; needs `view = "new_and_old"`) |
 //! | `gap`          | the last gap: `FIRST-LAST lost=N`                          |
 //! | `batches`      | batches handled                                            |
 //! | `largest`      | the largest batch handled                                  |

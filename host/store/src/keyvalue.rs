@@ -1080,6 +1080,7 @@ mod tests {
             view,
             max_changes,
             max_bytes: stream::BATCH_BYTES,
+            at_least_one: true,
         };
         let all = kv
             .read_stream(read(0, None, View::NewAndOld, 10))
@@ -1115,6 +1116,27 @@ mod tests {
         let one = kv.read_stream(read(1, None, View::New, 1)).await.unwrap();
         assert_eq!((one.changes[0].sequence, one.through), (2, 2));
         assert_eq!(one.changes[0].old_value, None);
+        // The byte bound: one change past it only when it is the first.
+        let first = kv
+            .read_stream(StreamRead {
+                max_bytes: 1,
+                ..read(0, None, View::New, 10)
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            (first.changes.len(), first.through, first.full),
+            (1, 1, true)
+        );
+        let none = kv
+            .read_stream(StreamRead {
+                max_bytes: 1,
+                at_least_one: false,
+                ..read(0, None, View::New, 10)
+            })
+            .await
+            .unwrap();
+        assert_eq!((none.changes.len(), none.through, none.full), (0, 0, true));
         // Retention: 4 changes kept; a consumer behind is told the gap.
         kv.run("s", set("c", "1")).await.unwrap();
         kv.run("s", set("c", "2")).await.unwrap();

@@ -222,7 +222,12 @@ impl KeyValueTrigger {
             }
             changed.mark_unchanged();
             let mut batch = self
-                .read(checkpoint, self.spec.batch_size, BATCH_BYTES, &shutdown)
+                .read(
+                    checkpoint,
+                    self.spec.batch_size,
+                    (BATCH_BYTES, true),
+                    &shutdown,
+                )
                 .await?;
             if batch.changes.is_empty() && batch.gap.is_none() {
                 if batch.through > checkpoint {
@@ -238,7 +243,7 @@ impl KeyValueTrigger {
                     }
                     continue;
                 }
-                if checkpoint > saved {
+                if checkpoint > saved && saved_at.elapsed() >= SAVE_PASSED_EVERY {
                     saved = self.save(checkpoint, &shutdown).await?;
                     saved_at = tokio::time::Instant::now();
                 }
@@ -278,8 +283,16 @@ impl KeyValueTrigger {
             }
             let bytes: u64 = batch.changes.iter().map(|c| c.size()).sum();
             let room = BATCH_BYTES.saturating_sub(bytes);
+            if room == 0 {
+                break;
+            }
             let more = self
-                .read(batch.through, size - batch.changes.len(), room, shutdown)
+                .read(
+                    batch.through,
+                    size - batch.changes.len(),
+                    (room, false),
+                    shutdown,
+                )
                 .await?;
             if more.gap.is_some() {
                 // Retention dropped changes after the batch meanwhile: go
@@ -313,11 +326,13 @@ impl KeyValueTrigger {
         }
     }
 
+    /// Reads at most `max_changes` after `after`, and at most `bytes.0`
+    /// bytes (past it with one change if `bytes.1` and there is no other).
     async fn read(
         &self,
         after: u64,
         max_changes: usize,
-        max_bytes: u64,
+        bytes: (u64, bool),
         shutdown: &CancellationToken,
     ) -> Option<StreamBatch> {
         let batch = self
@@ -328,7 +343,8 @@ impl KeyValueTrigger {
                     prefix: self.spec.key_prefix.clone(),
                     view: self.spec.view,
                     max_changes,
-                    max_bytes,
+                    max_bytes: bytes.0,
+                    at_least_one: bytes.1,
                 })
             })
             .await?;
@@ -398,8 +414,10 @@ impl KeyValueTrigger {
             };
             if let Some(condition) = condition {
                 let event = self.event(&batch);
-                let record =
+                let mut record =
                     deadletter::record(&event, &outcome, condition, first, first_attempt_ms);
+                // The id of what is left (a partial failure changes it).
+                record.id.clone_from(&ctx.id);
                 self.dead_letter(record, batch.changes.len(), shutdown)
                     .await?;
                 return self.save(through, shutdown).await;

@@ -126,6 +126,7 @@ async fn native(store: &KeyValueStore, bucket: &str, batch_size: usize) -> (Vec<
                         view: View::New,
                         max_changes: batch_size,
                         max_bytes: wasmgate_store::keyvalue::stream::BATCH_BYTES,
+                        at_least_one: true,
                     })
                     .await
                     .unwrap();

@@ -76,8 +76,11 @@ pub struct StreamRead {
     pub view: View,
     /// Most changes.
     pub max_changes: usize,
-    /// Most bytes of keys and values (at least one change goes).
+    /// Most bytes of keys and values.
     pub max_bytes: u64,
+    /// Past `max_bytes` with one change rather than none (a change larger
+    /// than a batch still goes, alone).
+    pub at_least_one: bool,
 }
 
 /// What a read found.
@@ -307,25 +310,32 @@ fn read(conn: &Connection, req: &StreamRead) -> rusqlite::Result<StreamBatch> {
         if batch.changes.len() >= req.max_changes {
             break;
         }
+        scanned += 1;
+        let seq = row.get::<_, i64>(0)? as u64;
+        let key: String = row.get(1)?;
+        if !key.starts_with(prefix) {
+            batch.through = seq;
+            continue;
+        }
+        let change = change_of(row, seq, key)?;
+        let forced = req.at_least_one && batch.changes.is_empty();
+        if !forced && bytes + change.size() > req.max_bytes {
+            batch.full = true;
+            break;
+        }
+        batch
+            .first_committed_us
+            .get_or_insert(row.get::<_, i64>(3)? as u64);
+        batch.through = seq;
+        bytes += change.size();
+        batch.changes.push(change);
         if bytes >= req.max_bytes {
             batch.full = true;
             break;
         }
-        scanned += 1;
-        if scanned == SCAN_CHANGES {
-            batch.full = true;
-        }
-        let seq = row.get::<_, i64>(0)? as u64;
-        let key: String = row.get(1)?;
-        batch.through = seq;
-        if !key.starts_with(prefix) {
-            continue;
-        }
-        let change = change_of(row, seq, key)?;
-        let committed_us = row.get::<_, i64>(3)? as u64;
-        batch.first_committed_us.get_or_insert(committed_us);
-        bytes += change.size();
-        batch.changes.push(change);
+    }
+    if scanned == SCAN_CHANGES {
+        batch.full = true;
     }
     Ok(batch)
 }
