@@ -254,6 +254,29 @@ impl KeyValueStore {
         .await
     }
 
+    /// Queues `consumer`'s checkpoint behind everything queued before it
+    /// (it commits with the writer's next group) and returns without
+    /// waiting for the commit; the receiver gets its result.
+    pub async fn queue_checkpoint(
+        &self,
+        consumer: &str,
+        bucket: &str,
+        seq: u64,
+    ) -> Result<oneshot::Receiver<Result<(), String>>, String> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job::Stream(stream::Job::Checkpoint {
+            consumer: consumer.to_string(),
+            bucket: bucket.to_string(),
+            seq,
+            reply,
+        });
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| "the key-value store is closed".to_string())?;
+        Ok(rx)
+    }
+
     /// Every stream.
     pub async fn stream_usage(&self) -> Result<Vec<StreamUsage>, String> {
         self.stream_job(stream::Job::Usage).await

@@ -196,6 +196,9 @@ impl KeyValueTrigger {
     /// retries, left for the next start.
     pub async fn run(self, shutdown: CancellationToken) {
         let _ = self.consume(shutdown).await;
+        // The writer runs its queue in order: once this answers, the last
+        // queued checkpoint is committed.
+        let _ = self.store.stream_usage().await;
     }
 
     /// [`Self::run`]; `None` once `shutdown` has ended it.
@@ -352,13 +355,24 @@ impl KeyValueTrigger {
         Some(batch)
     }
 
-    /// Saves the checkpoint; returns it.
+    /// Saves the checkpoint; returns it. The save is queued to the store's
+    /// one writer, behind the handler's own writes, and commits with its
+    /// next group: the trigger goes on without waiting for that fsync (a
+    /// crash before it only delivers the batch again). A failed save is
+    /// logged; the next one replaces it.
     async fn save(&self, seq: u64, shutdown: &CancellationToken) -> Option<u64> {
-        self.until_stored(shutdown, || {
-            self.store
-                .checkpoint(&self.spec.consumer, &self.spec.bucket, seq)
-        })
-        .await?;
+        let saved = self
+            .until_stored(shutdown, || {
+                self.store
+                    .queue_checkpoint(&self.spec.consumer, &self.spec.bucket, seq)
+            })
+            .await?;
+        let label = self.spec.label.clone();
+        tokio::spawn(async move {
+            if let Ok(Err(e)) = saved.await {
+                tracing::error!(trigger = %label, checkpoint = seq, error = %e, "key-value trigger: a checkpoint was not saved (a crash now would deliver its changes again)");
+            }
+        });
         self.stats.checkpoint.store(seq, Ordering::Relaxed);
         Some(seq)
     }
