@@ -5,10 +5,11 @@
 //! Each trigger has one task and one batch in flight, so a key's changes
 //! reach the handler in commit order. The task reads the changes after its
 //! checkpoint (at most `batch_size`; with a `batch_window`, it waits that
-//! long for a batch to fill), hands them to the handler, and saves the
-//! checkpoint (committed) only once the batch is settled: handled, or
-//! dead-lettered. A crash anywhere in between delivers the batch again (at
-//! least once).
+//! long for a batch to fill), hands them to the handler, and queues the
+//! checkpoint only once the batch is settled: handled, or dead-lettered. The
+//! store's one writer commits it behind the handler's own writes, with its
+//! next group; the trigger does not wait for that fsync. A crash anywhere
+//! before the commit delivers the batch again (at least once).
 //!
 //! - **Partial failure**: a handler that names the first change that failed
 //!   (`batch-error.first-failed`) has the changes before it checkpointed;

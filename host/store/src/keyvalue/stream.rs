@@ -14,7 +14,7 @@
 //! Age is enforced when the bucket is next written.
 //!
 //! **Checkpoints** (`kv_checkpoints`) are written through the same writer,
-//! committed before the trigger goes on.
+//! in queue order: behind the writes of the handler that settled the batch.
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
