@@ -102,6 +102,10 @@ impl Kv {
     }
 }
 
+fn hex(text: &str) -> String {
+    text.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Waits (at most 60 s) until `done`.
 fn wait(up: &Up, what: &str, done: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -219,6 +223,17 @@ token_file = "admin.token"
         .map(|c| c["sequence"].as_u64().unwrap())
         .collect();
     assert_eq!(changes, [127, 128]);
+    assert_eq!(r["event"]["changes"][0]["new_value_hex"], hex("reject"));
+    // Its id is the one a redelivery from change 127 would have.
+    let id = r["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("kv-") && id.ends_with("-127"), "{id}");
+    // A replay delivers the same changes again: still rejected, one
+    // attempt more on the record.
+    let out = run(&["dlq", "replay", &id, "-f", &m]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let out = run(&["dlq", "show", &id, "-f", &m]);
+    assert_eq!(json(&out)["attempts"], 2, "{}", text(&out));
+    assert_eq!(json(&out)["last_error"]["message"], "rejected");
 
     // Operators: the trigger in status, paused and resumed, and its metrics.
     let status = run(&["status", "-f", &m]);
