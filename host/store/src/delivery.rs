@@ -88,6 +88,27 @@ impl RetryPolicy {
         }
     }
 
+    /// Why an event whose attempt `attempt` ended in `status` is not tried
+    /// again (it is dead-lettered), when the next try would come after
+    /// `delay` and the event has been tried for `elapsed`; `None`: retry.
+    pub fn gives_up(
+        &self,
+        status: &Status,
+        attempt: u32,
+        elapsed: Duration,
+        delay: Duration,
+    ) -> Option<Condition> {
+        if !retryable(status) {
+            Some(Condition::Rejected)
+        } else if attempt >= self.attempts {
+            Some(Condition::RetriesExhausted)
+        } else if self.max_event_age.is_some_and(|age| elapsed + delay > age) {
+            Some(Condition::EventAgeExceeded)
+        } else {
+            None
+        }
+    }
+
     /// [`Self::delay`] with this policy's jitter applied.
     pub fn jittered_delay(&self, attempt: u32) -> Duration {
         let cut = self.jitter.clamp(0.0, 1.0) * fastrand::f64();
@@ -164,19 +185,9 @@ pub async fn deliver_until(
         let error = AttemptError::from_outcome(&outcome);
         let first = first_error.get_or_insert_with(|| error.clone()).clone();
         let delay = policy.jittered_delay(ctx.attempt);
-        let condition = if !retryable(&outcome.status) {
-            Some(Condition::Rejected)
-        } else if ctx.attempt >= policy.attempts {
-            Some(Condition::RetriesExhausted)
-        } else if policy
-            .max_event_age
-            .is_some_and(|age| started.elapsed() + delay > age)
+        if let Some(condition) =
+            policy.gives_up(&outcome.status, ctx.attempt, started.elapsed(), delay)
         {
-            Some(Condition::EventAgeExceeded)
-        } else {
-            None
-        };
-        if let Some(condition) = condition {
             let record = deadletter::record(&event, &outcome, condition, first, first_attempt_ms);
             let settled = dead_letter(invocable, record, dead_letters).await;
             return Delivery { outcome, settled };

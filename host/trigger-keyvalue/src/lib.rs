@@ -34,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wasmgate_manifest::keyvalue::View;
 use wasmgate_runtime::invoke::{Admission, Event, Invocable, InvocationContext, KvBatch};
-use wasmgate_store::deadletter::{self, AttemptError, Condition, DeadLetterStore};
-use wasmgate_store::delivery::{RetryPolicy, retryable};
+use wasmgate_store::deadletter::{self, AttemptError, DeadLetterStore};
+use wasmgate_store::delivery::RetryPolicy;
 use wasmgate_store::keyvalue::KeyValueStore;
 use wasmgate_store::keyvalue::stream::{BATCH_BYTES, StreamBatch, StreamRead};
 
@@ -414,20 +414,11 @@ impl KeyValueTrigger {
             let error = AttemptError::from_outcome(&outcome);
             let first = first_error.get_or_insert_with(|| error.clone()).clone();
             let delay = self.spec.retry.jittered_delay(ctx.attempt);
-            let retry = &self.spec.retry;
-            let condition = if !retryable(&outcome.status) {
-                Some(Condition::Rejected)
-            } else if ctx.attempt >= retry.attempts {
-                Some(Condition::RetriesExhausted)
-            } else if retry
-                .max_event_age
-                .is_some_and(|age| started.elapsed() + delay > age)
+            if let Some(condition) =
+                self.spec
+                    .retry
+                    .gives_up(&outcome.status, ctx.attempt, started.elapsed(), delay)
             {
-                Some(Condition::EventAgeExceeded)
-            } else {
-                None
-            };
-            if let Some(condition) = condition {
                 let event = self.event(&batch);
                 let mut record =
                     deadletter::record(&event, &outcome, condition, first, first_attempt_ms);
